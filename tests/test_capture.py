@@ -1,0 +1,103 @@
+"""capture: meta export of real models into a lifted graph, leaving the model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vramfx
+from tiny_models import ARCHS, build_empty
+from vramfx.capture import capture
+
+
+def test_weights_become_placeholders_and_no_meta_device_remains():
+    arch = ARCHS["llama"]
+    model = build_empty(arch)
+    captured = capture(model, (), arch.inputs(), device="cpu")
+    names = {w.name for w in captured.weights}
+    assert "embed_tokens.weight" in names and "layers.1.mlp.down_proj.weight" in names
+    placeholders = {n.name for n in captured.graph_module.graph.nodes if n.op == "placeholder"}
+    assert {p for w in captured.weights for p in w.placeholders} <= placeholders
+    for node in captured.graph_module.graph.nodes:
+        if node.op == "call_function":
+            text = str(node.args) + str(node.kwargs)
+            assert "device(type='meta')" not in text, node.format_node()
+            assert "meta" not in {str(a) for a in node.args if isinstance(a, torch.device)}
+
+
+def test_non_persistent_buffers_keep_their_real_values():
+    arch = ARCHS["llama"]
+    model = build_empty(arch)
+    captured = capture(model, (), arch.inputs())
+    inv_freq = captured.name_to_weight["rotary_emb.inv_freq"]
+    assert inv_freq.kind == "buffer" and not inv_freq.persistent
+    assert inv_freq.value is not None and torch.equal(inv_freq.value, model.rotary_emb.inv_freq)
+
+
+def test_tied_weights_are_one_weight_with_every_name():
+    arch = ARCHS["t5_encoder"]
+    model = build_empty(arch)
+    captured = capture(model, (), arch.inputs())
+    tied = [w for w in captured.weights if "shared.weight" in w.aliases]
+    assert len(tied) == 1
+    assert set(tied[0].aliases) == {"shared.weight", "encoder.embed_tokens.weight"}
+
+
+def test_the_model_is_left_exactly_as_it_was():
+    arch = ARCHS["flux"]
+    model = build_empty(arch).train()
+    before = {n: t for n, t in model.named_parameters()}
+    buffers = {n: t for n, t in model.named_buffers()}
+    capture(model, (), arch.inputs())
+    assert model.training
+    assert all(t is before[n] for n, t in model.named_parameters())
+    assert all(t is buffers[n] for n, t in model.named_buffers())
+
+
+def test_real_inputs_are_not_read_and_constants_are_retargeted():
+    class MakesConstants(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            steps = torch.arange(x.shape[-1], device=x.device, dtype=x.dtype)
+            return self.proj(x) + steps
+
+    captured = capture(MakesConstants(), (torch.randn(2, 4),), device="cpu")
+    gm = captured.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == 3  # weight, bias, x
+    devices = [a for n in gm.graph.nodes for a in list(n.args) + list(n.kwargs.values())
+               if isinstance(a, torch.device)]
+    assert devices and all(d.type == "cpu" for d in devices)
+
+
+def test_data_dependent_control_flow_is_a_capture_error_with_the_reason():
+    class Branches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.proj(x)
+            if h.sum() > 0:
+                return h
+            return -h
+
+    with pytest.raises(vramfx.CaptureError, match=r"could not capture Branches as one graph: .*data"):
+        capture(Branches(), (torch.randn(2, 4),))
+
+
+def test_a_model_that_writes_its_buffers_is_refused():
+    class Counts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return x * 2
+
+    with pytest.raises(vramfx.CaptureError, match="writes to buffer 'calls'"):
+        capture(Counts(), (torch.randn(2),))

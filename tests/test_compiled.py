@@ -1,0 +1,289 @@
+"""CompiledModule: behaves like the model, caches per signature, keeps its budget, fails clearly."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import warnings
+
+import pytest
+import torch
+
+import vramfx
+from tiny_models import ARCHS, build_empty, build_saved, streaming_budget
+from vramfx.measure import PeakMemory
+
+
+class Stack(torch.nn.Module):
+    """A small model with real weights: every call streams them from host memory."""
+
+    def __init__(self, width: int = 32, depth: int = 4):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def stack_budget(model: torch.nn.Module) -> int:
+    """A budget that holds about one layer: everything else streams."""
+    return 2 * 2**20 + 16 * 1024
+
+
+def test_flux_pipeline_gives_the_same_image(tmp_path):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    eager = build_saved(ARCHS["flux"], tmp_path)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5,
+    ).eval()
+
+    def image(transformer):
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                            tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+        return pipe(
+            prompt_embeds=torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(3)),
+            pooled_prompt_embeds=torch.randn(1, 32, generator=torch.Generator().manual_seed(4)),
+            height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(0), output_type="pt",
+        ).images
+
+    weights = vramfx.DiskMap(tmp_path)
+    empty = build_empty(ARCHS["flux"])
+    budget = streaming_budget(empty, weights, ARCHS["flux"].inputs())
+    fast = vramfx.compile(empty, budget=budget, weights=weights, device="cpu")
+    assert torch.equal(image(eager), image(fast))
+    assert fast.plan.streamed_bytes > 0
+    assert len(fast.compiled_graphs) == 1, "every denoising step has the same signature"
+
+
+def test_budget_is_kept_measured_as_rss_anon(tmp_path):
+    """A 0.55 GB model at 25% of its weights: RssAnon growth over compile + 3 calls stays within budget."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=10,
+                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256)
+    ids = torch.randint(0, 8192, (1, 32), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    eager = LlamaModel(config).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
+    assert weight_bytes >= 0.5e9
+    eager.save_pretrained(tmp_path, max_shard_size="200MB")
+    with torch.no_grad():
+        expected = eager(input_ids=ids, use_cache=False).last_hidden_state
+    del eager
+    gc.collect()
+
+    with vramfx.skip_model_initialization():
+        empty = LlamaModel(config).eval()
+    budget = weight_bytes // 4
+    with PeakMemory("cpu") as peak:
+        fast = vramfx.compile(empty, budget=budget, weights=vramfx.DiskMap(tmp_path), device="cpu",
+                              example_kwargs={"input_ids": ids, "use_cache": False})
+        outputs = [fast(input_ids=ids, use_cache=False).last_hidden_state for _ in range(3)]
+    assert all(torch.equal(expected, out) for out in outputs)
+    assert fast.plan.peak_bytes <= budget
+    assert fast.plan.streamed_bytes > 0
+    # Stated margin: the captured graph's Python objects and torch.export's one-time state.
+    margin = 32 * 2**20
+    assert peak.growth_bytes <= budget + margin, (peak.growth_bytes, budget)
+
+
+def test_too_small_a_budget_states_the_minimum_and_the_minimum_works(tmp_path):
+    arch = ARCHS["llama"]
+    build_saved(arch, tmp_path)
+    empty, inputs = build_empty(arch), arch.inputs()
+    with pytest.raises(vramfx.BudgetError, match=r"below the minimum of .* pass budget >=") as info:
+        vramfx.compile(empty, budget="1MiB", weights=tmp_path, device="cpu", example_kwargs=inputs)
+    minimum = info.value.minimum_bytes
+    assert minimum > 2**20
+    fast = vramfx.compile(empty, budget=minimum, weights=tmp_path, device="cpu", example_kwargs=inputs)
+    assert fast.plan.peak_bytes <= minimum
+
+
+def test_budget_error_surfaces_on_first_call_without_example_inputs(tmp_path):
+    arch = ARCHS["llama"]
+    build_saved(arch, tmp_path)
+    fast = vramfx.compile(build_empty(arch), budget="1MiB", weights=tmp_path, device="cpu")
+    assert fast.plan is None
+    with pytest.raises(vramfx.BudgetError):
+        fast(**arch.inputs())
+
+
+def test_missing_and_mismatched_weights_are_listed(tmp_path):
+    arch = ARCHS["llama"]
+    build_saved(arch, tmp_path)
+    partial = {k: v for k, v in vramfx.load_state_dict(tmp_path).items() if "layers.1." not in k}
+    with pytest.raises(vramfx.WeightsError, match=r"have no weight .*layers\.1\."):
+        vramfx.compile(build_empty(arch), budget="1GB", weights=partial, device="cpu",
+                       example_kwargs=arch.inputs())
+    wrong = dict(vramfx.load_state_dict(tmp_path))
+    wrong["norm.weight"] = torch.zeros(3)
+    with pytest.raises(vramfx.WeightsError, match=r"norm\.weight: stored \(3,\) float32, model expects \(64,\)"):
+        vramfx.compile(build_empty(arch), budget="1GB", weights=wrong, device="cpu",
+                       example_kwargs=arch.inputs())
+
+
+def test_tied_weight_absent_from_the_checkpoint_takes_its_twin(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    eager = GPT2LMHeadModel(config).eval()
+    eager.save_pretrained(tmp_path)
+    weights = vramfx.DiskMap(tmp_path)
+    assert "lm_head.weight" not in weights
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = eager(input_ids=ids, use_cache=False).logits
+    with vramfx.skip_model_initialization():
+        empty = GPT2LMHeadModel(config).eval()
+    budget = streaming_budget(empty, weights, {"input_ids": ids, "use_cache": False})
+    fast = vramfx.compile(empty, budget=budget, weights=weights, device="cpu")
+    assert torch.equal(expected, fast(input_ids=ids, use_cache=False).logits)
+    assert fast.plan.streamed_bytes > 0
+    tied = {w.name for w in fast.plan.weights} & {"transformer.wte.weight", "lm_head.weight"}
+    assert len(tied) == 1, "one tensor, planned once, under one name"
+
+
+def test_behaves_like_the_model(tmp_path):
+    arch = ARCHS["llama"]
+    build_saved(arch, tmp_path)
+    empty = build_empty(arch)
+    fast = vramfx.compile(empty, budget="9MiB", weights=tmp_path, device="cpu")
+    assert isinstance(fast, torch.nn.Module)
+    assert fast.config is empty.config
+    assert fast.dtype == torch.float32
+    assert fast.device == torch.device("cpu")
+    assert fast.to("cpu") is fast
+    with pytest.raises(ValueError, match="compile it again"):
+        fast.to(torch.float16)
+    out = fast(**arch.inputs())
+    assert type(out).__name__ == "BaseModelOutputWithPast"
+    assert not out.last_hidden_state.requires_grad
+
+
+def test_real_parameters_stream_from_host_memory():
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = model(x)
+    fast = vramfx.compile(model, budget=stack_budget(model), device="cpu", margin_bytes=2 * 2**20)
+    assert torch.equal(expected, fast(x))
+    assert torch.equal(expected, fast(x))
+    assert fast.plan.streamed_bytes > 0
+    assert model.layers[0].weight.device.type == "cpu", "compile leaves the model as it was"
+
+
+def test_one_graph_per_input_signature_and_a_warning_after_eight():
+    torch.manual_seed(0)
+    model = Stack(width=8, depth=2).eval()
+    fast = vramfx.compile(model, budget="10MiB", device="cpu")
+    for batch in (1, 1, 2):
+        x = torch.randn(batch, 8)
+        assert torch.equal(model(x).detach(), fast(x))
+    assert len(fast.compiled_graphs) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in range(3, 11):
+            fast(torch.randn(batch, 8))
+    messages = [str(w.message) for w in caught if "input signatures" in str(w.message)]
+    assert len(messages) == 1
+
+
+def test_inputs_on_another_device_are_refused():
+    model = Stack(width=8, depth=1).eval()
+    fast = vramfx.compile(model, budget="10MiB", device="cpu")
+    with pytest.raises(ValueError, match=r"is on meta, but the model was compiled for cpu"):
+        fast(torch.empty(2, 8, device="meta"))
+
+
+def test_a_failed_read_names_the_node_and_the_next_call_works(tmp_path, monkeypatch):
+    arch = ARCHS["llama"]
+    build_saved(arch, tmp_path)
+    weights = vramfx.DiskMap(tmp_path)
+    inputs = arch.inputs()
+    empty = build_empty(arch)
+    fast = vramfx.compile(empty, budget=streaming_budget(empty, weights, inputs), weights=weights, device="cpu")
+    expected = fast(**inputs)
+    assert fast.plan.streamed_bytes > 0
+    threads_before = threading.active_count()
+
+    real_read = type(weights).read_into
+    calls = {"n": 0}
+
+    def failing_read(self, key, out, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(5, "Input/output error (injected)")
+        return real_read(self, key, out, **kwargs)
+
+    monkeypatch.setattr(type(weights), "read_into", failing_read)
+    with pytest.raises(vramfx.WeightsError, match="injected") as info:
+        fast(**inputs)
+    assert any("compiled graph node" in note and "wait" in note for note in info.value.__notes__)
+    monkeypatch.undo()
+    assert torch.equal(expected.last_hidden_state, fast(**inputs).last_hidden_state)
+    assert threading.active_count() == threads_before
+
+
+def test_concurrent_calls_are_serialised():
+    torch.manual_seed(0)
+    model = Stack().eval()
+    fast = vramfx.compile(model, budget=stack_budget(model), device="cpu", margin_bytes=2 * 2**20)
+    xs = [torch.randn(2, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [model(x).detach() for x in xs]
+    results: dict[int, torch.Tensor] = {}
+
+    def call(i):
+        for _ in range(5):
+            results[i] = fast(xs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(expected[i], results[i]) for i in range(4))
+
+
+def test_an_output_that_is_a_weight_is_copied_out_of_the_arena():
+    class ReturnsWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16)
+            self.b = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.a(x), self.b.weight
+
+    torch.manual_seed(0)
+    model = ReturnsWeight().eval()
+    x = torch.randn(1, 16)
+    with pytest.raises(vramfx.BudgetError) as info:
+        vramfx.compile(model, budget=1, device="cpu", example_args=(x,))
+    fast = vramfx.compile(model, budget=info.value.minimum_bytes, device="cpu")
+    _, weight = fast(x)
+    assert "b.weight" not in fast.plan.resident
+    fast(torch.randn(1, 16))
+    assert torch.equal(weight, model.b.weight.detach())
+
+
+def test_page_cache_bypass_gives_the_same_result(tmp_path):
+    arch = ARCHS["bert"]
+    eager = build_saved(arch, tmp_path)
+    inputs = arch.inputs()
+    with torch.no_grad():
+        expected = eager(**inputs).last_hidden_state
+    weights = vramfx.DiskMap(tmp_path)
+    empty = build_empty(arch)
+    fast = vramfx.compile(empty, budget=streaming_budget(empty, weights, inputs), weights=weights, device="cpu",
+                          bypass_page_cache=True)
+    assert torch.equal(expected, fast(**inputs).last_hidden_state)
+    assert fast.plan.streamed_bytes > 0

@@ -1,0 +1,104 @@
+"""The cost model: formulas, fixed defaults per device, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vramfx.plan.costs import CostModel
+
+
+def test_node_seconds_is_bound_by_compute_or_memory_plus_overhead():
+    cm = CostModel(
+        compute_flops_per_s=1e9,
+        memory_bytes_per_s=1e8,
+        link_bytes_per_s=1e6,
+        link_latency_s=1e-3,
+        node_overhead_s=1e-6,
+    )
+    assert cm.node_seconds(2e9, 10**6) == pytest.approx(2.0 + 1e-6)  # compute bound
+    assert cm.node_seconds(1e3, 10**8) == pytest.approx(1.0 + 1e-6)  # memory bound
+    assert cm.node_seconds(0.0, 0) == pytest.approx(1e-6)
+    assert cm.transfer_seconds(10**6) == pytest.approx(1.0 + 1e-3)
+    assert cm.transfer_seconds(0) == pytest.approx(1e-3)
+
+
+def test_for_device_is_fixed_and_reproducible():
+    assert CostModel.for_device("cpu") == CostModel.for_device(torch.device("cpu"))
+    cuda = CostModel.for_device("cuda:1")
+    assert cuda == CostModel.for_device(torch.device("cuda", 0))
+    assert cuda.compute_flops_per_s > CostModel.for_device("cpu").compute_flops_per_s
+    assert cuda.link_bytes_per_s == 20e9
+    cpu = CostModel.for_device("cpu")
+    assert (cpu.compute_flops_per_s, cpu.memory_bytes_per_s, cpu.link_bytes_per_s) == (
+        50e9,
+        10e9,
+        4e9,
+    )
+    assert cpu.node_overhead_s == 5e-6
+
+
+def test_for_device_link_override():
+    slow_disk = CostModel.for_device("cuda", link_bytes_per_s=5e8)
+    assert slow_disk.link_bytes_per_s == 5e8
+    assert slow_disk.compute_flops_per_s == CostModel.for_device("cuda").compute_flops_per_s
+
+
+def test_for_device_unknown_type_names_the_device():
+    with pytest.raises(ValueError, match="'tpu'"):
+        CostModel.for_device("tpu")
+
+
+def test_dict_round_trip():
+    cm = CostModel.for_device("cpu")
+    data = cm.to_dict()
+    assert set(data) == {
+        "compute_flops_per_s",
+        "memory_bytes_per_s",
+        "link_bytes_per_s",
+        "copy_interference",
+        "link_latency_s",
+        "node_overhead_s",
+    }
+    assert all(isinstance(v, float) for v in data.values())
+    assert CostModel.from_dict(data) == cm
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("compute_flops_per_s", 0.0), ("link_bytes_per_s", -1.0), ("link_latency_s", -1e-6)],
+)
+def test_invalid_values_are_rejected_by_name(field, value):
+    args = CostModel.for_device("cpu").to_dict() | {field: value}
+    with pytest.raises(ValueError, match=field):
+        CostModel(**args)
+
+
+def test_calibrate_on_cpu_measures_plausible_numbers():
+    cm = CostModel.calibrate("cpu", link_bytes_per_s=1e9)
+    assert cm.link_bytes_per_s == 1e9
+    assert cm.link_latency_s == CostModel.for_device("cpu").link_latency_s
+    for value in (cm.compute_flops_per_s, cm.memory_bytes_per_s, cm.node_overhead_s):
+        assert math.isfinite(value) and value > 0
+    # Very loose sanity bounds: any machine that runs the tests lies far inside them.
+    assert 1e7 < cm.compute_flops_per_s < 1e15
+    assert 1e7 < cm.memory_bytes_per_s < 1e13
+
+
+@pytest.mark.cuda
+def test_calibrate_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cm = CostModel.calibrate("cuda")
+    assert cm.compute_flops_per_s > 1e11
+    assert cm.link_bytes_per_s == CostModel.for_device("cuda").link_bytes_per_s
+
+
+def test_copy_interference_makes_streamed_copies_cost_compute_time():
+    cpu = CostModel.for_device("cpu")
+    assert cpu.copy_interference == 1.0, "a CPU copy takes a core from compute that uses them all"
+    assert CostModel.for_device("cuda").copy_interference < 0.1, "a copy engine does not take SMs"
+    with pytest.raises(ValueError, match="copy_interference"):
+        CostModel(1e9, 1e9, 1e9, copy_interference=-1.0)

@@ -1,0 +1,81 @@
+"""The CPU engine: arena slots filled by a reader thread, errors surfaced at wait, clean aborts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import vramfx
+from test_rewrite import planned
+from vramfx.runtime.cpu import CpuEngine
+from vramfx.runtime.engine import ResidentStore
+from vramfx.weights import resolve_weights
+
+
+def engine_for(captured, plan, source=None, **kwargs):
+    refs = resolve_weights(captured.weights, source)
+    return CpuEngine(plan, refs, torch.device("cpu"), ResidentStore(), **kwargs)
+
+
+def test_wait_returns_the_weights_in_aligned_arena_slots():
+    captured, plan = planned()
+    engine = engine_for(captured, plan)
+    engine.activate()
+    values = {w.name: w.value for w in captured.weights}
+    for tr in plan.transfers:
+        engine.fetch(tr.id)
+        tensors = engine.wait(tr.id)
+        for name, tensor in zip(tr.names, tensors):
+            assert torch.equal(tensor, values[name])
+            assert tensor.data_ptr() % plan.alignment == 0
+        engine.drop(tr.id)
+    engine.end_call()
+    engine.deactivate()
+
+
+def test_a_reader_failure_surfaces_at_wait_and_abort_leaves_no_thread(monkeypatch):
+    captured, plan = planned()
+    threads = threading.active_count()
+    engine = engine_for(captured, plan)
+    engine.activate()
+
+    def broken(self, out, **kwargs):
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(type(engine.refs[plan.transfers[0].names[0]]), "read_into", broken)
+    first = plan.transfers[0].id
+    engine.fetch(first)
+    with pytest.raises(vramfx.WeightsError, match=r"reading weights .* failed: .*injected"):
+        engine.wait(first)
+    engine.abort()
+    engine.deactivate()
+    assert threading.active_count() == threads
+
+
+def test_end_of_call_with_a_transfer_never_dropped_is_an_error():
+    captured, plan = planned()
+    engine = engine_for(captured, plan)
+    engine.activate()
+    engine.fetch(plan.transfers[0].id)
+    with pytest.raises(vramfx.VramfxError, match="never dropped"):
+        engine.end_call()
+    engine.deactivate()
+
+
+def test_reads_from_disk_with_and_without_the_page_cache(tmp_path):
+    captured, plan = planned()
+    values = {w.name: w.value for w in captured.weights}
+    save_file({k: v.contiguous() for k, v in values.items()}, tmp_path / "w.safetensors")
+    specs = [type(w)(**{**w.__dict__, "value": None}) for w in captured.weights]
+    for bypass in (False, True):
+        refs = resolve_weights(specs, vramfx.DiskMap(tmp_path / "w.safetensors"))
+        engine = CpuEngine(plan, refs, torch.device("cpu"), ResidentStore(), bypass_page_cache=bypass)
+        engine.activate()
+        for tr in plan.transfers:
+            engine.fetch(tr.id)
+            assert all(torch.equal(t, values[n]) for n, t in zip(tr.names, engine.wait(tr.id)))
+            engine.drop(tr.id)
+        engine.deactivate()

@@ -1,0 +1,243 @@
+"""CompiledModule: the model, run through planned graphs, cached per input signature.
+
+It behaves like the wrapped model where the ecosystem looks (call signature, output structure,
+``.config``/``.dtype``/``.device``), so pipelines take it in the model's place.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from vramfx.capture import Captured
+from vramfx.errors import RuntimeFailure
+from vramfx.plan.plan import Plan
+from vramfx.plan.types import Liveness
+from vramfx.runtime.engine import Engine, ResidentStore
+
+log = logging.getLogger(__name__)
+
+MAX_SIGNATURES_BEFORE_WARNING = 8
+
+
+@dataclass
+class CompiledGraph:
+    """Everything built for one input signature."""
+
+    captured: Captured
+    liveness: Liveness
+    plan: Plan
+    graph_module: torch.fx.GraphModule
+    engine: Engine
+
+
+def input_signature(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """What a captured graph is specialised on: structure, tensor metadata, non-tensor values."""
+    leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
+    key = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            key.append(("tensor", tuple(leaf.shape), leaf.stride(), leaf.dtype, str(leaf.device)))
+        else:
+            try:
+                hash(leaf)
+                key.append(("value", type(leaf).__qualname__, leaf))
+            except TypeError:
+                key.append(("value", type(leaf).__qualname__, repr(leaf)))
+    return (str(spec), tuple(key))
+
+
+def canonical_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments in sorted order, so call order does not change the signature."""
+    return {k: kwargs[k] for k in sorted(kwargs)}
+
+
+class CompiledModule(torch.nn.Module):
+    """A model compiled by :func:`vramfx.compile`. Call it like the model.
+
+    Calls run without grad (inference only) and one at a time: a lock serialises concurrent
+    calls from several threads. ``plan`` is the Plan of the most recent input signature.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        build: Callable[[tuple, dict[str, Any]], CompiledGraph],
+    ) -> None:
+        super().__init__()
+        self.__dict__["_vramfx_model"] = model
+        self.__dict__["_vramfx_device"] = device
+        self.__dict__["_vramfx_build"] = build
+        self.__dict__["_vramfx_cache"] = {}
+        self.__dict__["_vramfx_active"] = None
+        self.__dict__["_vramfx_latest"] = None
+        self.__dict__["_vramfx_lock"] = threading.Lock()
+        self.__dict__["_vramfx_store"] = ResidentStore()
+        self.__dict__["_vramfx_warned"] = False
+
+    # -- behaving like the model -----------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        model = self.__dict__.get("_vramfx_model")
+        if model is None:
+            return super().__getattr__(name)
+        return getattr(model, name)
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device (not the meta device the model's parameters may be on)."""
+        return self.__dict__["_vramfx_device"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        model = self.__dict__["_vramfx_model"]
+        dtype = getattr(type(model), "dtype", None)
+        if isinstance(dtype, property):
+            return model.dtype
+        return next((p.dtype for p in model.parameters()), torch.get_default_dtype())
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The wrapped model (its parameters may be meta)."""
+        return self.__dict__["_vramfx_model"]
+
+    @property
+    def plan(self) -> Plan | None:
+        """The Plan of the most recent input signature, or None before the first capture."""
+        latest = self.__dict__["_vramfx_latest"]
+        return latest.plan if latest is not None else None
+
+    @property
+    def compiled_graphs(self) -> tuple[CompiledGraph, ...]:
+        return tuple(self.__dict__["_vramfx_cache"].values())
+
+    def to(self, *args: Any, **kwargs: Any) -> "CompiledModule":
+        """Moving a compiled model is a no-op to its own device; anything else is an error."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and _same_device(torch.device(device), self.device) is False:
+            raise ValueError(
+                f"this model was compiled for {self.device}; compile it again with "
+                f"device={str(device)!r} instead of moving it"
+            )
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(f"this model was compiled for {self.dtype}; compile it again to change dtype")
+        return self
+
+    def release(self) -> None:
+        """Free the arena and resident weights; the next call loads them again."""
+        with self.__dict__["_vramfx_lock"]:
+            active = self.__dict__["_vramfx_active"]
+            if active is not None:
+                active.engine.deactivate()
+            self.__dict__["_vramfx_active"] = None
+            self.__dict__["_vramfx_store"].clear()
+
+    # -- calling ---------------------------------------------------------------------------
+    def prepare(self, args: tuple, kwargs: Mapping[str, Any]) -> CompiledGraph:
+        """Capture and plan for this call's signature now (compile's ``example_args``)."""
+        with self.__dict__["_vramfx_lock"]:
+            return self._graph_for(tuple(args), canonical_kwargs(kwargs))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = canonical_kwargs(kwargs)
+        with self.__dict__["_vramfx_lock"], torch.no_grad():
+            leaves = pytree.tree_leaves((args, kwargs))
+            self._check_devices(leaves)
+            entry = self._graph_for(args, kwargs)
+            self._activate(entry)
+            engine = entry.engine
+            engine.begin_call()
+            try:
+                flat = entry.graph_module(engine, *leaves)
+                engine.end_call()
+            except Exception as exc:
+                engine.abort()
+                raise _with_node(exc, entry.graph_module) from None
+            return pytree.tree_unflatten(list(flat), entry.captured.out_spec)
+
+    def _graph_for(self, args: tuple, kwargs: dict[str, Any]) -> CompiledGraph:
+        cache: dict = self.__dict__["_vramfx_cache"]
+        key = input_signature(args, kwargs)
+        entry = cache.get(key)
+        if entry is None:
+            entry = self.__dict__["_vramfx_build"](args, kwargs, self.__dict__["_vramfx_store"])
+            cache[key] = entry
+            if len(cache) > MAX_SIGNATURES_BEFORE_WARNING and not self.__dict__["_vramfx_warned"]:
+                self.__dict__["_vramfx_warned"] = True
+                warnings.warn(
+                    f"{type(self.model).__name__} has been captured for {len(cache)} different input "
+                    "signatures (shapes, dtypes, structure or non-tensor values); each one is "
+                    "exported and planned anew. Keep input shapes fixed, or pad them to a few sizes.",
+                    stacklevel=3,
+                )
+        self.__dict__["_vramfx_latest"] = entry
+        return entry
+
+    def _activate(self, entry: CompiledGraph) -> None:
+        active = self.__dict__["_vramfx_active"]
+        if active is not entry:
+            if active is not None:
+                active.engine.deactivate()
+            self.__dict__["_vramfx_active"] = None
+            entry.engine.activate()
+            self.__dict__["_vramfx_active"] = entry
+        else:
+            entry.engine.activate()
+
+    def _check_devices(self, leaves: list) -> None:
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and not _same_device(leaf.device, self.device):
+                raise ValueError(
+                    f"an input tensor of shape {tuple(leaf.shape)} is on {leaf.device}, but the model "
+                    f"was compiled for {self.device}; move inputs with .to({str(self.device)!r}) or "
+                    f"compile with device={str(leaf.device)!r}"
+                )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return True
+
+
+def _with_node(exc: Exception, gm: torch.fx.GraphModule) -> Exception:
+    """Name the graph node that raised, and the model code it came from."""
+    node = _failing_node(exc.__traceback__, gm)
+    if node is None:
+        return exc
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    where = "\n".join(trace[-2:]) if trace else "(no model source recorded)"
+    note = f"vramfx: raised by compiled graph node {node.format_node()}\nmodel code:\n{where}"
+    if hasattr(exc, "add_note"):  # keeps the exception's type for callers that catch it
+        exc.add_note(note)
+        return exc
+    return RuntimeFailure(f"{type(exc).__name__}: {exc}\n{note}")
+
+
+def _failing_node(tb: TracebackType | None, gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    filename = getattr(gm.forward, "__code__", None)
+    filename = filename.co_filename if filename is not None else None
+    lineno_map = getattr(gm, "_lineno_map", None) or {}
+    nodes = list(gm.graph.nodes)
+    found = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if filename is not None and code.co_filename == filename:
+            # The map is keyed by line relative to the start of the generated ``forward``.
+            index = lineno_map.get(tb.tb_lineno - code.co_firstlineno)
+            if index is not None and 0 <= index < len(nodes):
+                found = nodes[index]
+        tb = tb.tb_next
+    return found
+

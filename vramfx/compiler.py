@@ -1,0 +1,195 @@
+"""``vramfx.compile``: the stages wired in order — capture → liveness → schedule → rewrite → runtime.
+
+Each stage is a function of the previous stage's output; this module only passes values along.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vramfx.budget import parse_budget
+from vramfx.capture import capture
+from vramfx.compiled import CompiledGraph, CompiledModule, canonical_kwargs
+from vramfx.plan.costs import CostModel
+from vramfx.plan.liveness import build_liveness
+from vramfx.plan.schedule import schedule
+from vramfx.rewrite import rewrite
+from vramfx.storage.checkpoint_keys import checkpoint_key_map
+from vramfx.runtime.engine import Engine, ResidentStore
+from vramfx.weights import as_source, resolve_weights
+
+log = logging.getLogger(__name__)
+
+#: Memory kept free beyond planned activations and kernel workspace: allocator rounding, small
+#: temporaries, per-call bookkeeping.
+DEFAULT_MARGIN_BYTES = {"cpu": 8 * 2**20, "cuda": 64 * 2**20}
+#: Arena offsets are aligned so kernels see the alignment they would see in eager.
+ALIGNMENT = {"cpu": 64, "cuda": 256}
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """The settings every input signature of one compiled model is planned with."""
+
+    budget_bytes: int
+    device: torch.device
+    calls: int
+    cost_model: CostModel
+    margin_bytes: int
+    bypass_page_cache: bool
+
+
+def compile(
+    model: torch.nn.Module,
+    budget: int | str,
+    *,
+    weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    example_args: tuple | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    calls: int = 10,
+    cost_model: CostModel | None = None,
+    margin_bytes: int | None = None,
+    bypass_page_cache: bool = False,
+) -> CompiledModule:
+    """Compile ``model`` to run under ``budget`` bytes of device memory.
+
+    Parameters
+    ----------
+    model:
+        The model, typically built under :func:`vramfx.skip_model_initialization` so its
+        parameters are meta. Real parameters and buffers are used as they are, from host memory.
+    budget:
+        Bytes of device memory for weights, activations and workspace: an int, ``"8GB"``,
+        ``"8GiB"``, ``"512MB"``, or ``"90%"`` of the device's free memory.
+    weights:
+        Where meta parameters come from, by state-dict name: a :class:`vramfx.DiskMap`, a path
+        (file, folder, shard list or ``*.index.json``) that becomes one, or a Mapping of tensors.
+    device:
+        The compute device; CUDA when available, else CPU.
+    example_args, example_kwargs:
+        An example call. When given, capture and planning happen now, so a
+        :class:`~vramfx.BudgetError` surfaces here; otherwise they happen on the first call.
+    calls:
+        How many calls the plan is optimised for (a diffusion loop calls 20–50 times): weights
+        kept resident are loaded once, streamed ones on every call.
+    cost_model:
+        Link bandwidth and compute throughput the schedule assumes; by default compute is
+        measured once per process on ``device`` and the link takes the device's default.
+    margin_bytes:
+        Memory the plan keeps free beyond activations and kernel workspace.
+    bypass_page_cache:
+        Read weight files with ``O_DIRECT``, for models larger than RAM.
+
+    Returns
+    -------
+    CompiledModule
+        Called like ``model``; returns the same output structure. Inference only: calls run
+        without grad, one at a time.
+
+    Raises
+    ------
+    BudgetError
+        No schedule fits (carries ``minimum_bytes``).
+    CaptureError
+        ``torch.export`` cannot capture the model.
+    WeightsError
+        Missing weights, or weights whose shape or dtype differ from the model.
+
+    Examples
+    --------
+    >>> with vramfx.skip_model_initialization():
+    ...     model = MyTransformer(config)
+    >>> fast = vramfx.compile(model, budget="8GB", weights=vramfx.DiskMap("model/"))
+    >>> out = fast(**inputs)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+    device = _resolve_device(device)
+    budget_bytes = parse_budget(budget, device)
+    source = as_source(weights)
+    options = CompileOptions(
+        budget_bytes=budget_bytes,
+        device=device,
+        calls=calls,
+        cost_model=cost_model or calibrated_cost_model(device),
+        margin_bytes=DEFAULT_MARGIN_BYTES.get(device.type, 0) if margin_bytes is None else margin_bytes,
+        bypass_page_cache=bypass_page_cache,
+    )
+
+    def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore) -> CompiledGraph:
+        return build_graph(model, args, kwargs, source, options, store)
+
+    compiled = CompiledModule(model, device, build)
+    if example_args is not None or example_kwargs is not None:
+        compiled.prepare(tuple(example_args or ()), canonical_kwargs(example_kwargs or {}))
+    return compiled
+
+
+def build_graph(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any],
+    source: Any,
+    options: CompileOptions,
+    store: ResidentStore,
+) -> CompiledGraph:
+    """Run every stage for one input signature."""
+    captured = capture(model, args, kwargs, device=options.device)
+    renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
+    refs = resolve_weights(captured.weights, source, renamed=renamed)
+    liveness = build_liveness(captured, device=options.device)
+    plan = schedule(
+        liveness,
+        options.budget_bytes,
+        cost_model=options.cost_model,
+        calls=options.calls,
+        alignment=ALIGNMENT.get(options.device.type, 64),
+        margin_bytes=options.margin_bytes,
+    )
+    log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
+    graph_module = rewrite(captured, plan)
+    engine = make_engine(plan, refs, options, store)
+    return CompiledGraph(captured, liveness, plan, graph_module, engine)
+
+
+@functools.lru_cache(maxsize=None)
+def calibrated_cost_model(device: torch.device) -> CostModel:
+    """This machine's compute throughput, measured once per process and device (~0.1 s)."""
+    return CostModel.calibrate(device)
+
+
+def make_engine(plan, refs, options: CompileOptions, store: ResidentStore) -> Engine:
+    """The transfer engine for the compute device."""
+    if options.device.type == "cpu":
+        from vramfx.runtime.cpu import CpuEngine
+
+        return CpuEngine(plan, refs, options.device, store, bypass_page_cache=options.bypass_page_cache)
+    if options.device.type == "cuda":
+        from vramfx.runtime.cuda import CudaEngine
+
+        return CudaEngine(plan, refs, options.device, store, bypass_page_cache=options.bypass_page_cache)
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {options.device}")
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for, but CUDA is not available; use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
+    return device

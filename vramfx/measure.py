@@ -1,0 +1,69 @@
+"""Measuring memory the way the budget is defined: RssAnon on CPU, max_memory_allocated on CUDA.
+
+Tests and benchmarks use these; the library itself never needs them to run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import TracebackType
+
+import torch
+
+from vramfx.budget import rss_anon_bytes
+
+
+class PeakMemory:
+    """Peak growth of device memory over a ``with`` block.
+
+    On CPU a sampling thread reads RssAnon every ``interval`` seconds (a short spike between two
+    samples can be missed; the final value is always included). On CUDA it resets and reads
+    ``torch.cuda.max_memory_allocated``.
+
+    Examples
+    --------
+    >>> with PeakMemory("cpu") as peak:
+    ...     x = torch.ones(2**20)
+    >>> peak.growth_bytes >= 0
+    True
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.001):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.baseline_bytes = 0
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def growth_bytes(self) -> int:
+        return max(0, self.peak_bytes - self.baseline_bytes)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            self.baseline_bytes = rss_anon_bytes()
+            self.peak_bytes = self.baseline_bytes
+            self._thread = threading.Thread(target=self._sample, name="vramfx-rss-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, rss_anon_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, rss_anon_bytes())

@@ -1,0 +1,1 @@
+"""Planning: liveness → schedule → Plan. Pure functions over plain data."""

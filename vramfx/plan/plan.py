@@ -1,0 +1,243 @@
+"""The Plan: a frozen, serialisable record of one schedule and its predictions.
+
+A Plan is plain data. It can be printed, saved, compared and checked without a model. The rewrite
+stage turns it into graph nodes; the runtime follows it.
+
+Positions are those of :class:`vramfx.plan.types.Liveness`. A step "at position ``p``" runs
+right before the node at ``p`` (``p == num_positions`` means after the last node). At one
+position, drops run first, then fetches, then waits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+STEP_ORDER = {"drop": 0, "fetch": 1, "wait": 2, "cast": 3}
+
+_BYTE_UNITS = (("GiB", 2**30, 2), ("MiB", 2**20, 1), ("KiB", 2**10, 1))
+
+
+def format_bytes(nbytes: int | float, *, round_up: bool = False) -> str:
+    """Bytes in binary units for humans: ``512 B``, ``1.5 KiB``, ``37.2 MiB``, ``8.00 GiB``.
+
+    Parameters
+    ----------
+    nbytes:
+        A byte count; negative counts keep their sign.
+    round_up:
+        Round the shown figure up instead of to nearest, for minimums a user must reach
+        (``pass budget >= 37.3 MiB`` must not read below the true minimum).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> format_bytes(1536), format_bytes(39006619), format_bytes(2**33)
+    ('1.5 KiB', '37.2 MiB', '8.00 GiB')
+    >>> format_bytes(1025, round_up=True)
+    '1.1 KiB'
+    """
+    sign = "-" if nbytes < 0 else ""
+    magnitude = abs(nbytes)
+    if magnitude < 1024:
+        return f"{sign}{magnitude:g} B" if isinstance(magnitude, float) else f"{sign}{magnitude} B"
+    units = tuple(reversed(_BYTE_UNITS))  # KiB, MiB, GiB
+    for k, (unit, scale, digits) in enumerate(units):
+        steps = 10**digits
+        exact = magnitude * steps / scale
+        value = (math.ceil(exact) if round_up and not sign else round(exact)) / steps
+        # 1023.96 KiB shows as 1.0 MiB, not as 1024.0 KiB.
+        if value < 1024 or k == len(units) - 1:
+            return f"{sign}{value:.{digits}f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_seconds(seconds: float) -> str:
+    """Seconds for humans: ``1.25 s``, ``12.3 ms``, ``45.0 µs``.
+
+    Examples
+    --------
+    >>> format_seconds(0.0123), format_seconds(2.5), format_seconds(4.5e-5)
+    ('12.3 ms', '2.50 s', '45.0 µs')
+    """
+    magnitude = abs(seconds)
+    if magnitude >= 1.0 or magnitude == 0.0:
+        return f"{seconds:.2f} s"
+    if magnitude >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+@dataclass(frozen=True)
+class PlannedWeight:
+    """A weight the plan moves or keeps: its size and how the runtime views its bytes."""
+
+    name: str
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One fetch of a group of weights into the arena, and its lifetime there.
+
+    The arena bytes of member ``i`` are ``[offsets[i], offsets[i] + sizes[i])``; they are
+    reserved from ``fetch`` to ``drop``, half-open. ``wait`` is the first position that reads
+    a member, so ``fetch <= wait < drop``.
+    """
+
+    id: int
+    names: tuple[str, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    fetch: int
+    wait: int
+    drop: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One runtime step: ``op`` is ``fetch``, ``wait``, ``drop`` (or ``cast``)."""
+
+    op: str
+    position: int
+    transfer: int
+    names: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the cost model expects one call to take, in seconds."""
+
+    seconds_per_call: float
+    stall_seconds: float
+    compute_seconds: float
+    transfer_seconds: float
+    first_call_seconds: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A schedule of resident and streamed weights under a byte budget.
+
+    ``peak_bytes = resident_bytes + arena_bytes + activation_peak_bytes + workspace_bytes``;
+    the arena is allocated whole, so all of it counts at every position.
+    ``streamed_bytes`` is what a steady-state call fetches; ``resident_bytes`` is loaded once.
+    """
+
+    budget_bytes: int
+    peak_bytes: int
+    resident_bytes: int
+    streamed_bytes: int
+    weight_bytes: int
+    activation_peak_bytes: int
+    workspace_bytes: int
+    arena_bytes: int
+    alignment: int
+    num_positions: int
+    calls: int
+    resident: tuple[str, ...]
+    transfers: tuple[Transfer, ...]
+    weights: tuple[PlannedWeight, ...]
+    predicted: Prediction
+    cost_model: dict[str, float] = field(default_factory=dict)
+    position_names: tuple[str, ...] = ()
+
+    @property
+    def name_to_weight(self) -> dict[str, PlannedWeight]:
+        return {w.name: w for w in self.weights}
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """Every fetch, wait and drop in execution order."""
+        steps = []
+        for tr in self.transfers:
+            for op, position in (("fetch", tr.fetch), ("wait", tr.wait), ("drop", tr.drop)):
+                steps.append(Step(op, position, tr.id, tr.names, tr.nbytes))
+        steps.sort(key=lambda s: (s.position, STEP_ORDER[s.op], s.transfer))
+        return tuple(steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["steps"] = [asdict(s) for s in self.steps]
+        return data
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self, *, largest: int = 5) -> str:
+        """A few lines for humans: memory, predicted time, and the largest transfers.
+
+        Parameters
+        ----------
+        largest:
+            How many of the largest transfers to list.
+
+        Returns
+        -------
+        str
+            Multi-line text, no trailing newline.
+        """
+        b, sec = format_bytes, format_seconds
+        p = self.predicted
+        share = f" ({100.0 * self.peak_bytes / self.budget_bytes:.1f}% of budget)"
+        lines = [
+            f"budget        {b(self.budget_bytes)}",
+            f"planned peak  {b(self.peak_bytes)}{share if self.budget_bytes else ''}",
+            f"  resident    {b(self.resident_bytes)} in {len(self.resident)} weights",
+            f"  arena       {b(self.arena_bytes)}",
+            f"  activations {b(self.activation_peak_bytes)} (peak)",
+            f"  workspace   {b(self.workspace_bytes)}",
+            f"weights       {b(self.weight_bytes)} in {len(self.weights)} tensors",
+            f"streamed      {b(self.streamed_bytes)} per call in {len(self.transfers)} transfers "
+            f"({len(self.steps)} steps over {self.num_positions} positions)",
+            f"predicted     {sec(p.seconds_per_call)} per call: compute "
+            f"{sec(p.compute_seconds)}, stall {sec(p.stall_seconds)}, copy engine busy "
+            f"{sec(p.transfer_seconds)}",
+            f"first call    {sec(p.first_call_seconds)} (loads the resident weights); "
+            f"planned for {self.calls} call{'s' if self.calls != 1 else ''}",
+        ]
+        top = sorted(self.transfers, key=lambda t: (-t.nbytes, t.id))[:largest]
+        if top:
+            lines.append("largest transfers:")
+            for t in top:
+                shown = ", ".join(t.names[:3])
+                if len(t.names) > 3:
+                    shown += f", +{len(t.names) - 3} more"
+                lines.append(
+                    f"  #{t.id:<5} {b(t.nbytes):>10}  fetch@{t.fetch} wait@{t.wait} "
+                    f"drop@{t.drop}  {shown}"
+                )
+        return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        data = dict(data)
+        data.pop("steps", None)
+        data["resident"] = tuple(data["resident"])
+        data["transfers"] = tuple(
+            Transfer(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()})
+            for t in data["transfers"]
+        )
+        data["weights"] = tuple(
+            PlannedWeight(w["name"], w["nbytes"], tuple(w["shape"]), w["dtype"])
+            for w in data["weights"]
+        )
+        data["predicted"] = Prediction(**data["predicted"])
+        data["position_names"] = tuple(data.get("position_names", ()))
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,93 @@
+"""Plain data handed between the planning stages: liveness → schedule → Plan.
+
+Nothing here knows about torch.fx or runs torch: tests build these records by hand or with
+hypothesis and plan them without executing a model.
+
+Positions ``t = 0 .. num_positions - 1`` are the compute nodes of the captured graph in
+execution order. Every interval is half-open: ``[begin, end)`` — begin inclusive, end exclusive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WeightLife:
+    """One weight (parameter, buffer or lifted constant) and where the graph reads it.
+
+    Attributes
+    ----------
+    name:
+        State-dict name. Tied weights appear once, under the name the graph uses.
+    nbytes:
+        Bytes of the tensor as it is held on the compute device.
+    uses:
+        Sorted positions of every node that reads the weight, directly or through a view of it.
+    spans:
+        Sorted, disjoint half-open ``[begin, end)`` ranges covering ``uses``. A weight may be
+        dropped and fetched again only *between* spans: inside a span a view of the weight is
+        still alive, so its memory must stay put.
+    shape, dtype:
+        For the runtime and for humans; the planner only reads ``nbytes``. ``dtype`` is the
+        name torch prints without the ``torch.`` prefix (``"float32"``).
+    """
+
+    name: str
+    nbytes: int
+    uses: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+
+    @property
+    def first_use(self) -> int:
+        return self.uses[0]
+
+    @property
+    def last_use(self) -> int:
+        return self.uses[-1]
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Everything the scheduler needs to know about one captured graph.
+
+    Attributes
+    ----------
+    num_positions:
+        Number of compute positions ``T``.
+    weights:
+        One record per weight, ordered by first use.
+    activation_bytes:
+        ``A(t)`` for every position: bytes of activations alive while node ``t`` runs (its inputs
+        that are still needed, its output, and everything else live across it). Length ``T``.
+    flops, memory_bytes:
+        Per position, the floating-point operations and the bytes read plus written by node
+        ``t``; the cost model turns them into seconds. Length ``T``.
+    workspace_bytes:
+        Transient memory kernels may take beyond their outputs (attention scores, im2col),
+        the largest over all positions.
+    position_names:
+        The graph node at each position, for humans (plan summaries, traces). Length ``T``.
+    """
+
+    num_positions: int
+    weights: tuple[WeightLife, ...]
+    activation_bytes: tuple[int, ...]
+    flops: tuple[float, ...]
+    memory_bytes: tuple[int, ...]
+    workspace_bytes: int = 0
+    position_names: tuple[str, ...] = field(default=())
+
+    @property
+    def activation_peak_bytes(self) -> int:
+        return max(self.activation_bytes, default=0)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)
+
+    @property
+    def name_to_weight(self) -> dict[str, WeightLife]:
+        return {w.name: w for w in self.weights}

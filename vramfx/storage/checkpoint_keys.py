@@ -1,0 +1,84 @@
+"""Checkpoint key names → model state-dict names, for checkpoints saved in an older layout.
+
+transformers 5 renamed many modules (ViT's ``attention.attention.query`` became
+``attention.q_proj``) but still saves and loads hub checkpoints in their original names, renaming
+on load. vramfx streams stored tensors by name, so it applies the same renaming rules, taken from
+transformers itself, and the usual base-model prefix add/strip (a ``LlamaForCausalLM`` checkpoint
+feeding a ``LlamaModel``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_key_map(model: torch.nn.Module, checkpoint_keys: Iterable[str]) -> dict[str, str]:
+    """Model state-dict name → checkpoint key, for keys whose names differ.
+
+    Parameters
+    ----------
+    model:
+        The model the checkpoint feeds. Only transformers ``PreTrainedModel`` subclasses have
+        renaming rules; for any other model the map is empty.
+    checkpoint_keys:
+        The keys stored in the checkpoint.
+
+    Returns
+    -------
+    dict
+        Only the names that differ; a key that transformers would fuse or split on load (a
+        converter, not a rename) is left out, so it reports as missing rather than wrong.
+
+    Examples
+    --------
+    >>> checkpoint_key_map(torch.nn.Linear(1, 1), ["weight"])
+    {}
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return {}
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    model_keys = {name: True for name, _ in model.state_dict(keep_vars=True).items()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    rename = _transformers_renamer(model, prefix, model_keys)
+    out: dict[str, str] = {}
+    for key in checkpoint_keys:
+        name = rename(key)
+        if name is not None and name != key and name in model_keys and name not in out:
+            out[name] = key
+    return out
+
+
+def _transformers_renamer(model, prefix: str, model_keys: dict[str, bool]):
+    """transformers' own load-time renaming, or a base-model prefix fix where it has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: no renaming rules, only the prefix
+        return lambda key: _fix_prefix(key, prefix, model_keys)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+    def rename(key: str) -> str | None:
+        name, converter = rename_source_key(key, renamings, converters, prefix or None, model_keys)
+        return None if converter is not None else name
+
+    return rename
+
+
+def _fix_prefix(key: str, prefix: str, model_keys: dict[str, bool]) -> str:
+    if not prefix:
+        return key
+    if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in model_keys:
+        return key[len(prefix) + 1 :]
+    if f"{prefix}.{key}" in model_keys:
+        return f"{prefix}.{key}"
+    return key

@@ -1,0 +1,149 @@
+"""load_state_dict: read a whole checkpoint, safetensors or weights-only pickle, into memory."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from vramfx.errors import WeightsError
+from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.files import PICKLE_SUFFIXES, PathLike, is_pickle_index, read_index
+
+__all__ = ["load_state_dict"]
+
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+def load_state_dict(
+    path: PathLike | Sequence[PathLike],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load every tensor of a checkpoint into a plain ``dict``.
+
+    Only safetensors can be streamed: to run a model whose weights do not fit in memory, pass a
+    :class:`~vramfx.DiskMap` to ``compile`` instead of loading it whole here. Pickle formats are
+    read whole, with ``weights_only=True`` (no code from the file runs).
+
+    Parameters
+    ----------
+    path:
+        Safetensors (anything :class:`~vramfx.DiskMap` accepts: a file, a list of files, a
+        ``*.index.json``, a folder), or a pickle checkpoint: ``.bin``, ``.pt``, ``.pth``,
+        ``.ckpt``, a ``pytorch_model.bin.index.json`` of pickle shards, or a folder holding one
+        pickle checkpoint or such an index. A one-key wrapper ``{"state_dict": ...}``,
+        ``{"model": ...}`` or ``{"module": ...}`` is unwrapped.
+    device:
+        Where the tensors go.
+    dtype:
+        If given, floating-point tensors are cast to it; other dtypes are kept.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        Name to tensor. Pickles in the zip format are memory-mapped (``mmap=True``), so CPU
+        tensors left uncast are backed by the file's pages.
+
+    Raises
+    ------
+    WeightsError
+        If the pickle holds anything but tensors and plain containers (it is refused, and the
+        message says how to convert it to safetensors), if it is not a flat mapping of names to
+        tensors, or for anything :class:`~vramfx.DiskMap` refuses.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = tempfile.mktemp(suffix=".pt")
+    >>> torch.save({"state_dict": {"w": torch.ones(2)}}, p)
+    >>> load_state_dict(p, dtype=torch.float16)
+    {'w': tensor([1., 1.], dtype=torch.float16)}
+    """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch.dtype (e.g. torch.bfloat16).")
+    pickles = _pickle_files(path)
+    if pickles is None:
+        with DiskMap(path, device=device, dtype=dtype) as dm:  # type: ignore[arg-type]
+            return dict(dm.items())
+    state: dict[str, torch.Tensor] = {}
+    for file in pickles:
+        for name, tensor in _load_pickle(file).items():
+            if name in state:
+                raise WeightsError(f"tensor {name!r} is in two pickle shards; the second is {file}.")
+            state[name] = _place(tensor, device, dtype)
+    return state
+
+
+def _pickle_files(path: PathLike | Sequence[PathLike]) -> list[Path] | None:
+    """The pickle files ``path`` names, or None when it names safetensors."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    p = Path(path)
+    if p.is_dir():
+        if any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")):
+            return None
+        indexes = [i for i in p.glob("*.index.json") if is_pickle_index(i)]
+        candidates = indexes or [c for c in p.iterdir() if c.suffix in PICKLE_SUFFIXES and c.is_file()]
+        if len(candidates) != 1:
+            found = ", ".join(sorted(c.name for c in candidates)) or "none"
+            raise WeightsError(
+                f"{p} holds no safetensors; expected exactly one pickle checkpoint or index, found {found}."
+            )
+        p = candidates[0]
+    if p.suffix in PICKLE_SUFFIXES:
+        if not p.is_file():
+            raise WeightsError(f"{p} does not exist.")
+        return [p]
+    if is_pickle_index(p):
+        return sorted(set(read_index(p).values()))
+    return None
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """Unpickle ``file`` with weights_only; unwrap one-key wrappers; check it is names to tensors."""
+    try:
+        # mmap needs the zip format of torch.save; the legacy format is read into memory.
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"{file} is not a weights-only pickle, so vramfx will not unpickle it (that could run "
+            f"code from the file). torch says: {_unpickler_reason(err)}\n"
+            f"If you trust the file, convert it once to safetensors and load that instead:\n"
+            f"  python -c \"import torch, safetensors.torch as st; "
+            f"sd = torch.load('{file}', weights_only=False); sd = sd.get('state_dict', sd); "
+            f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{file.with_suffix('.safetensors')}')\""
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise WeightsError(f"{file} could not be read as a torch checkpoint: {err}") from None
+    while isinstance(obj, Mapping) and len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS:
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{file} holds a {type(obj).__name__}, expected a mapping of names to tensors.")
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        shown = ", ".join(repr(k) for k in bad[:5])
+        raise WeightsError(
+            f"{file} is not a flat mapping of names to tensors (entries {shown} are not); "
+            f"a one-key wrapper ({', '.join(_WRAPPER_KEYS)}) is unwrapped, other layouts are not."
+        )
+    return dict(obj)
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The one line of torch's weights-only error that says what was refused."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(err))
+    return found.group(1).strip() if found else str(err).strip().splitlines()[0]
+
+
+def _place(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` on ``device``, cast to ``dtype`` if it is floating point."""
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device)
+
