@@ -74,10 +74,8 @@ def plot_memory(
     >>> plot_memory(plan, liveness, labels, "memory.png")  # doctest: +SKIP
     """
     require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed, none opened
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no backend is chosen and no global figure state is touched.
+    from matplotlib.figure import Figure
 
     timeline = predict_timeline(plan, liveness)
     memory = memory_profile(plan, liveness)
@@ -95,7 +93,8 @@ def plot_memory(
         ("arena, free", [(memory.arena - b) / scale for b in memory.streamed], "#f3d3b8"),
         ("activations", [a / scale for a in memory.activations], "#55a868"),
     ]
-    fig, ax = plt.subplots(figsize=(11, 4.8), dpi=110)
+    fig = Figure(figsize=(11, 4.8), dpi=110)
+    ax = fig.subplots()
     bottom = [0.0] * n
     for label, values, color in layers:
         top = [b + v for b, v in zip(bottom, values)]
@@ -124,4 +123,3 @@ def plot_memory(
     ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
