@@ -46,11 +46,16 @@ class HostPinner(Protocol):
         """Whether ``tensor``'s memory is page-locked already (by whoever allocated it)."""
 
 
+#: ``cudaHostRegisterPortable``: pinned for every CUDA context, whichever device the registering
+#: thread has current.
+_PORTABLE = 1
+
+
 class CudaHostPinner:
     """:class:`HostPinner` through ``cudaHostRegister``."""
 
     def register(self, address: int, nbytes: int) -> None:
-        code = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
+        code = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, _PORTABLE))
         if code:
             raise RuntimeError(f"cudaHostRegister failed with cudaError {code}")
 
