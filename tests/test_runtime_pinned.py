@@ -98,3 +98,18 @@ def test_a_memlock_limit_pins_what_fits_stages_the_rest_and_warns_once(caplog):
 def test_chunk_size_must_be_whole_pages():
     with pytest.raises(ValueError, match="chunk_bytes"):
         PinnedHostMemory(FakePinner(), chunk_bytes=PAGE + 1, page_bytes=PAGE)
+
+
+def test_memory_this_process_registered_is_not_taken_for_memory_allocated_pinned():
+    pinner, registry = FakePinner(), PinRegistry()
+    weight = flat(9 * PAGE)
+    first = memory(pinner, registry)
+    first.pin({"w": weight})
+    # The driver now reports the weight as pinned; a second store must still stage its ends.
+    pinner.is_pinned = lambda t: True  # noqa: E731
+    second = memory(pinner, registry)
+    second.pin({"w": weight})
+    assert second.segments("w", weight.numel()) == first.segments("w", weight.numel())
+    first.release()
+    second.release()
+    assert pinner.ranges == {}

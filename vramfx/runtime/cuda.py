@@ -15,6 +15,11 @@ pinned staging ring (:mod:`vramfx.runtime.staging`). Resident weights take the s
 The budget on the device is the plan's: one arena allocation, one allocation per resident weight
 (each rounded up to the plan's alignment), the activations the graph allocates, and the stated
 workspace margin. Staging and pinned memory are host memory.
+
+No ``record_stream``: the copy stream only writes the arena and resident buffers, which are
+allocated on the compute stream and freed only after the copy stream has been synchronized
+(``abort``, called by ``deactivate``; residents are waited for as they load), so the caching
+allocator never hands out memory a copy may still write.
 """
 
 from __future__ import annotations

@@ -90,6 +90,11 @@ class PinRegistry:
                 del self._counts[key]
                 pinner.unregister(address)
 
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether any registration here touches ``[start, end)``."""
+        with self._lock:
+            return any(a < end and start < a + n for a, n in self._counts)
+
     def __len__(self) -> int:
         return len(self._counts)
 
@@ -204,7 +209,10 @@ class PinnedHostMemory:
         try:
             for name, flat in tensors.items():
                 assert flat.dtype == torch.uint8 and flat.dim() == 1 and flat.is_contiguous()
-                if flat.numel() and self.pinner.is_pinned(flat):
+                address = flat.data_ptr()
+                # Memory we registered also reads as pinned, but only its whole pages are.
+                ours = self.registry.overlaps(address, address + flat.numel())
+                if flat.numel() and not ours and self.pinner.is_pinned(flat):
                     self._segments[name] = (Segment(0, flat.numel(), True),)
                     continue
                 self._segments[name] = self._pin_one(flat, failed, errors)

@@ -155,7 +155,8 @@ class StagingPipeline:
             self.pinned = False
             log.warning(
                 "vramfx: could not allocate %s of pinned staging memory (%s); staging in pageable "
-                "memory instead, so copies from it do not overlap with compute.",
+                "memory instead, which is slower: the driver copies it once more and each copy "
+                "holds up the thread that issues it.",
                 format_bytes(self.slot_bytes * self.slots),
                 exc,
             )
