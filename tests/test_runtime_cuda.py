@@ -123,15 +123,23 @@ def test_kernels_see_landed_weights_and_copies_never_overwrite_weights_in_use(co
     streams.close()
 
 
-def test_a_read_failure_raises_at_wait_and_the_next_call_runs_clean(tmp_path, monkeypatch):
-    eager = build_saved(ARCHS["llama"], tmp_path)
+def streaming_llama(folder, storage: str):
+    """A tiny Llama saved to ``folder``, compiled to stream from disk or host memory; its eager
+    output, the compiled module and the inputs."""
+    eager = build_saved(ARCHS["llama"], folder)
     inputs = ARCHS["llama"].inputs()
     with torch.no_grad():
         expected = eager(**inputs)
-    weights = vramfx.DiskMap(tmp_path)
+    disk = vramfx.DiskMap(folder)
+    weights = disk if storage == "disk" else {k: disk[k] for k in disk}
     empty = build_empty(ARCHS["llama"])
-    fast = vramfx.compile(empty, budget=streaming_budget(empty, weights, inputs), weights=weights, device="cpu",
+    fast = vramfx.compile(empty, budget=streaming_budget(empty, disk, inputs), weights=weights, device="cpu",
                           example_kwargs=inputs)
+    return expected, fast, inputs
+
+
+def test_a_read_failure_raises_at_wait_and_the_next_call_runs_clean(tmp_path, monkeypatch):
+    expected, fast, inputs = streaming_llama(tmp_path, "disk")
     streams = ThreadStreams(copy_delay_s=0.0005)
     use_cuda_engine(fast, streams, pin_host=False)
     fast(**inputs)  # residents in place; the failure below hits streamed weights
@@ -152,15 +160,7 @@ def test_a_read_failure_raises_at_wait_and_the_next_call_runs_clean(tmp_path, mo
 
 
 def test_when_pinning_hits_a_limit_weights_are_staged_with_one_warning(tmp_path, caplog):
-    eager = build_saved(ARCHS["llama"], tmp_path)
-    inputs = ARCHS["llama"].inputs()
-    with torch.no_grad():
-        expected = eager(**inputs)
-    disk = vramfx.DiskMap(tmp_path)
-    host = {k: disk[k] for k in disk}
-    empty = build_empty(ARCHS["llama"])
-    fast = vramfx.compile(empty, budget=streaming_budget(empty, disk, inputs), weights=host, device="cpu",
-                          example_kwargs=inputs)
+    expected, fast, inputs = streaming_llama(tmp_path, "host")
     streams = ThreadStreams(copy_delay_s=0.0005)
     pinned = small_pinned(limit_bytes=8 * PAGE)
     use_cuda_engine(fast, streams, pinned=pinned)

@@ -44,6 +44,17 @@ def laid_out(sizes: dict[str, int]) -> tuple[list[Member], int]:
     return members, at
 
 
+def one_weight(pipe: StagingPipeline, name: str, nbytes: int):
+    """The copies of one weight at the start of a destination."""
+    return plan_chunks([Member(name, 0, nbytes, nbytes)], {name: whole(nbytes)}, pipe.slot_bytes)
+
+
+def landed(streams, job) -> None:
+    """Wait for a job's copies to be queued and run."""
+    job.result()
+    streams.synchronize_event(job.landed)
+
+
 def pipeline(streams, sources, **kwargs) -> StagingPipeline:
     kwargs = {"slot_bytes": 256, "slots": 2, "readers": 3, **kwargs}
     pipe = StagingPipeline(streams, sources.read, sources.view, **kwargs)
@@ -59,9 +70,7 @@ def test_a_slot_is_refilled_only_after_its_copy_has_run():
     pipe = pipeline(streams, sources)
     members, total = laid_out(sizes)
     dst = streams.device_buffer(total)
-    job = pipe.submit(dst, plan_chunks(members, {n: whole(s) for n, s in sizes.items()}, pipe.slot_bytes))
-    job.result()
-    streams.synchronize_event(job.landed)
+    landed(streams, pipe.submit(dst, plan_chunks(members, {n: whole(s) for n, s in sizes.items()}, pipe.slot_bytes)))
     for m in members:
         assert torch.equal(dst[m.offset : m.offset + m.nbytes], sources.data[m.name])
     assert pipe.host_bytes == 2 * 256, "host memory is the ring, whatever was moved"
@@ -77,17 +86,14 @@ def test_copies_wait_for_the_events_they_were_submitted_with():
     sources = Sources({"old": 300, "new": 300})
     pipe = pipeline(streams, sources)
     dst = streams.device_buffer(300)
-    chunks = {n: plan_chunks([Member(n, 0, 300, 300)], {n: whole(300)}, pipe.slot_bytes) for n in ("old", "new")}
-    first = pipe.submit(dst, chunks["old"])
+    first = pipe.submit(dst, one_weight(pipe, "old", 300))
     first.result()
     streams.wait_event(streams.compute_stream(), first.landed)
     seen = []
     streams.launch(lambda: (time.sleep(0.05), seen.append(dst.clone())))
     dropped = streams.new_event()
     streams.record(dropped, streams.compute_stream())
-    second = pipe.submit(dst, chunks["new"], wait_for=[dropped])
-    second.result()
-    streams.synchronize_event(second.landed)
+    landed(streams, pipe.submit(dst, one_weight(pipe, "new", 300), wait_for=[dropped]))
     streams.synchronize_stream(streams.compute_stream())
     assert torch.equal(seen[0], sources.data["old"]), "the kernel saw bytes copied under it"
     assert torch.equal(dst, sources.data["new"])
@@ -102,9 +108,7 @@ def test_direct_and_staged_copies_share_one_queue():
     segments = {"w": (Segment(0, 100, False), Segment(100, 800, True), Segment(900, 100, False))}
     chunks = plan_chunks([Member("w", 0, 1000, 1024)], segments, pipe.slot_bytes)
     dst = streams.device_buffer(1024)
-    job = pipe.submit(dst, chunks)
-    job.result()
-    streams.synchronize_event(job.landed)
+    landed(streams, pipe.submit(dst, chunks))
     assert torch.equal(dst[:1000], sources.data["w"])
     pipe.stop()
     streams.close()
@@ -115,13 +119,11 @@ def test_a_read_error_fails_its_job_only_and_frees_its_slots():
     sources = Sources({"bad": 700, "good": 700}, fail="bad")
     pipe = pipeline(streams, sources, slots=1, readers=2)
     dst = streams.device_buffer(700)
-    chunks = {n: plan_chunks([Member(n, 0, 700, 700)], {n: whole(700)}, pipe.slot_bytes) for n in ("bad", "good")}
-    bad = pipe.submit(dst, chunks["bad"])
-    good = pipe.submit(dst, chunks["good"])
+    bad = pipe.submit(dst, one_weight(pipe, "bad", 700))
+    good = pipe.submit(dst, one_weight(pipe, "good", 700))
     with pytest.raises(OSError, match="injected"):
         bad.result()
-    good.result()
-    streams.synchronize_event(good.landed)
+    landed(streams, good)
     assert torch.equal(dst, sources.data["good"])
     pipe.stop()
     streams.close()
@@ -151,9 +153,7 @@ def test_without_pinned_memory_it_stages_in_pageable_memory_with_one_warning(cap
     assert not pipe.pinned
     assert [r.getMessage() for r in caplog.records if "pinned staging" in r.getMessage()]
     dst = streams.device_buffer(300)
-    job = pipe.submit(dst, plan_chunks([Member("w", 0, 300, 300)], {"w": whole(300)}, pipe.slot_bytes))
-    job.result()
-    streams.synchronize_event(job.landed)
+    landed(streams, pipe.submit(dst, one_weight(pipe, "w", 300)))
     assert torch.equal(dst, sources.data["w"])
     pipe.stop()
     streams.close()

@@ -11,12 +11,9 @@ never blocks the host; ``synchronize_event`` blocks the host.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Protocol
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class Streams(Protocol):

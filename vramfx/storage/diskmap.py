@@ -245,19 +245,7 @@ class DiskMap(Mapping[str, torch.Tensor]):
         >>> out = torch.empty(dm.info("w").nbytes, dtype=torch.uint8)  # doctest: +SKIP
         >>> dm.read_into("w", out)  # doctest: +SKIP
         """
-        f, info = self._entries[key]
-        if not (
-            isinstance(out, torch.Tensor)
-            and out.dtype == torch.uint8
-            and out.device.type == "cpu"
-            and out.is_contiguous()
-            and out.numel() == info.nbytes
-        ):
-            raise ValueError(
-                f"out must be a contiguous CPU uint8 tensor of {info.nbytes} bytes for {key!r}; "
-                f"got {type(out).__name__} {getattr(out, 'dtype', '')} "
-                f"{tuple(getattr(out, 'shape', ()))} on {getattr(out, 'device', '?')}."
-            )
+        self._check_out(key, 0, out, whole=True)
         self._read_span(key, 0, out, bypass_page_cache)
 
     def read_range_into(self, key: str, start: int, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
@@ -271,21 +259,21 @@ class DiskMap(Mapping[str, torch.Tensor]):
         >>> out = torch.empty(1024, dtype=torch.uint8)  # doctest: +SKIP
         >>> dm.read_range_into("w", 4096, out)  # bytes 4096..5119 of w  # doctest: +SKIP
         """
-        f, info = self._entries[key]
-        if not (
-            isinstance(out, torch.Tensor)
-            and out.dtype == torch.uint8
-            and out.device.type == "cpu"
-            and out.is_contiguous()
-            and 0 <= start
-            and start + out.numel() <= info.nbytes
-        ):
-            raise ValueError(
-                f"out must be a contiguous CPU uint8 tensor within the {info.nbytes} bytes of "
-                f"{key!r} from byte {start}; got {type(out).__name__} {getattr(out, 'dtype', '')} "
-                f"{tuple(getattr(out, 'shape', ()))} on {getattr(out, 'device', '?')}."
-            )
+        self._check_out(key, start, out, whole=False)
         self._read_span(key, start, out, bypass_page_cache)
+
+    def _check_out(self, key: str, start: int, out: torch.Tensor, *, whole: bool) -> None:
+        """Raise unless ``out`` can take ``key``'s bytes (all of them, or a range from ``start``)."""
+        nbytes = self._entries[key][1].nbytes
+        ok = isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.device.type == "cpu"
+        ok = ok and out.is_contiguous()
+        ok = ok and (out.numel() == nbytes if whole else 0 <= start and start + out.numel() <= nbytes)
+        if not ok:
+            wanted = f"of {nbytes} bytes for {key!r}" if whole else f"within the {nbytes} bytes of {key!r} from byte {start}"
+            raise ValueError(
+                f"out must be a contiguous CPU uint8 tensor {wanted}; got {type(out).__name__} "
+                f"{getattr(out, 'dtype', '')} {tuple(getattr(out, 'shape', ()))} on {getattr(out, 'device', '?')}."
+            )
 
     def _read_span(self, key: str, start: int, out: torch.Tensor, bypass_page_cache: bool) -> None:
         """Read ``out.numel()`` bytes of ``key`` from byte ``start`` into ``out`` (checked by the caller)."""
