@@ -187,6 +187,21 @@ def test_read_into_from_many_threads(tmp_path):
             assert all(pool.map(lambda job: read(*job), jobs))
 
 
+@pytest.mark.parametrize("bypass", [False, True])
+def test_read_range_into_reads_any_slice_of_a_tensor(tmp_path, bypass):
+    tensors = {"pad": torch.ones(1001, dtype=torch.uint8), "big": torch.randn(300_001)}
+    path = tmp_path / "big.safetensors"
+    safetensors.torch.save_file(tensors, path)
+    raw = tensors["big"].view(torch.uint8)
+    with DiskMap(path) as dm:
+        for start, size in [(0, 7), (4093, 5000), (raw.numel() - 3, 3), (17, 0)]:
+            out = torch.empty(size, dtype=torch.uint8)
+            dm.read_range_into("big", start, out, bypass_page_cache=bypass)
+            assert torch.equal(out, raw[start : start + size])
+        with pytest.raises(ValueError, match="within the 1200004 bytes"):
+            dm.read_range_into("big", raw.numel() - 3, torch.empty(4, dtype=torch.uint8))
+
+
 def test_bypass_page_cache_reads_same_bytes(tmp_path):
     # Larger than one bounce chunk and not aligned at either end.
     tensors = {"pad": torch.ones(1001, dtype=torch.uint8), "big": torch.randn(2_300_001)}

@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MARGIN_BYTES = {"cpu": 8 * 2**20, "cuda": 64 * 2**20}
 #: Arena offsets are aligned so kernels see the alignment they would see in eager.
 ALIGNMENT = {"cpu": 64, "cuda": 256}
+#: Bytes per second a CUDA plan assumes weights reach the device at, by where they are stored.
+#: Host memory goes over PCIe from page-locked memory: 20 GB/s is what a PCIe 4 x16 link
+#: sustains (PCIe 5 about twice that). DiskMap weights are read into the staging ring first, so
+#: their link is the slower of PCIe and the read: 5 GB/s, a PCIe 4 NVMe drive's sequential read
+#: or a warm page cache read by a few threads. A ``cost_model`` argument overrides both.
+CUDA_LINK_BYTES_PER_S = {"host": 20e9, "disk": 5e9}
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ def compile(
         kept resident are loaded once, streamed ones on every call.
     cost_model:
         Link bandwidth and compute throughput the schedule assumes; by default compute is
-        measured once per process on ``device`` and the link takes the device's default.
+        measured once per process on ``device``, and the link is the device's default (on CUDA,
+        :data:`CUDA_LINK_BYTES_PER_S` by where the weights are stored).
     margin_bytes:
         Memory the plan keeps free beyond activations and kernel workspace.
     bypass_page_cache:
@@ -121,7 +128,7 @@ def compile(
         budget_bytes=budget_bytes,
         device=device,
         calls=calls,
-        cost_model=cost_model or calibrated_cost_model(device),
+        cost_model=cost_model or calibrated_cost_model(device, link_bytes_per_s(device, source)),
         margin_bytes=DEFAULT_MARGIN_BYTES.get(device.type, 0) if margin_bytes is None else margin_bytes,
         bypass_page_cache=bypass_page_cache,
     )
@@ -163,9 +170,20 @@ def build_graph(
 
 
 @functools.lru_cache(maxsize=None)
-def calibrated_cost_model(device: torch.device) -> CostModel:
-    """This machine's compute throughput, measured once per process and device (~0.1 s)."""
-    return CostModel.calibrate(device)
+def calibrated_cost_model(device: torch.device, link_bytes_per_s: float | None = None) -> CostModel:
+    """This machine's compute throughput, measured once per process, device and link (~0.1 s)."""
+    return CostModel.calibrate(device, link_bytes_per_s=link_bytes_per_s)
+
+
+def link_bytes_per_s(device: torch.device, source: Any) -> float | None:
+    """The link bandwidth a plan assumes for weights from ``source``; None keeps the device's
+    default (CPU: the reader's copy from the page cache)."""
+    if device.type != "cuda":
+        return None
+    from vramfx.storage.diskmap import DiskMap
+
+    pcie = CUDA_LINK_BYTES_PER_S["host"]
+    return min(pcie, CUDA_LINK_BYTES_PER_S["disk"]) if isinstance(source, DiskMap) else pcie
 
 
 def make_engine(plan, refs, options: CompileOptions, store: ResidentStore) -> Engine:

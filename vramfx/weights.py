@@ -75,6 +75,10 @@ class _LazyHostSource:
     def __contains__(self, key: object) -> bool:
         return key in self._tensors
 
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """The tensor itself, so a runtime can pin it in place or copy parts of it."""
+        return self._tensors[key]
+
     def info(self, key: str) -> TensorInfo:
         t = self._tensors[key]
         return TensorInfo(tuple(t.shape), t.dtype, t.numel() * t.element_size())

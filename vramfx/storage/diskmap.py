@@ -245,34 +245,56 @@ class DiskMap(Mapping[str, torch.Tensor]):
         >>> out = torch.empty(dm.info("w").nbytes, dtype=torch.uint8)  # doctest: +SKIP
         >>> dm.read_into("w", out)  # doctest: +SKIP
         """
-        f, info = self._entries[key]
-        if not (
-            isinstance(out, torch.Tensor)
-            and out.dtype == torch.uint8
-            and out.device.type == "cpu"
-            and out.is_contiguous()
-            and out.numel() == info.nbytes
-        ):
+        self._check_out(key, 0, out, whole=True)
+        self._read_span(key, 0, out, bypass_page_cache)
+
+    def read_range_into(self, key: str, start: int, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
+        """Copy bytes ``[start, start + out.numel())`` of ``key``'s stored data into ``out``.
+
+        For runtimes that move a large tensor through fixed-size buffers. Same guarantees and
+        errors as :meth:`read_into`.
+
+        Examples
+        --------
+        >>> out = torch.empty(1024, dtype=torch.uint8)  # doctest: +SKIP
+        >>> dm.read_range_into("w", 4096, out)  # bytes 4096..5119 of w  # doctest: +SKIP
+        """
+        self._check_out(key, start, out, whole=False)
+        self._read_span(key, start, out, bypass_page_cache)
+
+    def _check_out(self, key: str, start: int, out: torch.Tensor, *, whole: bool) -> None:
+        """Raise unless ``out`` can take ``key``'s bytes (all of them, or a range from ``start``)."""
+        nbytes = self._entries[key][1].nbytes
+        ok = isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.device.type == "cpu"
+        ok = ok and out.is_contiguous()
+        ok = ok and (out.numel() == nbytes if whole else 0 <= start and start + out.numel() <= nbytes)
+        if not ok:
+            wanted = f"of {nbytes} bytes for {key!r}" if whole else f"within the {nbytes} bytes of {key!r} from byte {start}"
             raise ValueError(
-                f"out must be a contiguous CPU uint8 tensor of {info.nbytes} bytes for {key!r}; "
-                f"got {type(out).__name__} {getattr(out, 'dtype', '')} "
-                f"{tuple(getattr(out, 'shape', ()))} on {getattr(out, 'device', '?')}."
+                f"out must be a contiguous CPU uint8 tensor {wanted}; got {type(out).__name__} "
+                f"{getattr(out, 'dtype', '')} {tuple(getattr(out, 'shape', ()))} on {getattr(out, 'device', '?')}."
             )
+
+    def _read_span(self, key: str, start: int, out: torch.Tensor, bypass_page_cache: bool) -> None:
+        """Read ``out.numel()`` bytes of ``key`` from byte ``start`` into ``out`` (checked by the caller)."""
+        f, info = self._entries[key]
         if self._closed:
             raise ValueError(f"DiskMap is closed; cannot read {key!r}.")
         self._check_unchanged(f)
-        if info.nbytes == 0:
+        nbytes = out.numel()
+        if nbytes == 0:
             return
         assert info.offset is not None
+        offset = info.offset + start
         if bypass_page_cache and self._direct_fd(f) is not None:
             try:
-                self._read_direct(f, info.offset, info.nbytes, out.data_ptr())
+                self._read_direct(f, offset, nbytes, out.data_ptr())
                 return
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
                 self._refuse_direct(f, err)
-        _pread_into(f.fd, info.offset, info.nbytes, out.data_ptr(), f.path)
+        _pread_into(f.fd, offset, nbytes, out.data_ptr(), f.path)
 
     def _check_unchanged(self, f: _File) -> None:
         """Raise if ``f`` was modified or replaced since it was opened (fstat is cheap)."""

@@ -1,0 +1,58 @@
+"""Reading any byte range of a weight, wherever it is stored, into a staging buffer.
+
+The CUDA engine moves large weights through fixed-size staging slots, so it reads ranges, not
+whole tensors: host tensors are sliced (no copy until the one into the slot), a DiskMap reads
+the range from its file, and any other source is read whole and sliced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.host import HostSource
+from vramfx.weights import WeightRef, _LazyHostSource
+
+
+def host_bytes(ref: WeightRef) -> torch.Tensor | None:
+    """The weight's bytes as a flat uint8 CPU tensor viewing its memory, when it lives in host
+    memory contiguously; else None."""
+    if not isinstance(ref.source, (HostSource, _LazyHostSource)):
+        return None
+    tensor = ref.source[ref.key].detach()
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def read_range(ref: WeightRef, start: int, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
+    """Copy bytes ``[start, start + out.numel())`` of ``ref``'s stored data into ``out``.
+
+    Parameters
+    ----------
+    ref:
+        The weight.
+    start:
+        First byte to read.
+    out:
+        A contiguous CPU uint8 tensor (a staging slot, usually pinned).
+    bypass_page_cache:
+        For a DiskMap, read with ``O_DIRECT``.
+
+    Examples
+    --------
+    >>> slot = torch.empty(1024, dtype=torch.uint8)  # doctest: +SKIP
+    >>> read_range(ref, 4096, slot)  # doctest: +SKIP
+    """
+    data = host_bytes(ref)
+    if data is not None:
+        out.copy_(data[start : start + out.numel()])
+    elif isinstance(ref.source, DiskMap):
+        ref.source.read_range_into(ref.key, start, out, bypass_page_cache=bypass_page_cache)
+    elif start == 0 and out.numel() == ref.nbytes:
+        ref.read_into(out, bypass_page_cache=bypass_page_cache)
+    else:
+        # A source that can only read whole tensors: bounded by the largest weight, not the model.
+        full = torch.empty(ref.nbytes, dtype=torch.uint8)
+        ref.read_into(full, bypass_page_cache=bypass_page_cache)
+        out.copy_(full[start : start + out.numel()])
