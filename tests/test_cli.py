@@ -169,7 +169,8 @@ def test_table_on_wan_for_cuda_without_cuda(runs):
     assert result.stderr == ""  # piped: no progress
     out = result.stdout
     for text in ("planned peak", "resident", "streamed", "activations", "predicted", "stall", "largest transfers",
-                 "link     20 GB/s (default for cuda", "compute  100 TFLOPS (default for cuda", "calls    10 (default)",
+                 "link     20 GB/s (default for cuda, weights in host memory", "compute  100 TFLOPS (default for cuda",
+                 "calls    10 (default)",
                  "alignment 256 B"):
         assert text in out, text
     rows = [line.split()[0] for line in out.split("schedule, one line per layer")[1].splitlines()[2:]]
@@ -314,12 +315,13 @@ def _no_data(*args, **kwargs):
     raise AssertionError("tensor data was read; only headers may be")
 
 
-def test_table_with_weights_on_llama_in_process(folder, llama_minimum, llama_weights, capsys, monkeypatch):
+def test_table_with_weights_on_llama_in_process(folder, llama_weights, capsys, monkeypatch):
     monkeypatch.setattr(DiskMap, "read_into", _no_data)
-    assert main(["plan", f"{folder}/workload.py:llama", "--budget", str(llama_minimum + 100_000),
-                 "--device", "cpu", "--weights", str(llama_weights)]) == 0
+    assert main(["plan", f"{folder}/workload.py:llama", "--budget", "100MB", "--device", "cuda",
+                 "--weights", str(llama_weights)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"weights\s+.*llama: all \d+ graph weights match in name, shape and dtype", out)
+    assert "link     5 GB/s (default for cuda, weights on disk" in out  # as compile plans a DiskMap
     assert "layers.0" in out and "embed_tokens" in out
 
 

@@ -27,7 +27,7 @@ import torch
 
 from vramfx.budget import parse_budget
 from vramfx.capture import Captured, capture
-from vramfx.compiler import ALIGNMENT, DEFAULT_MARGIN_BYTES
+from vramfx.compiler import ALIGNMENT, DEFAULT_MARGIN_BYTES, link_bytes_per_s
 from vramfx.errors import BudgetError, VramfxError
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
@@ -152,7 +152,8 @@ def run_plan(args: argparse.Namespace) -> int:
     calls = DEFAULT_CALLS if args.calls is None else args.calls
     if calls < 1:
         raise ValueError(f"--calls must be >= 1, got {calls}")
-    cost_model, cost_notes = _cost_model(device, args.link_bandwidth, args.compute_throughput)
+    link = None if args.link_bandwidth is None else parse_rate(args.link_bandwidth, "B")
+    compute = None if args.compute_throughput is None else parse_rate(args.compute_throughput, "FLOPS")
     if args.format == "png":
         require_matplotlib()
         if not args.output:
@@ -169,9 +170,12 @@ def run_plan(args: argparse.Namespace) -> int:
     with progress.stage(f"capturing {type(workload.model).__name__} on meta"):
         captured = capture(workload.model, workload.args, workload.kwargs, device=device)
     weights_note = "sizes and dtypes from the model (no weights read)"
+    source_link = link_bytes_per_s(device, None)  # weights in host memory, as compile assumes without a DiskMap
     if args.weights:
-        with progress.stage("checking weights"):
-            weights_note = _check_weights(workload.model, captured, args.weights)
+        with progress.stage("checking weights"), DiskMap(args.weights) as source:
+            weights_note = _check_weights(workload.model, captured, source, args.weights)
+            source_link = link_bytes_per_s(device, source)
+    cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
     with progress.stage("planning"):
         liveness = build_liveness(captured, device=device)
         plan = schedule(liveness, budget_bytes, cost_model=cost_model, calls=calls,
@@ -266,22 +270,35 @@ def _budget(text: str, device: torch.device) -> int:
 
 
 def _cost_model(
-    device: torch.device, link: str | None, compute: str | None
+    device: torch.device,
+    link: float | None,
+    compute: float | None,
+    source_link: float | None,
+    *,
+    from_disk: bool,
 ) -> tuple[CostModel, list[tuple[str, str]]]:
-    """The device's fixed defaults with the user's rates, and a line per rate saying which."""
-    cost_model = CostModel.for_device(device)
+    """The cost model ``vramfx.compile`` would plan with on ``device``, made reproducible, with the
+    user's rates; and a line per rate saying where it came from.
+
+    Compute keeps the device's fixed default (``compile`` measures this machine instead). The link
+    is ``compile``'s for the weights' source (``source_link``; None keeps the device's default).
+    """
+    cost_model = CostModel.for_device(device, link_bytes_per_s=source_link)
     changes = {}
     if link is not None:
-        changes["link_bytes_per_s"] = parse_rate(link, "B")
+        changes["link_bytes_per_s"] = link
     if compute is not None:
-        changes["compute_flops_per_s"] = parse_rate(compute, "FLOPS")
+        changes["compute_flops_per_s"] = compute
     cost_model = dataclasses.replace(cost_model, **changes)
     default = f"default for {device.type}"
+    source = "weights on disk" if from_disk else "weights in host memory"
     notes = [
-        ("link", f"{_format_rate(cost_model.link_bytes_per_s, 'B/s')} "
-                 f"({'--link-bandwidth' if link is not None else default + '; set with --link-bandwidth'})"),
-        ("compute", f"{_format_rate(cost_model.compute_flops_per_s, 'FLOPS')} "
-                    f"({'--compute-throughput' if compute is not None else default + '; set with --compute-throughput'})"),
+        ("link", f"{_format_rate(cost_model.link_bytes_per_s, 'B/s')} ("
+                 + ("--link-bandwidth" if link is not None else f"{default}, {source}; set with --link-bandwidth")
+                 + ")"),
+        ("compute", f"{_format_rate(cost_model.compute_flops_per_s, 'FLOPS')} ("
+                    + ("--compute-throughput" if compute is not None else f"{default}; set with --compute-throughput")
+                    + ")"),
         ("memory", f"{_format_rate(cost_model.memory_bytes_per_s, 'B/s')} device memory, "
                    f"{format_seconds(cost_model.node_overhead_s)} per node, copy interference "
                    f"{cost_model.copy_interference:g} ({default})"),
@@ -308,12 +325,11 @@ def _check_output(output: str | None) -> None:
         raise ValueError(f"-o {output} is a folder; give a file name")
 
 
-def _check_weights(model: torch.nn.Module, captured: Captured, path: str) -> str:
-    """Check every graph weight is in ``path`` with the model's shape and dtype; a line on what matched."""
-    with DiskMap(path) as source:
-        refs = resolve_weights(captured.weights, source, renamed=checkpoint_key_map(model, source))
-        from_file = [ref for ref in refs.values() if ref.source is source]
-        unused = len(source) - len({ref.key for ref in from_file})
+def _check_weights(model: torch.nn.Module, captured: Captured, source: DiskMap, path: str) -> str:
+    """Check every graph weight is in ``source`` with the model's shape and dtype; a line on what matched."""
+    refs = resolve_weights(captured.weights, source, renamed=checkpoint_key_map(model, source))
+    from_file = [ref for ref in refs.values() if ref.source is source]
+    unused = len(source) - len({ref.key for ref in from_file})
     nbytes = sum(ref.nbytes for ref in from_file)
     from_model = len(refs) - len(from_file)
     return (
