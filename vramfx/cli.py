@@ -192,7 +192,8 @@ def run_plan(args: argparse.Namespace) -> int:
         ("weights", weights_note),
     ]
     with progress.stage(f"writing {args.format}"):
-        _write(args.format, args.output, plan, liveness, labels, settings, title)
+        shown = _write(args.format, args.output, plan, liveness, labels, settings, title)
+    print(shown)  # after the stage: a terminal's progress line is gone by now
     return EXIT_OK
 
 
@@ -352,8 +353,8 @@ def _write(
     labels: Sequence[str],
     settings: Sequence[tuple[str, str]],
     title: str,
-) -> None:
-    """Render ``plan`` as ``fmt`` to ``output`` (or stdout), and say where it went."""
+) -> str:
+    """Render ``plan`` as ``fmt`` into ``output``; returns what stdout shows (the text, or where it went)."""
     renderers: dict[str, Callable[[], str]] = {
         "table": lambda: format_table(plan, liveness, labels, settings=settings),
         "json": lambda: plan.to_json(indent=2),
@@ -364,11 +365,10 @@ def _write(
     else:
         text = renderers[fmt]()
         if output is None:
-            print(text)
-            return
+            return text
         Path(output).write_text(text + "\n", encoding="utf-8")
     p = plan.predicted
-    print(
+    return (
         f"wrote {fmt} to {output}: peak {format_bytes(plan.peak_bytes)} of {format_bytes(plan.budget_bytes)}, "
         f"{format_seconds(p.seconds_per_call)} per call predicted (stall {format_seconds(p.stall_seconds)})"
     )
