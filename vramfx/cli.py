@@ -1,0 +1,378 @@
+"""The ``vramfx`` command: plan a model under a budget without its weights, inspect a checkpoint.
+
+``vramfx plan TARGET --budget 8GB`` builds the model a workload function returns (typically
+with meta parameters), captures it, and plans it under the budget with the stages
+``vramfx.compile`` uses — capture → liveness → schedule — then shows the plan as a table, JSON,
+a Chrome trace or a PNG. Nothing is run and no weights are read (``--weights`` reads headers
+only). ``vramfx inspect PATH`` summarises a safetensors checkpoint from its headers.
+
+Exit status: 0 on success, 2 when the budget is below the minimum (the message states the
+minimum), 1 for any other error. Errors are one line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from vramfx.budget import parse_budget
+from vramfx.capture import Captured, capture
+from vramfx.compiler import ALIGNMENT, DEFAULT_MARGIN_BYTES, link_bytes_per_s
+from vramfx.errors import BudgetError, VramfxError
+from vramfx.plan.costs import CostModel
+from vramfx.plan.liveness import build_liveness
+from vramfx.plan.plan import Plan, format_bytes, format_seconds
+from vramfx.plan.schedule import schedule
+from vramfx.plan.types import Liveness
+from vramfx.report.checkpoint import format_checkpoint, summarize_checkpoint
+from vramfx.report.layers import layer_labels, module_paths
+from vramfx.report.plot import plot_memory, require_matplotlib
+from vramfx.report.progress import Progress
+from vramfx.report.table import format_table
+from vramfx.report.trace import chrome_trace
+from vramfx.storage.checkpoint_keys import checkpoint_key_map
+from vramfx.storage.diskmap import DiskMap
+from vramfx.weights import resolve_weights
+from vramfx.workload import load_workload
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BUDGET = 2
+
+#: How many calls a plan is optimised for unless ``--calls`` says otherwise; as ``vramfx.compile``.
+DEFAULT_CALLS = 10
+FORMATS = ("table", "json", "chrome", "png")
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)\s*([KMGTP]?)\s*(FLOPS|FLOP/S)?\s*$", re.IGNORECASE)
+_SI = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line and exit 1, leaving 2 to the budget."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vramfx`` argument parser, one subcommand per job."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser = _Parser(prog="vramfx", description="Run PyTorch models whose weights do not fit in device memory.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    plan = commands.add_parser(
+        "plan",
+        parents=[common],
+        help="plan a model under a budget, from an empty model, without weights",
+        description="Capture a model on meta tensors and plan it under a budget; nothing is run.",
+    )
+    plan.add_argument("target", metavar="TARGET",
+                      help="path/to/file.py:function or package.module:function; the function returns "
+                           "model, (model, args) or (model, args, kwargs)")
+    plan.add_argument("--budget", required=True, help='device bytes: "8GB", "8GiB", "512MB", a number, or "90%%"')
+    plan.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu); planning needs no GPU")
+    plan.add_argument("--weights", metavar="PATH",
+                      help="a safetensors file, folder or index: check its names, shapes and dtypes match the model")
+    plan.add_argument("--calls", type=int, help=f"calls to optimise for (default {DEFAULT_CALLS})")
+    plan.add_argument("--link-bandwidth", metavar="RATE", help='weight transfer bandwidth, e.g. "25GB/s" '
+                      "(default: the device's)")
+    plan.add_argument("--compute-throughput", metavar="RATE", help='e.g. "100TFLOPS" (default: the device\'s)')
+    plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    plan.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout (required for png)")
+    plan.set_defaults(run=run_plan)
+
+    inspect = commands.add_parser(
+        "inspect",
+        parents=[common],
+        help="summarise a safetensors checkpoint from its headers",
+        description="List a safetensors file, folder or index: tensors, dtypes, bytes, shards, "
+                    "largest tensors. Reads no tensor data.",
+    )
+    inspect.add_argument("path", metavar="FILE_OR_DIR")
+    inspect.add_argument("--format", choices=("table", "json"), default="table")
+    inspect.add_argument("--largest", type=int, default=10, metavar="N", help="largest tensors to list (default 10)")
+    inspect.set_defaults(run=run_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Examples
+    --------
+    >>> main(["plan", "workload.py:build", "--budget", "8GB", "--device", "cuda"])  # doctest: +SKIP
+    0
+    """
+    args = build_parser().parse_args(argv)
+    debug_handler = None
+    if args.debug:  # warnings reach stderr without a handler; debug records need one
+        debug_handler = logging.StreamHandler()
+        debug_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        vramfx_log = logging.getLogger("vramfx")
+        vramfx_log.addHandler(debug_handler)
+        previous_level = vramfx_log.level
+        vramfx_log.setLevel(logging.DEBUG)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # ``vramfx plan … | head``: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return EXIT_OK
+    except Exception as exc:  # the command line's one boundary: every error becomes one line
+        if args.debug:
+            traceback.print_exc()
+        code = EXIT_BUDGET if isinstance(exc, BudgetError) else EXIT_ERROR
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (VramfxError, ValueError, OSError, ImportError)):
+            message = f"internal error: {type(exc).__name__}: {message} (run with --debug for the traceback)"
+        print(f"vramfx {args.command}: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        if debug_handler is not None:
+            vramfx_log.removeHandler(debug_handler)
+            vramfx_log.setLevel(previous_level)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``vramfx plan``: every argument checked first, then load, capture, plan, and write."""
+    device, device_note = _device(args.device)
+    budget_bytes = _budget(args.budget, device)
+    calls = DEFAULT_CALLS if args.calls is None else args.calls
+    if calls < 1:
+        raise ValueError(f"--calls must be >= 1, got {calls}")
+    link = None if args.link_bandwidth is None else parse_rate(args.link_bandwidth, "B")
+    compute = None if args.compute_throughput is None else parse_rate(args.compute_throughput, "FLOPS")
+    if args.format == "png":
+        require_matplotlib()
+        if not args.output:
+            raise ValueError("--format png needs -o FILE.png")
+    _check_output(args.output)
+    if args.weights and not Path(args.weights).exists():
+        raise ValueError(f"--weights {args.weights}: no such file or directory")
+    alignment = ALIGNMENT[device.type]
+    margin_bytes = DEFAULT_MARGIN_BYTES[device.type]
+
+    progress = Progress()
+    with progress.stage(f"loading {args.target}"):
+        workload = load_workload(args.target)
+    with progress.stage(f"capturing {type(workload.model).__name__} on meta"):
+        captured = capture(workload.model, workload.args, workload.kwargs, device=device)
+    weights_note = "sizes and dtypes from the model (no weights read)"
+    source_link = link_bytes_per_s(device, None)  # weights in host memory, as compile assumes without a DiskMap
+    if args.weights:
+        with progress.stage("checking weights"), DiskMap(args.weights) as source:
+            weights_note = _check_weights(workload.model, captured, source, args.weights)
+            source_link = link_bytes_per_s(device, source)
+    cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
+    with progress.stage("planning"):
+        liveness = build_liveness(captured, device=device)
+        plan = schedule(liveness, budget_bytes, cost_model=cost_model, calls=calls,
+                        alignment=alignment, margin_bytes=margin_bytes)
+    labels = layer_labels(module_paths(captured, liveness))
+
+    title = f"{type(workload.model).__name__} on {device}"
+    settings = [
+        ("target", f"{args.target} → {type(workload.model).__name__}, planned on meta (nothing run)"),
+        ("device", f"{device}{device_note}: alignment {alignment} B, margin {format_bytes(margin_bytes)}"),
+        ("budget", f"{args.budget} = {format_bytes(budget_bytes)} ({budget_bytes} bytes)"),
+        ("calls", f"{calls}{'' if args.calls is not None else ' (default)'}"),
+        *cost_notes,
+        ("weights", weights_note),
+    ]
+    with progress.stage(f"writing {args.format}"):
+        shown = _write(args.format, args.output, plan, liveness, labels, settings, title)
+    print(shown)  # after the stage: a terminal's progress line is gone by now
+    return EXIT_OK
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``vramfx inspect``: a checkpoint's tensors from its headers."""
+    if not Path(args.path).exists():
+        raise ValueError(f"{args.path}: no such file or directory")
+    if args.largest < 0:
+        raise ValueError(f"--largest must be >= 0, got {args.largest}")
+    summary = summarize_checkpoint(args.path, largest=args.largest)
+    if args.format == "json":
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(format_checkpoint(summary))
+    return EXIT_OK
+
+
+def parse_rate(text: str, unit: str) -> float:
+    """A rate in units per second: ``"25GB/s"``, ``"25GiB/s"`` (``unit="B"``), ``"100TFLOPS"``
+    (``unit="FLOPS"``), or a plain number.
+
+    Examples
+    --------
+    >>> parse_rate("25GB/s", "B"), parse_rate("1.5GiB/s", "B"), parse_rate("100TFLOPS", "FLOPS")
+    (25000000000.0, 1610612736.0, 100000000000000.0)
+    """
+    value: float | None = None
+    stripped = text.strip()
+    try:
+        value = float(stripped)
+    except ValueError:
+        if unit == "B":
+            if stripped.lower().endswith("/s") and "%" not in stripped:
+                try:
+                    value = float(parse_budget(stripped[:-2]))
+                except ValueError:
+                    value = None
+        else:
+            match = _RATE_RE.match(stripped)
+            if match and match.group(3):
+                value = float(match.group(1)) * _SI[match.group(2).upper()]
+    if value is None or not value > 0:
+        example = '"25GB/s", "25GiB/s" or a number of bytes per second' if unit == "B" else (
+            '"100TFLOPS", "50GFLOPS" or a number of FLOP per second')
+        raise ValueError(f"{text!r} is not a positive rate; expected {example}")
+    return value
+
+
+def _device(text: str | None) -> tuple[torch.device, str]:
+    """The device to plan for, and a note on how it was chosen."""
+    if text is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device()), " (default)"
+        return torch.device("cpu"), " (default: no CUDA here; --device cuda plans for a GPU)"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: expected cpu or cuda (cuda:N)")
+    return device, ""
+
+
+def _budget(text: str, device: torch.device) -> int:
+    """``--budget`` in bytes; a percentage needs the device present to measure its free memory."""
+    if text.strip().endswith("%") and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--budget {text}: a percentage is of the free memory of the device, and CUDA is not "
+            "available here; give bytes, e.g. --budget 8GB"
+        )
+    try:
+        return parse_budget(int(text) if text.strip().isdigit() else text, device)
+    except ValueError as exc:
+        raise ValueError(f"--budget: {exc}") from None
+
+
+def _cost_model(
+    device: torch.device,
+    link: float | None,
+    compute: float | None,
+    source_link: float | None,
+    *,
+    from_disk: bool,
+) -> tuple[CostModel, list[tuple[str, str]]]:
+    """The cost model ``vramfx.compile`` would plan with on ``device``, made reproducible, with the
+    user's rates; and a line per rate saying where it came from.
+
+    Compute keeps the device's fixed default (``compile`` measures this machine instead). The link
+    is ``compile``'s for the weights' source (``source_link``; None keeps the device's default).
+    """
+    cost_model = CostModel.for_device(device, link_bytes_per_s=source_link)
+    changes = {}
+    if link is not None:
+        changes["link_bytes_per_s"] = link
+    if compute is not None:
+        changes["compute_flops_per_s"] = compute
+    cost_model = dataclasses.replace(cost_model, **changes)
+    default = f"default for {device.type}"
+    source = "weights on disk" if from_disk else "weights in host memory"
+    notes = [
+        ("link", f"{_format_rate(cost_model.link_bytes_per_s, 'B/s')} ("
+                 + ("--link-bandwidth" if link is not None else f"{default}, {source}; set with --link-bandwidth")
+                 + ")"),
+        ("compute", f"{_format_rate(cost_model.compute_flops_per_s, 'FLOPS')} ("
+                    + ("--compute-throughput" if compute is not None else f"{default}; set with --compute-throughput")
+                    + ")"),
+        ("memory", f"{_format_rate(cost_model.memory_bytes_per_s, 'B/s')} device memory, "
+                   f"{format_seconds(cost_model.node_overhead_s)} per node, copy interference "
+                   f"{cost_model.copy_interference:g} ({default})"),
+    ]
+    return cost_model, notes
+
+
+def _format_rate(value: float, unit: str) -> str:
+    """``25 GB/s``, ``100 TFLOPS``: decimal prefixes, as bandwidths and throughputs are quoted."""
+    for prefix in ("P", "T", "G", "M", "K"):
+        if value >= _SI[prefix]:
+            return f"{value / _SI[prefix]:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _check_output(output: str | None) -> None:
+    """Fail before any work when the output file cannot be written where asked."""
+    if output is None:
+        return
+    parent = Path(output).resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"-o {output}: folder {parent} does not exist")
+    if Path(output).is_dir():
+        raise ValueError(f"-o {output} is a folder; give a file name")
+
+
+def _check_weights(model: torch.nn.Module, captured: Captured, source: DiskMap, path: str) -> str:
+    """Check every graph weight is in ``source`` with the model's shape and dtype; a line on what matched."""
+    refs = resolve_weights(captured.weights, source, renamed=checkpoint_key_map(model, source))
+    from_file = [ref for ref in refs.values() if ref.source is source]
+    unused = len(source) - len({ref.key for ref in from_file})
+    nbytes = sum(ref.nbytes for ref in from_file)
+    from_model = len(refs) - len(from_file)
+    return (
+        f"{path}: all {len(refs)} graph weights match in name, shape and dtype "
+        f"({len(from_file)} from the file, {format_bytes(nbytes)}"
+        f"{f'; {from_model} held by the model' if from_model else ''}"
+        f"{f'; {unused} stored tensor{_s(unused)} unused' if unused else ''})"
+    )
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
+def _write(
+    fmt: str,
+    output: str | None,
+    plan: Plan,
+    liveness: Liveness,
+    labels: Sequence[str],
+    settings: Sequence[tuple[str, str]],
+    title: str,
+) -> str:
+    """Render ``plan`` as ``fmt`` into ``output``; returns what stdout shows (the text, or where it went)."""
+    renderers: dict[str, Callable[[], str]] = {
+        "table": lambda: format_table(plan, liveness, labels, settings=settings),
+        "json": lambda: plan.to_json(indent=2),
+        "chrome": lambda: json.dumps(chrome_trace(plan, liveness, labels, title=title)),
+    }
+    if fmt == "png":
+        plot_memory(plan, liveness, labels, output, title=title)
+    else:
+        text = renderers[fmt]()
+        if output is None:
+            return text
+        Path(output).write_text(text + "\n", encoding="utf-8")
+    p = plan.predicted
+    return (
+        f"wrote {fmt} to {output}: peak {format_bytes(plan.peak_bytes)} of {format_bytes(plan.budget_bytes)}, "
+        f"{format_seconds(p.seconds_per_call)} per call predicted (stall {format_seconds(p.stall_seconds)})"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""``vramfx inspect``: what a safetensors checkpoint holds, from its headers alone."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vramfx.plan.plan import format_bytes
+from vramfx.report.layers import weight_layers
+from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.files import resolve_safetensors
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as its header describes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    file: str
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """The tensors of a safetensors file, folder or index, grouped for people.
+
+    ``shards``, ``dtypes`` and ``layers`` map a shard file name, a dtype name or a layer
+    (``blocks.3``, ``patch_embedding``) to ``(tensor count, bytes)``; ``largest`` holds the
+    largest tensors, largest first.
+    """
+
+    path: str
+    index: str | None
+    count: int
+    nbytes: int
+    shards: dict[str, tuple[int, int]]
+    dtypes: dict[str, tuple[int, int]]
+    layers: dict[str, tuple[int, int]]
+    largest: tuple[StoredTensor, ...]
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return {
+            "path": self.path,
+            "index": self.index,
+            "count": self.count,
+            "nbytes": self.nbytes,
+            "shards": {k: {"count": c, "nbytes": b} for k, (c, b) in self.shards.items()},
+            "dtypes": {k: {"count": c, "nbytes": b} for k, (c, b) in self.dtypes.items()},
+            "layers": {k: {"count": c, "nbytes": b} for k, (c, b) in self.layers.items()},
+            "largest": [
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "nbytes": t.nbytes, "file": t.file}
+                for t in self.largest
+            ],
+        }
+
+
+def summarize_checkpoint(path: str | os.PathLike[str], *, largest: int = 10) -> CheckpointSummary:
+    """Read the headers of the safetensors weights at ``path`` and summarise them.
+
+    No tensor data is read: shapes, dtypes and byte ranges come from each file's header.
+
+    Parameters
+    ----------
+    path:
+        A ``.safetensors`` file, a folder of them, or a sharded checkpoint's ``*.index.json``.
+    largest:
+        How many of the largest tensors to list.
+
+    Returns
+    -------
+    CheckpointSummary
+
+    Raises
+    ------
+    WeightsError
+        If the path does not exist, holds no safetensors, or a header is invalid.
+
+    Examples
+    --------
+    >>> summarize_checkpoint("flux/transformer/").nbytes  # doctest: +SKIP
+    23802932552
+    """
+    layout = resolve_safetensors(path)
+    with DiskMap(path) as weights:
+        tensors = [
+            StoredTensor(key, tuple(info.shape), str(info.dtype).removeprefix("torch."), info.nbytes,
+                         Path(info.file).name if info.file else "")
+            for key in weights
+            for info in (weights.info(key),)
+        ]
+    layer = weight_layers([t.name for t in tensors])
+    return CheckpointSummary(
+        path=str(path),
+        index=str(layout.index) if layout.index else None,
+        count=len(tensors),
+        nbytes=sum(t.nbytes for t in tensors),
+        shards=_tally(tensors, lambda t: t.file, order=[f.name for f in layout.files]),
+        dtypes=_tally(tensors, lambda t: t.dtype),
+        layers=_tally(tensors, lambda t: layer[t.name]),
+        largest=tuple(sorted(tensors, key=lambda t: (-t.nbytes, t.name))[:largest]),
+    )
+
+
+def format_checkpoint(summary: CheckpointSummary, *, max_layers: int = 12) -> str:
+    """The summary for a terminal: totals, shards, dtypes, layers by size, largest tensors.
+
+    Returns
+    -------
+    str
+        No trailing newline.
+    """
+    b = format_bytes
+    lines = [
+        f"{summary.path}: {summary.count} tensors, {b(summary.nbytes)} ({summary.nbytes} bytes)"
+        + (f", index {Path(summary.index).name}" if summary.index else ""),
+        f"shards ({len(summary.shards)}):",
+        *_tally_lines(summary.shards),
+        "dtypes:",
+        *_tally_lines(summary.dtypes),
+    ]
+    by_size = dict(sorted(summary.layers.items(), key=lambda kv: -kv[1][1]))
+    shown = dict(list(by_size.items())[:max_layers])
+    lines.append(f"layers ({len(summary.layers)}), largest first:")
+    lines += _tally_lines(shown)
+    if len(by_size) > len(shown):
+        rest = list(by_size.values())[len(shown):]
+        lines.append(f"  … {len(rest)} more layers, {b(sum(n for _, n in rest))}")
+    if summary.largest:
+        lines.append("largest tensors:")
+        width = max(len(t.name) for t in summary.largest)
+        for t in summary.largest:
+            shape = "×".join(str(d) for d in t.shape) or "scalar"
+            lines.append(f"  {t.name:<{width}}  {b(t.nbytes):>10}  {t.dtype:<9} {shape}")
+    return "\n".join(lines)
+
+
+def _tally(tensors: Sequence[StoredTensor], key, order: Sequence[str] = ()) -> dict[str, tuple[int, int]]:
+    """``key(tensor)`` → (count, bytes), in ``order`` first, then in order of appearance."""
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for t in tensors:
+        counts[key(t)] += 1
+        sizes[key(t)] += t.nbytes
+    keys = [k for k in order if k in counts] + [k for k in counts if k not in order]
+    return {k: (counts[k], sizes[k]) for k in keys}
+
+
+def _tally_lines(tally: dict[str, tuple[int, int]]) -> list[str]:
+    """Indented ``name  count tensors  bytes`` lines."""
+    if not tally:
+        return []
+    width = max(len(k) for k in tally)
+    return [
+        f"  {k:<{width}}  {c:>6} tensor{'s' if c != 1 else ' '}  {format_bytes(n):>10}" for k, (c, n) in tally.items()
+    ]
