@@ -19,6 +19,8 @@ from vramfx import budget as budget_mod
         ("512MB", 512 * 10**6),
         ("512MiB", 512 * 2**20),
         ("1.5GB", 1_500_000_000),
+        ("8.2MB", 8_200_000),  # exact: float arithmetic gives 8,199,999
+        ("0.1KB", 100),
         ("1.5GiB", 3 * 2**29),
         ("64KB", 64_000),
         ("64KiB", 65_536),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from fractions import Fraction
 
 import torch
 
@@ -98,7 +99,8 @@ def parse_budget(budget: int | str, device: torch.device | str | None = None) ->
             f"budget={budget!r}: a lower-case 'b' means bits; write {number}{unit[:-1].upper()}B "
             f"for bytes. Expected {_ACCEPTED}."
         )
-    return _positive(int(float(number) * _UNITS[unit.upper()]), budget)
+    # Exact decimal arithmetic: "8.2MB" is 8,200,000 bytes, not float's 8,199,999.
+    return _positive(int(Fraction(number) * _UNITS[unit.upper()]), budget)
 
 
 def device_free_bytes(device: torch.device | str | None = None) -> int:
