@@ -79,3 +79,56 @@ def test_reads_from_disk_with_and_without_the_page_cache(tmp_path):
             assert all(torch.equal(t, values[n]) for n, t in zip(tr.names, engine.wait(tr.id)))
             engine.drop(tr.id)
         engine.deactivate()
+
+
+def test_a_reader_error_of_any_type_is_forgotten_by_abort(monkeypatch):
+    # A non-I/O error (here ValueError) used to stay pending through abort and re-raise from
+    # every later begin_call, so one failed call broke the compiled model for good.
+    captured, plan = planned()
+    engine = engine_for(captured, plan)
+    engine.activate()
+    ref_type = type(engine.refs[plan.transfers[0].names[0]])
+    real_read = ref_type.read_into
+
+    def broken(self, out, **kwargs):
+        raise ValueError("transient failure (injected)")
+
+    monkeypatch.setattr(ref_type, "read_into", broken)
+    first, second = plan.transfers[0].id, plan.transfers[1].id
+    engine.begin_call()
+    engine.fetch(first)
+    engine.fetch(second)
+    with pytest.raises(ValueError, match="injected"):
+        engine.wait(first)
+    engine.abort()  # drains the second failed copy without raising
+    monkeypatch.setattr(ref_type, "read_into", real_read)
+    values = {w.name: w.value for w in captured.weights}
+    engine.begin_call()
+    for tr in plan.transfers:
+        engine.fetch(tr.id)
+        assert all(torch.equal(t, values[n]) for n, t in zip(tr.names, engine.wait(tr.id)))
+        engine.drop(tr.id)
+    engine.end_call()
+    engine.deactivate()
+
+
+def test_a_failed_resident_load_names_the_weight_and_frees_the_arena(monkeypatch):
+    captured, plan = planned(budget_extra=10**6)
+    assert plan.resident
+    threads = threading.active_count()
+    engine = engine_for(captured, plan)
+    ref_type = type(engine.refs[plan.resident[0]])
+    real_read = ref_type.read_into
+
+    def broken(self, out, **kwargs):
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(ref_type, "read_into", broken)
+    with pytest.raises(vramfx.WeightsError, match=rf"reading resident weight {plan.resident[0]} failed: .*injected"):
+        engine.activate()
+    assert not engine.active, "a failed activation keeps no arena"
+    assert threading.active_count() == threads
+    monkeypatch.setattr(ref_type, "read_into", real_read)
+    engine.activate()
+    assert all(name in engine.store for name in plan.resident)
+    engine.deactivate()
