@@ -22,7 +22,7 @@ from torch import nn
 #: Widths a value may have; concatenations add two of them.
 WIDTHS = (4, 8, 12, 16, 32)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: The step kinds, with the number of earlier values each one reads.
+#: The step kinds a recipe draws from (see :class:`Step`).
 OPS = ("linear", "conv", "norm", "embed", "attention", "add", "concat", "split", "reuse", "tied_head", "param")
 
 
@@ -211,7 +211,7 @@ def _steps(draw: st.DrawFn, widths: tuple[int, ...], steps: tuple[Step, ...], vo
             return Step(op, (a, b), 0)
     if op == "reuse" and reusable:
         s = draw(st.sampled_from(reusable))
-        w_in = _step_in_width(steps, s, widths)
+        w_in = widths[steps[s].inputs[0]]  # the shared Linear's in_features
         matching = [j for j, w in enumerate(widths) if w == w_in]
         if matching:
             return Step("reuse", (draw(st.sampled_from(matching)),), steps[s].width, s)
@@ -237,11 +237,6 @@ def _steps(draw: st.DrawFn, widths: tuple[int, ...], steps: tuple[Step, ...], vo
         kind = draw(st.sampled_from(["scale", "matmul"]))
         return Step("param", (a,), w_in if kind == "scale" else draw(st.sampled_from(WIDTHS)), kind)
     return Step("linear", (a,), draw(st.sampled_from(WIDTHS)), draw(st.booleans()))
-
-
-def _step_in_width(steps: tuple[Step, ...], index: int, widths: tuple[int, ...]) -> int:
-    """The input width of the module built by ``steps[index]``."""
-    return widths[steps[index].inputs[0]]
 
 
 #: One model with every step kind (tied head, a module called twice, parameters read directly),

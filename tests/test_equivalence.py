@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from random_models import EVERY_OP, Recipe, RecipeModel, recipes
+from random_models import EVERY_OP, Recipe, RecipeModel, Step, recipes
 from strategies import cost_models
 
 import vramfx
@@ -114,11 +114,18 @@ problems = {
 
 
 CPU_COSTS = CostModel.for_device("cpu")
+#: Found by this test: a Linear reading a Conv2d's output through a transpose (non-contiguous);
+#: torch's matmul takes another path when the weight requires grad, and arena copies did not.
+CONV_THEN_LINEAR = Recipe(
+    batch=1, height=1, width_px=2, in_width=4, vocab=5, dtype_name="float32",
+    steps=(Step("conv", (0,), 4, (1, False)), Step("linear", (1,), 4, False)), outputs=(2,), seed=0,
+)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**problems)
 @example(recipe=EVERY_OP, source="diskmap", fraction=0.0, cost_model=CPU_COSTS, calls=1)
+@example(recipe=CONV_THEN_LINEAR, source="module", fraction=0.0, cost_model=CPU_COSTS, calls=1)
 @example(recipe=dataclasses.replace(EVERY_OP, dtype_name="float16"), source="state_dict", fraction=0.3,
          cost_model=CPU_COSTS, calls=10)
 @example(recipe=dataclasses.replace(EVERY_OP, dtype_name="float32"), source="module", fraction=1.0,

@@ -20,6 +20,14 @@ def engine_for(captured, plan, source=None, **kwargs):
     return CpuEngine(plan, refs, torch.device("cpu"), ResidentStore(), **kwargs)
 
 
+def stream_every_transfer(engine, plan, values) -> None:
+    """Fetch, wait for and drop each transfer in turn, checking the weights it brings."""
+    for tr in plan.transfers:
+        engine.fetch(tr.id)
+        assert all(torch.equal(t, values[n]) for n, t in zip(tr.names, engine.wait(tr.id)))
+        engine.drop(tr.id)
+
+
 def test_wait_returns_the_weights_in_aligned_arena_slots():
     captured, plan = planned()
     engine = engine_for(captured, plan)
@@ -74,10 +82,7 @@ def test_reads_from_disk_with_and_without_the_page_cache(tmp_path):
         refs = resolve_weights(specs, vramfx.DiskMap(tmp_path / "w.safetensors"))
         engine = CpuEngine(plan, refs, torch.device("cpu"), ResidentStore(), bypass_page_cache=bypass)
         engine.activate()
-        for tr in plan.transfers:
-            engine.fetch(tr.id)
-            assert all(torch.equal(t, values[n]) for n, t in zip(tr.names, engine.wait(tr.id)))
-            engine.drop(tr.id)
+        stream_every_transfer(engine, plan, values)
         engine.deactivate()
 
 
@@ -102,12 +107,8 @@ def test_a_reader_error_of_any_type_is_forgotten_by_abort(monkeypatch):
         engine.wait(first)
     engine.abort()  # drains the second failed copy without raising
     monkeypatch.setattr(ref_type, "read_into", real_read)
-    values = {w.name: w.value for w in captured.weights}
     engine.begin_call()
-    for tr in plan.transfers:
-        engine.fetch(tr.id)
-        assert all(torch.equal(t, values[n]) for n, t in zip(tr.names, engine.wait(tr.id)))
-        engine.drop(tr.id)
+    stream_every_transfer(engine, plan, {w.name: w.value for w in captured.weights})
     engine.end_call()
     engine.deactivate()
 
