@@ -1,7 +1,7 @@
 """Soak: a thousand calls that stream from disk leak no memory, file descriptors or threads.
 
 The layer-swap tools our users come from leaked RAM in disk mode, so that each step grew slower
-until the machine swapped. Here the same small model is called 1,000 times after a warm-up, and
+until the machine swapped. Here a small Llama is called 1,000 times after a warm-up, and
 the process's anonymous resident memory (RssAnon), its open file descriptors and its threads
 are compared before and after.
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import vramfx
-from tiny_models import ARCHS, build_empty, build_saved, streaming_budget
+from tiny_models import ARCHS, Arch, build_empty, build_saved, streaming_budget
 from vramfx.budget import rss_anon_bytes
 
 CALLS = 1000
@@ -55,11 +55,22 @@ def assert_flat(samples: list[tuple[int, int, int]]) -> None:
     assert [s[2] for s in samples] == [threads0] * len(samples), "thread count changed"
 
 
+def one_layer_llama() -> torch.nn.Module:
+    """The suite's tiny Llama with one decoder layer: a call costs a few milliseconds."""
+    from transformers import LlamaConfig, LlamaModel
+
+    return LlamaModel(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+#: The soaked model: the one-layer Llama with the tiny Llama's inputs.
+SOAKED = Arch("llama_one_layer", one_layer_llama, ARCHS["llama"].inputs)
+
+
 @pytest.fixture
 def llama_on_disk(tmp_path) -> dict[str, Any]:
-    arch = ARCHS["llama"]
-    eager = build_saved(arch, tmp_path)
-    inputs = arch.inputs()
+    eager = build_saved(SOAKED, tmp_path)
+    inputs = SOAKED.inputs()
     with torch.no_grad():
         expected = eager(**inputs).last_hidden_state
     return {"folder": tmp_path, "inputs": inputs, "expected": expected}
@@ -77,7 +88,7 @@ def test_a_thousand_compiled_calls_streaming_from_disk_leak_nothing(llama_on_dis
     inputs = llama_on_disk["inputs"]
     _, fds_before, threads_before = footprint()
     with vramfx.DiskMap(llama_on_disk["folder"]) as weights:
-        empty = build_empty(ARCHS["llama"])
+        empty = build_empty(SOAKED)
         fast = vramfx.compile(empty, budget=streaming_budget(empty, weights, inputs), weights=weights,
                               device="cpu", bypass_page_cache=bypass_page_cache)
         samples = soak(lambda: fast(**inputs).last_hidden_state, llama_on_disk["expected"])
@@ -96,7 +107,7 @@ def test_a_thousand_layer_swap_calls_from_disk_leak_nothing(llama_on_disk):
 
     inputs = llama_on_disk["inputs"]
     with vramfx.DiskMap(llama_on_disk["folder"]) as weights:
-        model = build_empty(ARCHS["llama"])
+        model = build_empty(SOAKED)
         swapped = swap.enable_vram_management(
             model,
             module_map={
