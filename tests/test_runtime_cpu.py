@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -11,8 +12,8 @@ from safetensors.torch import save_file
 import vramfx
 from test_rewrite import planned
 from vramfx.runtime.cpu import CpuEngine
-from vramfx.runtime.engine import ResidentStore
-from vramfx.weights import resolve_weights
+from vramfx.runtime.engine import ResidentStore, view_bytes
+from vramfx.weights import WeightRef, resolve_weights
 
 
 def engine_for(captured, plan, source=None, **kwargs):
@@ -133,3 +134,13 @@ def test_a_failed_resident_load_names_the_weight_and_frees_the_arena(monkeypatch
     engine.activate()
     assert all(name in engine.store for name in plan.resident)
     engine.deactivate()
+
+
+def test_arena_views_require_grad_like_the_parameter_where_the_dtype_allows():
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    ref = WeightRef("w", None, "w", (4,), torch.float32, 16, requires_grad=True)
+    view = view_bytes(buffer, 16, ref)
+    assert view.requires_grad and view.data_ptr() == buffer.data_ptr() + 16, "a view, not a copy"
+    assert not view_bytes(buffer, 0, dataclasses.replace(ref, requires_grad=False)).requires_grad
+    stored_as_int8 = dataclasses.replace(ref, dtype=torch.int8, shape=(16,))  # e.g. quantized storage
+    assert not view_bytes(buffer, 0, stored_as_int8).requires_grad

@@ -25,13 +25,15 @@ log = logging.getLogger(__name__)
 def view_bytes(buffer: torch.Tensor, offset: int, ref: WeightRef) -> torch.Tensor:
     """``ref``'s tensor over ``buffer[offset : offset + ref.nbytes]`` (uint8), no copy.
 
-    It requires grad when the model's parameter does, so kernels take eager's path (calls run
-    under ``no_grad``: nothing is recorded).
+    It requires grad when the model's parameter does (and its stored dtype can), so kernels take
+    eager's path (calls run under ``no_grad``: nothing is recorded).
     """
     raw = buffer[offset : offset + ref.nbytes]
     tensor = raw.view(ref.dtype).view(ref.shape)
+    if not (ref.requires_grad and (tensor.is_floating_point() or tensor.is_complex())):
+        return tensor
     # Copies must fill ``buffer``, not this view: an in-place write to it raises outside no_grad.
-    return tensor.detach().requires_grad_() if ref.requires_grad else tensor
+    return tensor.detach().requires_grad_()
 
 
 class ResidentStore:
