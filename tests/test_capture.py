@@ -101,3 +101,14 @@ def test_a_model_that_writes_its_buffers_is_refused():
 
     with pytest.raises(vramfx.CaptureError, match="writes to buffer 'calls'"):
         capture(Counts(), (torch.randn(2),))
+
+
+def test_weight_specs_carry_each_parameters_requires_grad():
+    # Kernels depend on the flag even under no_grad; the runtime's copies must match the model.
+    arch = ARCHS["llama"]
+    model = build_empty(arch)
+    model.norm.requires_grad_(False)
+    weights = capture(model, (), arch.inputs()).name_to_weight
+    assert weights["embed_tokens.weight"].requires_grad
+    assert not weights["norm.weight"].requires_grad
+    assert not weights["rotary_emb.inv_freq"].requires_grad  # a buffer

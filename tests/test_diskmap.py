@@ -335,6 +335,17 @@ def test_header_length_past_end_of_file(tmp_path):
         DiskMap(path)
 
 
+def test_absurdly_large_header_in_a_file_that_holds_it(tmp_path):
+    # A sparse file larger than the header: the length is refused for being absurd, not for
+    # running past the end (which the message used to claim).
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 200_000_000))
+        f.truncate(8 + 200_000_000 + 16)
+    with pytest.raises(WeightsError, match=r"huge\.safetensors: header length 200000000 bytes is over the 100000000 byte limit"):
+        DiskMap(path)
+
+
 def test_file_too_short_for_header(tmp_path):
     path = tmp_path / "short.safetensors"
     path.write_bytes(b"abc")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -11,13 +12,21 @@ from safetensors.torch import save_file
 import vramfx
 from test_rewrite import planned
 from vramfx.runtime.cpu import CpuEngine
-from vramfx.runtime.engine import ResidentStore
-from vramfx.weights import resolve_weights
+from vramfx.runtime.engine import ResidentStore, view_bytes
+from vramfx.weights import WeightRef, resolve_weights
 
 
 def engine_for(captured, plan, source=None, **kwargs):
     refs = resolve_weights(captured.weights, source)
     return CpuEngine(plan, refs, torch.device("cpu"), ResidentStore(), **kwargs)
+
+
+def stream_every_transfer(engine, plan, values) -> None:
+    """Fetch, wait for and drop each transfer in turn, checking the weights it brings."""
+    for tr in plan.transfers:
+        engine.fetch(tr.id)
+        assert all(torch.equal(t, values[n]) for n, t in zip(tr.names, engine.wait(tr.id)))
+        engine.drop(tr.id)
 
 
 def test_wait_returns_the_weights_in_aligned_arena_slots():
@@ -74,8 +83,64 @@ def test_reads_from_disk_with_and_without_the_page_cache(tmp_path):
         refs = resolve_weights(specs, vramfx.DiskMap(tmp_path / "w.safetensors"))
         engine = CpuEngine(plan, refs, torch.device("cpu"), ResidentStore(), bypass_page_cache=bypass)
         engine.activate()
-        for tr in plan.transfers:
-            engine.fetch(tr.id)
-            assert all(torch.equal(t, values[n]) for n, t in zip(tr.names, engine.wait(tr.id)))
-            engine.drop(tr.id)
+        stream_every_transfer(engine, plan, values)
         engine.deactivate()
+
+
+def test_a_reader_error_of_any_type_is_forgotten_by_abort(monkeypatch):
+    # A non-I/O error (here ValueError) used to stay pending through abort and re-raise from
+    # every later begin_call, so one failed call broke the compiled model for good.
+    captured, plan = planned()
+    engine = engine_for(captured, plan)
+    engine.activate()
+    ref_type = type(engine.refs[plan.transfers[0].names[0]])
+    real_read = ref_type.read_into
+
+    def broken(self, out, **kwargs):
+        raise ValueError("transient failure (injected)")
+
+    monkeypatch.setattr(ref_type, "read_into", broken)
+    first, second = plan.transfers[0].id, plan.transfers[1].id
+    engine.begin_call()
+    engine.fetch(first)
+    engine.fetch(second)
+    with pytest.raises(ValueError, match="injected"):
+        engine.wait(first)
+    engine.abort()  # drains the second failed copy without raising
+    monkeypatch.setattr(ref_type, "read_into", real_read)
+    engine.begin_call()
+    stream_every_transfer(engine, plan, {w.name: w.value for w in captured.weights})
+    engine.end_call()
+    engine.deactivate()
+
+
+def test_a_failed_resident_load_names_the_weight_and_frees_the_arena(monkeypatch):
+    captured, plan = planned(budget_extra=10**6)
+    assert plan.resident
+    threads = threading.active_count()
+    engine = engine_for(captured, plan)
+    ref_type = type(engine.refs[plan.resident[0]])
+    real_read = ref_type.read_into
+
+    def broken(self, out, **kwargs):
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(ref_type, "read_into", broken)
+    with pytest.raises(vramfx.WeightsError, match=rf"reading resident weight {plan.resident[0]} failed: .*injected"):
+        engine.activate()
+    assert not engine.active, "a failed activation keeps no arena"
+    assert threading.active_count() == threads
+    monkeypatch.setattr(ref_type, "read_into", real_read)
+    engine.activate()
+    assert all(name in engine.store for name in plan.resident)
+    engine.deactivate()
+
+
+def test_arena_views_require_grad_like_the_parameter_where_the_dtype_allows():
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    ref = WeightRef("w", None, "w", (4,), torch.float32, 16, requires_grad=True)
+    view = view_bytes(buffer, 16, ref)
+    assert view.requires_grad and view.data_ptr() == buffer.data_ptr() + 16, "a view, not a copy"
+    assert not view_bytes(buffer, 0, dataclasses.replace(ref, requires_grad=False)).requires_grad
+    stored_as_int8 = dataclasses.replace(ref, dtype=torch.int8, shape=(16,))  # e.g. quantized storage
+    assert not view_bytes(buffer, 0, stored_as_int8).requires_grad

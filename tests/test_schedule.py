@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import (
     UNIT_COSTS,
@@ -342,3 +342,87 @@ def test_minimum_budget_is_exact(lv, knobs, cost_model):
         with pytest.raises(BudgetError) as e:
             schedule(lv, minimum - 1, cost_model=cost_model, **knobs)
         assert e.value.minimum_bytes == minimum
+
+
+def byte_ranges(tr) -> list[tuple[int, int]]:
+    """The arena bytes ``[begin, end)`` a transfer's non-empty members occupy."""
+    return [(offset, offset + size) for offset, size in zip(tr.offsets, tr.sizes) if size]
+
+
+def replay(plan: Plan, lv) -> None:
+    """Run ``plan.steps`` in the order the rewritten graph runs them and check every node's reads.
+
+    Independent of :func:`check_plan`: it tracks the arena byte by byte as the runtime would use
+    it, so a plan whose fields pass the checker but whose step order breaks a use still fails.
+    """
+    alignment = plan.alignment
+    by_position: dict[int, list] = {}
+    for step in plan.steps:
+        by_position.setdefault(step.position, []).append(step)
+    transfers = {t.id: t for t in plan.transfers}
+    live: dict[int, bool] = {}  # transfer id -> waited for
+    holder_at_span_start: dict[tuple[str, int], int] = {}
+    for t in range(plan.num_positions + 1):
+        for step in by_position.get(t, ()):
+            tr = transfers[step.transfer]
+            if step.op == "fetch":
+                assert tr.id not in live, f"transfer {tr.id} fetched while still live"
+                taken = [(begin, end, i) for i in live for begin, end in byte_ranges(transfers[i])]
+                for begin, end in byte_ranges(tr):
+                    clash = [i for b, e, i in taken if b < end and begin < e]
+                    assert not clash, f"transfer {tr.id} is fetched at {t} over live {clash}"
+                live[tr.id] = False
+            elif step.op == "wait":
+                assert tr.id in live, f"transfer {tr.id} waited for before its fetch"
+                live[tr.id] = True
+            elif step.op == "drop":
+                assert live.pop(tr.id, None) is not None, f"transfer {tr.id} dropped while not live"
+        if t == plan.num_positions:
+            break
+        in_arena = sum(-(-s // alignment) * alignment for i in live for s in transfers[i].sizes)
+        assert in_arena <= plan.arena_bytes
+        used = plan.resident_bytes + in_arena + lv.activation_bytes[t] + plan.workspace_bytes
+        assert used <= plan.budget_bytes, f"over budget at {t}: {used} > {plan.budget_bytes}"
+        for w in lv.weights:
+            if t not in w.uses or w.name in plan.resident:
+                continue
+            holders = [i for i, ready in live.items() if ready and w.name in transfers[i].names]
+            assert len(holders) == 1, f"{w.name!r} is read at {t} but held ready by {holders}"
+            begin = next(b for b, e in w.spans if b <= t < e)
+            first = holder_at_span_start.setdefault((w.name, begin), holders[0])
+            assert first == holders[0], f"{w.name!r} moved inside its span starting at {begin}"
+    assert not live, f"transfers {sorted(live)} are never dropped"
+
+
+@given(planning_problems(), cost_models, st.integers(1, 50))
+def test_replaying_the_steps_reads_every_weight_ready_and_in_budget(problem, cost_model, calls):
+    lv, knobs, _, budget = problem
+    replay(schedule(lv, budget, cost_model=cost_model, calls=calls, **knobs), lv)
+
+
+@given(livenesses(), schedule_knobs, cost_models, st.integers(1, 50), st.data())
+def test_every_budget_below_the_minimum_reports_the_same_minimum(lv, knobs, cost_model, calls, data):
+    # A caller retries with BudgetError.minimum_bytes from whatever budget failed (often 1 B),
+    # so it must not depend on how far below, nor on the cost model or the call count.
+    minimum = minimum_budget(lv, **knobs)
+    assume(minimum > 0)
+    below = data.draw(st.integers(0, minimum - 1))
+    with pytest.raises(BudgetError) as e:
+        schedule(lv, below, cost_model=cost_model, calls=calls, **knobs)
+    assert e.value.minimum_bytes == minimum
+    plan = schedule(lv, minimum, cost_model=cost_model, calls=calls, **knobs)
+    check_plan(plan, lv)
+    replay(plan, lv)
+
+
+def test_replay_catches_a_late_wait_and_an_overlap():
+    lv = three_in_a_row()
+    plan = schedule(lv, 2 * 1024, cost_model=UNIT_COSTS, coalesce_bytes=0)
+    replay(plan, lv)
+    a, b, c = plan.transfers
+    late = dataclasses.replace(plan, transfers=(a, dataclasses.replace(b, wait=2, drop=3), c))
+    with pytest.raises(AssertionError, match="'b' is read at 1 but held ready by"):
+        replay(late, lv)
+    clash = dataclasses.replace(plan, transfers=(a, dataclasses.replace(b, offsets=(0,)), c))
+    with pytest.raises(AssertionError, match="transfer 1 is fetched at 0 over live"):
+        replay(clash, lv)

@@ -36,7 +36,10 @@ class WeightSpec:
     ``kind`` is ``"parameter"``, ``"buffer"`` or ``"constant"``. ``aliases`` are every
     state-dict name of the same tensor (tied weights), ``name`` first. ``value`` is the real
     tensor when the module holds one (a real parameter or buffer, or a constant export lifted),
-    else ``None``: then it must come from the weights mapping.
+    else ``None``: then it must come from the weights mapping. ``requires_grad`` is the
+    parameter's flag: torch picks kernels by it even under ``no_grad`` (``matmul`` folds a
+    non-contiguous batch only for weights that do not require grad), so the runtime's copies
+    carry it too.
     """
 
     name: str
@@ -47,6 +50,7 @@ class WeightSpec:
     persistent: bool
     aliases: tuple[str, ...]
     value: torch.Tensor | None
+    requires_grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -285,6 +289,7 @@ def _weight_specs(
             persistent=persistent,
             aliases=names,
             value=value,
+            requires_grad=original is not None and original.requires_grad,
         )
     return tuple(specs.values())
 

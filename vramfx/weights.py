@@ -23,7 +23,10 @@ _LISTED = 10
 
 @dataclass(frozen=True)
 class WeightRef:
-    """One graph weight bound to the source and key its bytes come from."""
+    """One graph weight bound to the source and key its bytes come from.
+
+    ``requires_grad`` is the model parameter's flag, which the runtime's copies keep.
+    """
 
     name: str
     source: WeightSource
@@ -31,6 +34,7 @@ class WeightRef:
     shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
+    requires_grad: bool = False
 
     def read_into(self, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
         """Copy the stored bytes into ``out`` (contiguous uint8 of ``nbytes``)."""
@@ -126,7 +130,9 @@ def resolve_weights(
                 f"{tuple(spec.shape)} {_dtype(spec.dtype)}"
             )
             continue
-        refs[spec.name] = WeightRef(spec.name, source, key, spec.shape, spec.dtype, info.nbytes)
+        refs[spec.name] = WeightRef(
+            spec.name, source, key, spec.shape, spec.dtype, info.nbytes, requires_grad=spec.requires_grad
+        )
     if missing or mismatched:
         raise WeightsError(_report(missing, mismatched, weights))
     return refs

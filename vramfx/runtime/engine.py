@@ -23,9 +23,17 @@ log = logging.getLogger(__name__)
 
 
 def view_bytes(buffer: torch.Tensor, offset: int, ref: WeightRef) -> torch.Tensor:
-    """``ref``'s tensor over ``buffer[offset : offset + ref.nbytes]`` (uint8), no copy."""
+    """``ref``'s tensor over ``buffer[offset : offset + ref.nbytes]`` (uint8), no copy.
+
+    It requires grad when the model's parameter does (and its stored dtype can), so kernels take
+    eager's path (calls run under ``no_grad``: nothing is recorded).
+    """
     raw = buffer[offset : offset + ref.nbytes]
-    return raw.view(ref.dtype).view(ref.shape)
+    tensor = raw.view(ref.dtype).view(ref.shape)
+    if not (ref.requires_grad and (tensor.is_floating_point() or tensor.is_complex())):
+        return tensor
+    # Copies must fill ``buffer``, not this view: an in-place write to it raises outside no_grad.
+    return tensor.detach().requires_grad_()
 
 
 class ResidentStore:
@@ -90,8 +98,13 @@ class Engine(ABC):
         return self._arena is not None
 
     def activate(self) -> None:
-        """Allocate the arena and make the resident set present; idempotent."""
-        if self._arena is None:
+        """Allocate the arena and make the resident set present; idempotent.
+
+        If a resident weight cannot be read, an arena allocated by this call is freed again, so
+        a failed activation holds nothing until it is retried.
+        """
+        fresh = self._arena is None
+        if fresh:
             self._start_workers()
             self._arena = self._allocate(self.plan.arena_bytes)
             self._views = {
@@ -100,9 +113,21 @@ class Engine(ABC):
             }
         keep = set(self.plan.resident)
         self.store.keep_only(keep)
-        for name in self.plan.resident:
-            if name not in self.store:
-                self.store.put(name, self._load_resident(self.refs[name]))
+        try:
+            for name in self.plan.resident:
+                if name not in self.store:
+                    self.store.put(name, self._load_resident_named(name))
+        except BaseException:
+            if fresh:
+                self.deactivate()
+            raise
+
+    def _load_resident_named(self, name: str) -> torch.Tensor:
+        """``_load_resident`` for one weight, an I/O error naming it."""
+        try:
+            return self._load_resident(self.refs[name])
+        except OSError as exc:
+            raise WeightsError(f"reading resident weight {name} failed: {exc}") from exc
 
     def deactivate(self) -> None:
         """Free the arena and stop workers; residents stay in the shared store."""
@@ -123,9 +148,11 @@ class Engine(ABC):
 
     def abort(self) -> None:
         """Wait out every in-flight copy, ignoring its result, and forget it."""
-        for handle in self._pending.values():
-            self._drain(handle)
-        self._pending.clear()
+        try:
+            for handle in self._pending.values():
+                self._drain(handle)
+        finally:
+            self._pending.clear()
 
     # -- steps -----------------------------------------------------------------------------
     def fetch(self, transfer: int) -> None:
@@ -173,7 +200,7 @@ class Engine(ABC):
         """Wait for ``handle``'s copy to stop touching memory, swallowing its error."""
         try:
             self._finish(handle)
-        except (VramfxError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # any error: a copy left pending would re-raise on every later call
             log.debug("discarded failed transfer after abort: %s", exc)
 
     def _start_workers(self) -> None:

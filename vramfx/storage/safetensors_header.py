@@ -74,9 +74,9 @@ def read_header(fd: int, path: str, file_size: int) -> tuple[dict[str, TensorInf
     Raises
     ------
     WeightsError
-        If the header length runs past the end of the file, the JSON is malformed, a dtype is
-        unknown, a shape does not match its byte length, or data offsets lie outside the data
-        area or overlap. The message names ``path`` and the tensor.
+        If the header length runs past the end of the file or over ``MAX_HEADER_BYTES``, the
+        JSON is malformed, a dtype is unknown, a shape does not match its byte length, or data
+        offsets lie outside the data area or overlap. The message names ``path`` and the tensor.
 
     Examples
     --------
@@ -95,7 +95,12 @@ def read_header(fd: int, path: str, file_size: int) -> tuple[dict[str, TensorInf
             f"(it starts with an 8-byte header length)."
         )
     (header_len,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, path))
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+    if header_len > MAX_HEADER_BYTES:
+        raise WeightsError(
+            f"{path}: header length {header_len} bytes is over the {MAX_HEADER_BYTES} byte limit "
+            f"of safetensors; the file is corrupt or not safetensors."
+        )
+    if 8 + header_len > file_size:
         raise WeightsError(
             f"{path}: header length {header_len} bytes runs past the end of the file "
             f"({file_size} bytes); the file is truncated or not safetensors."
