@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from vramfx.errors import WeightsError
 from vramfx.plan.plan import Plan, Transfer
 from vramfx.runtime.arena import reuse_predecessors
 from vramfx.runtime.chunks import Chunk, Member, Piece, Segment, plan_chunks, whole
@@ -171,10 +170,7 @@ class CudaEngine(Engine):
         buffer = self.streams.device_buffer(size)
         chunks = plan_chunks([Member(ref.name, 0, ref.nbytes, size)], {ref.name: whole(ref.nbytes)}, self._pipeline.slot_bytes)
         job = self._pipeline.submit(buffer, chunks, tag=ref.name)
-        try:
-            job.result()
-        except OSError as exc:
-            raise WeightsError(f"reading resident weight {ref.name} failed: {exc}") from exc
+        job.result()  # an I/O error is named by Engine.activate
         # Loaded once, so wait on the host: the buffer is then never freed under a running copy.
         self.streams.synchronize_event(job.landed)
         return view_bytes(buffer, 0, ref)
