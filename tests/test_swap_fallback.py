@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import vramfx
@@ -173,3 +175,59 @@ def test_a_forward_returning_a_cache_falls_back_and_equals_eager(tmp_path):
     assert len(messages) == 1 and "DynamicCache" in messages[0]
     assert all(torch.equal(expected, out.logits) for out in outputs)
     assert outputs[0].past_key_values.get_seq_length() == 8
+
+
+class Gated(torch.nn.Module):
+    """A block owning a parameter of its own around a child: its weights span the child's call."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.randn(width))
+        self.inner = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x)) * self.scale
+
+
+class Nested(torch.nn.Module):
+    def __init__(self, width: int = 64, depth: int = 5):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Gated(width) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            if x.sum() > 0:  # which blocks run depends on the values
+                x = block(x)
+            x = -x
+        return x
+
+
+@given(seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=5), room=st.floats(0.0, 1.2))
+@settings(max_examples=30)
+def test_nested_modules_and_changing_orders_equal_eager_within_the_budget(nested_saved, seeds, room):
+    from vramfx.swap.fallback import ModulePath
+
+    eager, path = nested_saved
+    with vramfx.skip_model_initialization():
+        model = Nested().eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
+    block_bytes = weight_bytes // len(eager.blocks)
+    margin = 2**20
+    budget = 2 * margin + block_bytes + int(room * weight_bytes)  # a margin more for activations
+    path_ = ModulePath(model, vramfx.DiskMap(path), device=torch.device("cpu"), budget_bytes=budget,
+                       margin_bytes=margin, calls=10)
+    for seed in seeds:
+        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            assert torch.equal(eager(x), path_(x))
+    assert path_.stats.held_peak_bytes <= budget - margin
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def nested_saved(tmp_path_factory):
+    torch.manual_seed(0)
+    eager = Nested().eval()
+    path = tmp_path_factory.mktemp("nested") / "model.safetensors"
+    save_file(eager.state_dict(), path)
+    return eager, path

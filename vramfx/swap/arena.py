@@ -68,6 +68,17 @@ class Arena:
             self._starts.insert(k, start)
             self._ends.insert(k, stop)
 
+    def reset(self, occupied: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+        """Forget every block, then mark ``occupied`` ``(offset, nbytes)`` blocks as taken."""
+        self._starts, self._ends = ([0], [self.nbytes]) if self.nbytes else ([], [])
+        for offset, nbytes in sorted(occupied):
+            k = next(k for k in range(len(self._starts)) if self._starts[k] <= offset < self._ends[k])
+            start, end = self._starts[k], self._ends[k]
+            stop = offset + self.size_of(nbytes)
+            pieces = [(a, b) for a, b in ((start, offset), (stop, end)) if b > a]
+            self._starts[k : k + 1] = [a for a, _ in pieces]
+            self._ends[k : k + 1] = [b for _, b in pieces]
+
     def owns(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` views this arena's memory."""
         return tensor.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()

@@ -34,14 +34,13 @@ class Mover:
         for i, out in outs.items():
             fill(out, unit.home[i], unit.slots[i].ref, bypass_page_cache=self.bypass_page_cache)
 
-    def submit(self, unit: Unit, outs: dict[int, torch.Tensor]) -> Future:
-        """Start filling ``outs`` on the reader thread; :meth:`finish` waits for it."""
+    def submit(self, jobs: list[tuple[Unit, dict[int, torch.Tensor]]]) -> Future:
+        """Start filling each unit's ``outs`` on the reader thread, in order; :meth:`finish` waits."""
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vramfx-swap-reader")
-        homes = {i: unit.home[i] for i in outs}  # the home may change before the job runs
-        refs = {i: unit.slots[i].ref for i in outs}
-        released = self._released
-        return self._reader.submit(self._copy_ahead, homes, refs, outs, released)
+        # Homes may move before the job runs: it copies from the ones current now.
+        copies = [(unit.home[i], unit.slots[i].ref, out) for unit, outs in jobs for i, out in outs.items()]
+        return self._reader.submit(self._copy_ahead, copies, self._released)
 
     def finish(self, future: Future) -> None:
         """Block until the copy behind ``future`` is usable by the compute stream; re-raise its error."""
@@ -66,23 +65,17 @@ class Mover:
             self._reader.shutdown(wait=True)
             self._reader = None
 
-    def _copy_ahead(
-        self,
-        homes: dict[int, torch.Tensor],
-        refs: dict[int, Any],
-        outs: dict[int, torch.Tensor],
-        released: Any,
-    ) -> None:
+    def _copy_ahead(self, copies: list[tuple[Any, Any, torch.Tensor]], released: Any) -> None:
         def copy() -> None:
-            for i, out in outs.items():
-                fill(out, homes[i], refs[i], bypass_page_cache=self.bypass_page_cache, non_blocking=True)
+            for home, ref, out in copies:
+                fill(out, home, ref, bypass_page_cache=self.bypass_page_cache, non_blocking=True)
 
         if self._stream is None:
             copy()
             return
         with torch.cuda.stream(self._stream):
             if released is not None:
-                self._stream.wait_event(released)  # the block may still be read by earlier kernels
+                self._stream.wait_event(released)  # the slots may still be read by earlier kernels
             copy()
             done = torch.cuda.Event()
             done.record(self._stream)

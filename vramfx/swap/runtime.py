@@ -6,13 +6,15 @@ One runtime serves every unit of one model. Per call of the model:
   its forward and released right after) and records the order units run in, with each one's
   compute time.
 - **After it**, the planner (:func:`vramfx.plan.schedule.schedule`, over a Liveness whose
-  positions are unit calls) chooses the units kept on the device under the limit; the rest of
-  the limit is one arena that the other units stream through.
-- **Later calls** prefetch: after every unit call, the units next in the recorded order are
-  copied into free arena blocks by a reader thread, as far ahead as the arena allows (across
-  the end of a call into the next one). A unit that is not where the order predicts costs a
-  synchronous fetch, never a wrong result; a call whose order differed becomes the new
-  recorded order and is planned anew.
+  positions are unit calls) chooses the units kept on the device under the limit, and for the
+  others, transfers with a fetch position and a static offset in one arena: a plan checked by
+  :func:`vramfx.plan.check.check_plan`, so following it never needs more than the limit.
+- **Later calls** follow the plan while units run in the recorded order: each transfer is
+  issued to a reader thread at its fetch position, waited for at its first use and dropped
+  after its last; at the end of a call the next call's first transfers are issued. A unit that
+  is not where the order predicts leaves the plan for the rest of that call: it and the units
+  after it are fetched synchronously into free arena space — slower, never a wrong result —
+  and the call's order becomes the recorded one, planned anew.
 
 The limit covers what the runtime holds on the device: kept units, the arena, staging and
 per-call casts. A limit below what one unit needs (``0`` included) streams every unit
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from vramfx.errors import BudgetError, VramfxError, WeightsError
 from vramfx.plan.costs import CostModel
-from vramfx.plan.plan import format_bytes
+from vramfx.plan.plan import Plan, format_bytes
 from vramfx.plan.schedule import schedule
 from vramfx.runtime.engine import view_bytes
 from vramfx.swap.arena import Arena
@@ -60,7 +61,7 @@ class SwapStats:
     resident:
         Units the plan keeps on the device, in order of first use.
     resident_bytes, arena_bytes:
-        Bytes of the kept units, and of the arena the others stream through.
+        Bytes of the kept units, and of the planned arena the others stream through.
     calls:
         Calls served so far.
     fetched_bytes:
@@ -71,6 +72,9 @@ class SwapStats:
         can be held ahead).
     held_peak_bytes:
         The most bytes the runtime has held on the device at once, by its own accounting.
+    activation_peak_bytes:
+        Activations measured on the first call, when the limit covers them (compile's
+        fallback); else 0.
     order:
         The recorded order of units (their names), empty before the first call.
     """
@@ -84,19 +88,35 @@ class SwapStats:
     prefetched: int
     synchronous: int
     held_peak_bytes: int
+    activation_peak_bytes: int
     order: tuple[str, ...]
 
 
 @dataclass
 class _Held:
-    """One unit's computation tensors while they are queued or in use."""
+    """One unit's computation tensors while it runs."""
 
     unit: Unit
     tensors: tuple[torch.Tensor, ...]
     nbytes: int = 0  # bytes outside the arena counted while held
-    block: tuple[int, int] | None = None  # (offset, nbytes) in the arena
+    block: tuple[int, int] | None = None  # (offset, nbytes) taken from the arena off the plan
+    transfer: int | None = None  # the plan's transfer it came from
+    position: int = -1  # its position in the call's record
+
+
+@dataclass
+class _Transfer:
+    """A plan transfer as the runtime runs it: its units' slots in the arena, its copy."""
+
+    fetch: int
+    wait: int
+    drop: int
+    region: tuple[int, int]  # (offset, nbytes) of its members, back to back
+    outs: dict[int, dict[int, torch.Tensor]]  # unit index -> slot index -> view of the arena
     future: Any = None  # the copy in flight, until waited for
-    position: int = -1  # global position: cycle * len(order) + index in the order
+    issued: bool = False
+    ahead: bool = False  # issued before it was needed
+    dropped: bool = False
 
 
 class SwapRuntime:
@@ -107,11 +127,11 @@ class SwapRuntime:
     device:
         The computation device.
     limit_bytes:
-        Bytes of weights the runtime may hold on the device at once (None: no limit, every
-        unit is kept after its first use).
+        Bytes the runtime may hold on the device at once (None: no limit, every unit is kept
+        after its first use).
     prefetch:
-        Copy the next units ahead along the recorded order. ``False`` copies each unit when
-        it is called, as the original layer-swap implementation does.
+        Issue each transfer at the plan's fetch position, ahead of its use. ``False`` copies
+        each unit when it is called, as the original layer-swap implementation does.
     calls:
         How many calls the plan is optimised for: kept units are loaded once.
     reserved_bytes:
@@ -119,8 +139,8 @@ class SwapRuntime:
         to the device), so the limit is a whole budget.
     activations_in_limit:
         The limit also covers activations, measured on the first call (compile's fallback).
-        A limit that then cannot hold the largest unit raises BudgetError instead of streaming
-        synchronously.
+        A limit that then cannot hold what the units need at once raises BudgetError instead
+        of streaming synchronously.
     bypass_page_cache:
         Read DiskMap weights with ``O_DIRECT``.
     """
@@ -149,11 +169,13 @@ class SwapRuntime:
         # The recorded order and what was planned for it.
         self._order: tuple[int, ...] | None = None
         self._ends: tuple[int, ...] = ()
-        self._positions: dict[int, list[int]] = {}
         self._seconds: dict[int, float] = {}
         self._activation_peak = 0
+        self._plan: Plan | None = None
         self._resident: frozenset[int] = frozenset()
-        self._capacity = 0
+        self._transfers: list[_Transfer] = []
+        self._cover: dict[tuple[int, int], int] = {}  # (unit, position) -> transfer
+        self._drop_order: list[int] = []  # transfers by drop position
         self._synchronous_only = False
         self._needs_plan = False
         # What is held now.
@@ -161,14 +183,17 @@ class SwapRuntime:
         self._kept: dict[int, tuple[torch.Tensor, ...]] = {}
         self._kept_bytes = 0
         self._loose_bytes = 0
-        self._queue: deque[_Held] = deque()
         self._in_use: list[_Held] = []
         # The call in progress.
         self._depth = 0
         self._recorder: Recorder | None = None
-        self._cursor = -1  # global position of the latest unit served
+        self._position = 0  # the next position of the recorded order
+        self._on_plan = False
+        self._next_fetch = 0  # index into the transfers, which are in fetch order
+        self._next_drop = 0  # index into _drop_order
         self._calls = 0
         self._fetched = 0
+        self._carried = 0  # bytes issued at the end of a call for the next one
         self._prefetched = 0
         self._synchronous = 0
         self._held_peak = 0
@@ -189,36 +214,39 @@ class SwapRuntime:
 
     def stats(self) -> SwapStats:
         """What is held, and what the latest call did."""
-        resident = [u for u in self._order_of_first_use() if u in self._resident]
+        first_use = dict.fromkeys(self._order or ())
         return SwapStats(
             limit_bytes=self.limit_bytes,
-            resident=tuple(self.units[u].name for u in resident),
+            resident=tuple(self.units[u].name for u in first_use if u in self._resident),
             resident_bytes=sum(self.units[u].prepared_bytes(self.alignment) for u in self._resident),
-            arena_bytes=self._capacity,
+            arena_bytes=self._plan.arena_bytes if self._plan is not None else 0,
             calls=self._calls,
             fetched_bytes=self._fetched,
             prefetched=self._prefetched,
             synchronous=self._synchronous,
             held_peak_bytes=self._held_peak,
+            activation_peak_bytes=self._activation_peak,
             order=tuple(self.units[u].name for u in self._order or ()),
         )
 
     def release(self) -> None:
-        """Free everything held on the device: kept units, the arena, fetches in flight."""
+        """Free everything held on the device: kept units, the arena, copies in flight."""
         if self._in_use:
             raise VramfxError("cannot release the layer-swap runtime while a module is running")
-        self._drop_queue()
+        self._drop_transfers()
         self._arena = None
+        self._transfers = []  # their views hold the arena: planned again on the next call
+        self._needs_plan = self._order is not None
         self._kept.clear()
         self._kept_bytes = 0
         self._mover.close()
 
     def homes_changed(self) -> None:
-        """Units' home tensors moved (offload/onload): kept copies stay valid, sizes may not."""
+        """Units' homes moved (offload/onload): plan again before the next call."""
         self._needs_plan = True
 
     def forget(self, unit: Unit) -> None:
-        """Drop ``unit``'s kept copy (its home moved)."""
+        """Drop ``unit``'s kept copy (its home moved, or another unit needs the room)."""
         if self._kept.pop(unit.index, None) is not None:
             self._kept_bytes -= unit.prepared_bytes(self.alignment)
         self._needs_plan = True
@@ -230,20 +258,18 @@ class SwapRuntime:
         if self._depth > 1:
             return
         self._calls += 1
-        self._fetched = self._prefetched = self._synchronous = 0
+        self._fetched, self._carried = self._carried, 0
+        self._prefetched = self._synchronous = 0
         if self._order is None:
             self._arena = self._scratch_arena()
             memory = _memory_sampler(self.device) if self.activations_in_limit else None
             self._recorder = Recorder(timed=True, memory=memory)
             return
         if self._needs_plan:
-            self._plan()
+            self._replan()
         self._recorder = Recorder()
-        n = len(self._order)
-        if (self._cursor + 1) % n:  # the previous call left its cycle early: skip the rest
-            self._cursor = (self._cursor // n + 1) * n - 1
-            self._drop_stale()
-        self._refill()
+        self._position = 0
+        self._on_plan = self._plan is not None
 
     def end_call(self, *, failed: bool = False) -> None:
         """The model's forward returned (or raised, when ``failed``)."""
@@ -251,40 +277,43 @@ class SwapRuntime:
         if self._depth > 0:
             return
         recorder, self._recorder = self._recorder, None
-        if self._order is None:
+        recording = self._order is None
+        if recording:
             self._arena = None  # the first call's scratch arena
+        else:
+            self._end_transfers()
         if failed or recorder is None or not recorder.record.order:
             return
         record = recorder.record
-        if self._order is None:
+        if recording:
             self._seconds = unit_seconds(record)
             self._activation_peak = max(0, record.activation_peak_bytes)
             self._adopt(record)
         elif tuple(record.order) != self._order:
-            log.debug("the unit order changed (%d -> %d calls); planning again", len(self._order), len(record.order))
+            log.debug("the module order changed (%d -> %d calls); planning again", len(self._order), len(record.order))
             self._adopt(record)
+        self._issue_first_transfers()
 
     # -- serving units ------------------------------------------------------------------------
     def acquire(self, unit: Unit) -> tuple[torch.Tensor, ...]:
         """``unit``'s parameters on the device in the computation dtype, for one forward."""
         start = time.perf_counter()
+        position = self._claim_position(unit)
         if not unit.copies(unit.compute_dtypes):
-            held = _Held(unit, tuple(unit.home))
-            self._advance(unit)
-        elif self._order is None or self._recorder is None or self._synchronous_only:
-            held = self._load_in_arena(unit) or self._load_loose(unit)
+            held = _Held(unit, tuple(unit.home))  # type: ignore[arg-type]
+        elif self._recorder is None or self._order is None or self._synchronous_only:
+            held = self._load_in_arena(unit) if self._order is None else None
+            held = held or self._load_loose(unit)
         elif unit.index in self._resident:
             held = self._from_kept(unit)
-            self._advance(unit)
+        elif position is not None:
+            held = self._from_plan(unit, position)
         else:
-            held = self._take_queued(unit) or self._load_missed(unit)
+            held = self._load_missed(unit)
         if self._recorder is not None:
             held.position = self._recorder.enter(unit.index, self.held_bytes, time.perf_counter() - start)
-        else:
-            held.position = -1
         self._in_use.append(held)
-        self._note_held()
-        self._refill()
+        self._held_peak = max(self._held_peak, self.held_bytes)
         return held.tensors
 
     def run(self, unit: Unit, fn: Callable[[tuple[torch.Tensor, ...]], Any]) -> Any:
@@ -300,8 +329,8 @@ class SwapRuntime:
     def release_unit(self, unit: Unit, output: Any = None) -> Any:
         """``unit``'s forward returned ``output``; its streamed weights may go.
 
-        Returns ``output``, with tensors that view the arena copied out of it (their block is
-        about to be reused).
+        Returns ``output``, with tensors that view the arena copied out of it (their slots
+        are about to be reused).
         """
         for k in range(len(self._in_use) - 1, -1, -1):
             if self._in_use[k].unit is unit:
@@ -311,49 +340,59 @@ class SwapRuntime:
             raise VramfxError(f"unit {unit.name!r} was released without being acquired")
         if self._recorder is not None and held.position >= 0:
             self._recorder.exit(held.position, self.held_bytes)
-        if held.block is not None:
+        if held.block is not None or held.transfer is not None:
             output = self._copy_out_of_arena(output)
-            self._free_block(held)
+            self._mover.note_release()
+        if held.block is not None and self._arena is not None:
+            self._arena.free(*held.block)
+        if held.transfer is not None and not self._on_plan:
+            self._free_transfer_off_plan(held.transfer)
         self._loose_bytes -= held.nbytes
-        self._refill()
         return output
 
     # -- planning -----------------------------------------------------------------------------
     def _adopt(self, record: CallRecord) -> None:
-        """Make ``record``'s order the one prefetches follow, and plan for it."""
-        self._drop_queue()
-        self._order = tuple(record.order)
-        self._ends = tuple(record.ends)
-        self._positions = {}
-        for position, u in enumerate(self._order):
-            self._positions.setdefault(u, []).append(position)
-        self._cursor = -1
+        """Make ``record``'s order the one the plan follows, and plan for it."""
+        previous = self._order
+        self._order, self._ends = tuple(record.order), tuple(record.ends)
         try:
-            self._plan()
+            self._replan()
         except BudgetError:
-            self._order = None  # the next call records again
+            self._order = previous  # None after the first call: the next call records again
             raise
 
-    def _plan(self) -> None:
-        """Choose the kept units and the arena for the recorded order."""
+    def _replan(self) -> None:
+        """Choose the kept units and the transfers for the recorded order."""
         self._needs_plan = False
+        self._drop_transfers()
         assert self._order is not None
-        self._drop_queue()
         streamed = {u for u in self._order if self.units[u].copies(self.units[u].compute_dtypes)}
+        plan = None
         if self.limit_bytes is None:
-            resident, capacity, synchronous = frozenset(streamed), 0, False
+            resident = frozenset(streamed)
         else:
-            resident, capacity, synchronous = self._schedule()
+            plan = self._schedule()
+            resident = frozenset(self._unit_named(n) for n in plan.resident) if plan is not None else frozenset()
         for u in [u for u in self._kept if u not in resident]:
             self.forget(self.units[u])
         self._needs_plan = False
-        self._resident, self._synchronous_only = resident, synchronous
-        if capacity != self._capacity or synchronous:
-            self._arena = None
-        self._capacity = 0 if synchronous else capacity
+        self._plan, self._resident = plan, resident
+        self._synchronous_only = self.limit_bytes is not None and plan is None
+        self._arena = None
+        self._transfers, self._cover, self._drop_order = [], {}, []
+        if plan is not None and plan.arena_bytes:
+            self._arena = Arena(plan.arena_bytes, self.device, alignment=self.alignment)
+            self._transfers = [self._runnable(t) for t in plan.transfers]
+            self._drop_order = sorted(range(len(self._transfers)), key=lambda k: self._transfers[k].drop)
+            for k, t in enumerate(plan.transfers):
+                for name in t.names:
+                    u = self._unit_named(name)
+                    for p in range(t.wait, t.drop):
+                        if self._order[p] == u:
+                            self._cover[(u, p)] = k
 
-    def _schedule(self) -> tuple[frozenset[int], int, bool]:
-        """Resident units and arena bytes from the planner; or stream-only when nothing fits."""
+    def _schedule(self) -> Plan | None:
+        """The planner's plan for the recorded order; None when nothing but streaming fits."""
         assert self._order is not None and self.limit_bytes is not None
         liveness = to_liveness(
             self._order,
@@ -372,6 +411,8 @@ class SwapRuntime:
                 calls=self.calls,
                 alignment=self.alignment,
                 margin_bytes=self.reserved_bytes,
+                # Without prefetch each unit is its own copy, read when it is called.
+                coalesce_bytes=4 * 2**20 if self.prefetch else 0,
             )
         except BudgetError as exc:
             if self.activations_in_limit:
@@ -385,33 +426,174 @@ class SwapRuntime:
                 format_bytes(self.limit_bytes),
                 format_bytes(exc.minimum_bytes or 0),
             )
-            return frozenset(), 0, True
-        by_name = {self.units[u].name: u for u in set(self._order)}
-        resident = frozenset(by_name[name] for name in plan.resident)
-        kept = sum(self.units[u].prepared_bytes(self.alignment) for u in resident)
-        capacity = (
-            self.limit_bytes
-            - self.reserved_bytes
-            - kept
-            - liveness.activation_peak_bytes
-            - liveness.workspace_bytes
-        )
-        assert capacity >= plan.arena_bytes, "the arena must hold what the plan streams"
-        log.info("vramfx layer swap plan:\n%s", plan.summary())
-        # More arena than every streamed unit at once would never be used.
-        streamed = {u for u in self._order if u not in resident}
-        everything = sum(self.units[u].stream_bytes(self.alignment) for u in streamed)
-        return resident, min(capacity, everything), False
+            return None
+        log.info("vramfx layer-swap plan:\n%s", plan.summary())
+        return plan
 
-    def _order_of_first_use(self) -> list[int]:
-        seen: dict[int, None] = {}
-        for u in self._order or ():
-            seen.setdefault(u, None)
-        return list(seen)
+    def _unit_named(self, name: str) -> int:
+        assert self._order is not None
+        return next(u for u in dict.fromkeys(self._order) if self.units[u].name == name)
 
-    # -- fetching -----------------------------------------------------------------------------
+    def _runnable(self, transfer: Any) -> _Transfer:
+        """A plan transfer with views of its members' slots in the arena."""
+        assert self._arena is not None
+        outs = {}
+        for name, offset in zip(transfer.names, transfer.offsets):
+            unit = self.units[self._unit_named(name)]
+            layout, _ = unit.layout(unit.compute_dtypes, self.alignment)
+            outs[unit.index] = {i: view_bytes(self._arena.buffer, offset + at, lay) for i, (at, lay) in layout.items()}
+        start = transfer.offsets[0]
+        stop = transfer.offsets[-1] + transfer.sizes[-1]
+        return _Transfer(transfer.fetch, transfer.wait, transfer.drop, (start, stop - start), outs)
+
+    # -- following the plan ---------------------------------------------------------------------
+    def _claim_position(self, unit: Unit) -> int | None:
+        """``unit``'s position when the call still follows the plan; else the plan is left."""
+        if not self._on_plan or self._recorder is None:
+            return None
+        assert self._order is not None
+        p = self._position
+        if p < len(self._order) and self._order[p] == unit.index:
+            self._position += 1
+            self._advance_plan(p)
+            return p
+        self._leave_plan()
+        return None
+
+    def _advance_plan(self, position: int) -> None:
+        """Run the plan's drops and fetches up to ``position`` (drops first)."""
+        while self._next_drop < len(self._drop_order):
+            t = self._transfers[self._drop_order[self._next_drop]]
+            if t.drop > position:
+                break
+            if t.issued and not t.dropped:
+                self._drop(t)
+            self._next_drop += 1
+        if not self.prefetch:
+            return
+        while self._next_fetch < len(self._transfers) and self._transfers[self._next_fetch].fetch <= position:
+            self._issue(self._transfers[self._next_fetch], ahead=True)
+            self._next_fetch += 1
+
+    def _from_plan(self, unit: Unit, position: int) -> _Held:
+        k = self._cover[(unit.index, position)]
+        t = self._transfers[k]
+        if not t.issued:  # no prefetch: read it now
+            self._issue(t, ahead=False)
+        if t.future is not None:
+            try:
+                self._mover.finish(t.future)
+            except OSError as exc:
+                raise WeightsError(f"reading the weights of {unit.name} failed: {exc}") from exc
+            finally:
+                t.future = None
+        if t.ahead:
+            self._prefetched += 1
+        outs = t.outs[unit.index]
+        return _Held(unit, self._tensors(unit, outs), transfer=k)
+
+    def _issue(self, t: _Transfer, *, ahead: bool) -> None:
+        jobs = [(self.units[u], outs) for u, outs in t.outs.items()]
+        if ahead:
+            t.future = self._mover.submit(jobs)
+        else:
+            for unit, outs in jobs:
+                self._load_now(unit, outs)
+        t.issued, t.ahead, t.dropped = True, ahead, False
+        self._fetched += sum(o.numel() * o.element_size() for _, outs in jobs for o in outs.values())
+
+    def _drop(self, t: _Transfer) -> None:
+        if t.future is not None:
+            self._mover.drain(t.future)
+            t.future = None
+        t.dropped = True
+
+    def _drop_transfers(self) -> None:
+        """Drop every transfer issued and not dropped (waiting out copies in flight)."""
+        for t in self._transfers:
+            if t.issued and not t.dropped:
+                self._drop(t)
+            t.issued = False
+        self._next_fetch = self._next_drop = 0
+
+    def _end_transfers(self) -> None:
+        """The call is over: every transfer is done with; the arena is the plan's again."""
+        self._drop_transfers()
+        if not self._on_plan and self._arena is not None:
+            self._arena.reset()
+        self._on_plan = False
+
+    def _issue_first_transfers(self) -> None:
+        """Start the next call's first transfers now: the arena is empty between calls."""
+        if not self.prefetch:
+            return
+        fetched = self._fetched
+        while self._next_fetch < len(self._transfers) and self._transfers[self._next_fetch].fetch == 0:
+            self._issue(self._transfers[self._next_fetch], ahead=True)
+            self._next_fetch += 1
+        self._fetched, self._carried = fetched, self._fetched - fetched  # they count for the next call
+
+    def _leave_plan(self) -> None:
+        """The call left the recorded order: copies not in use are dropped; the arena goes first fit."""
+        self._on_plan = False
+        in_use = {h.transfer for h in self._in_use if h.transfer is not None}
+        occupied = []
+        for k, t in enumerate(self._transfers):
+            if t.issued and not t.dropped:
+                if k in in_use:
+                    occupied.append(t.region)
+                else:
+                    self._drop(t)
+        if self._arena is not None:
+            self._arena.reset(occupied)
+
+    def _free_transfer_off_plan(self, k: int) -> None:
+        """Off the plan, a transfer's slots return to the arena once none of its units runs."""
+        t = self._transfers[k]
+        if t.dropped or any(h.transfer == k for h in self._in_use):
+            return
+        t.dropped = True
+        if self._arena is not None:
+            self._arena.free(*t.region)
+
+    # -- fetching off the plan ------------------------------------------------------------------
+    def _load_missed(self, unit: Unit) -> _Held:
+        """A unit off the plan: copy it now into free arena space, else into its own memory.
+
+        Kept units not in use make room for it when the limit would be passed (they are loaded
+        again when next called).
+        """
+        held = self._load_in_arena(unit)
+        if held is not None:
+            return held
+        if self.limit_bytes is not None:
+            room = self.limit_bytes - self.reserved_bytes - self._activation_peak - unit.stream_bytes()
+            in_use = {h.unit.index for h in self._in_use}
+            for u in [u for u in reversed(self._kept) if u not in in_use]:
+                if self.held_bytes <= room:
+                    break
+                self.forget(self.units[u])
+        return self._load_loose(unit)
+
+    def _load_in_arena(self, unit: Unit) -> _Held | None:
+        """Copy ``unit`` now into a free arena block (first fit); None if no block is free."""
+        arena = self._arena
+        if arena is None:
+            return None
+        offsets, size = unit.layout(unit.compute_dtypes, self.alignment)
+        offset = arena.allocate(size)
+        if offset is None:
+            return None
+        outs = {i: view_bytes(arena.buffer, offset + at, layout) for i, (at, layout) in offsets.items()}
+        try:
+            self._load_now(unit, outs)
+        except BaseException:
+            arena.free(offset, size)
+            raise
+        return _Held(unit, self._tensors(unit, outs), block=(offset, size))
+
     def _load_loose(self, unit: Unit) -> _Held:
-        """Copy ``unit`` now into allocations of its own (the first call, or streaming only)."""
+        """Copy ``unit`` now into allocations of its own (streaming only, or no arena room)."""
         outs = {
             i: torch.empty(unit.slots[i].shape, dtype=unit.compute_dtypes[i], device=self.device)
             for i in unit.copies(unit.compute_dtypes)
@@ -444,77 +626,6 @@ class SwapRuntime:
         tensors = tuple(t.to(dtype) for t, dtype in zip(kept, unit.compute_dtypes))
         return _Held(unit, tensors, nbytes=cast)
 
-    def _take_queued(self, unit: Unit) -> _Held | None:
-        """The queued copy of ``unit`` (skipping queued units the call passed over), or None."""
-        if not any(h.unit is unit for h in self._queue):
-            return None
-        while self._queue[0].unit is not unit:
-            self._discard(self._queue.popleft())
-        held = self._queue.popleft()
-        try:
-            self._mover.finish(held.future)
-        except OSError as exc:
-            self._free_block(held)
-            raise WeightsError(f"reading the weights of {unit.name} failed: {exc}") from exc
-        except BaseException:
-            self._free_block(held)
-            raise
-        held.future = None
-        self._cursor = held.position
-        self._prefetched += 1
-        return held
-
-    def _load_missed(self, unit: Unit) -> _Held:
-        """``unit`` was not fetched ahead: copy it now, into the arena if room can be made."""
-        self._advance(unit)
-        return self._load_in_arena(unit) or self._load_loose(unit)
-
-    def _load_in_arena(self, unit: Unit) -> _Held | None:
-        """Copy ``unit`` now into an arena block, giving up queued copies for room; None if none."""
-        arena = self._ensure_arena()
-        if arena is None:
-            return None
-        offsets, size = unit.layout(unit.compute_dtypes, self.alignment)
-        offset = arena.allocate(size)
-        while offset is None and self._queue:
-            self._discard(self._queue.pop())  # the furthest ahead is needed last
-            offset = arena.allocate(size)
-        if offset is None:
-            return None
-        outs = {i: view_bytes(arena.buffer, offset + at, layout) for i, (at, layout) in offsets.items()}
-        held = _Held(unit, self._tensors(unit, outs), block=(offset, size))
-        try:
-            self._load_now(unit, outs)
-        except BaseException:
-            self._free_block(held)
-            raise
-        return held
-
-    def _refill(self) -> None:
-        """Fetch the units next in the recorded order into free arena blocks, in order."""
-        if not self.prefetch or self._recorder is None or self._synchronous_only or self._order is None:
-            return
-        arena = self._ensure_arena()
-        if arena is None:
-            return
-        n = len(self._order)
-        position = self._queue[-1].position + 1 if self._queue else self._cursor + 1
-        while position <= self._cursor + n:
-            unit = self.units[self._order[position % n]]
-            if unit.index in self._resident or not unit.copies(unit.compute_dtypes):
-                position += 1
-                continue
-            offsets, size = unit.layout(unit.compute_dtypes, self.alignment)
-            offset = arena.allocate(size)
-            if offset is None:
-                break
-            outs = {i: view_bytes(arena.buffer, offset + at, layout) for i, (at, layout) in offsets.items()}
-            held = _Held(unit, self._tensors(unit, outs), block=(offset, size), position=position)
-            held.future = self._mover.submit(unit, outs)
-            self._fetched += sum(layout.nbytes for _, layout in offsets.values())
-            self._queue.append(held)
-            position += 1
-
     def _load_now(self, unit: Unit, outs: dict[int, torch.Tensor]) -> None:
         try:
             self._mover.load(unit, outs)
@@ -524,7 +635,7 @@ class SwapRuntime:
         self._synchronous += 1
 
     def _tensors(self, unit: Unit, outs: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(outs.get(i, home) for i, home in enumerate(unit.home))
+        return tuple(outs.get(i, home) for i, home in enumerate(unit.home))  # type: ignore[misc]
 
     def _scratch_arena(self) -> Arena | None:
         """For the first call: room for two units, so its copies do not churn the allocator.
@@ -541,45 +652,8 @@ class SwapRuntime:
         arena.buffer.zero_()
         return arena
 
-    def _ensure_arena(self) -> Arena | None:
-        if self._arena is None and self._capacity > 0:
-            self._arena = Arena(self._capacity, self.device, alignment=self.alignment)
-        return self._arena
-
-    # -- positions ----------------------------------------------------------------------------
-    def _advance(self, unit: Unit) -> None:
-        """Move the cursor to ``unit``'s next position in the recorded order, if it has one."""
-        positions = self._positions.get(unit.index)
-        if self._recorder is None or self._order is None or not positions:
-            return
-        n = len(self._order)
-        cycle, at = divmod(self._cursor, n)
-        later = next((p for p in positions if p > at), None)
-        self._cursor = cycle * n + later if later is not None else (cycle + 1) * n + positions[0]
-        self._drop_stale()
-
-    def _drop_stale(self) -> None:
-        """Queued copies for positions the call has passed are not coming: free them."""
-        while self._queue and self._queue[0].position <= self._cursor:
-            self._discard(self._queue.popleft())
-
-    def _drop_queue(self) -> None:
-        while self._queue:
-            self._discard(self._queue.pop())
-
-    def _discard(self, held: _Held) -> None:
-        if held.future is not None:
-            self._mover.drain(held.future)
-        self._free_block(held)
-
-    def _free_block(self, held: _Held) -> None:
-        if held.block is not None and self._arena is not None:
-            self._mover.note_release()
-            self._arena.free(*held.block)
-        held.block = None
-
     def _copy_out_of_arena(self, output: Any) -> Any:
-        """Outputs that view an arena block (a module returning its weight) get their own memory."""
+        """Outputs that view the arena (a module returning its weight) get their own memory."""
         arena = self._arena
         if arena is None:
             return output
@@ -587,9 +661,6 @@ class SwapRuntime:
         if not any(isinstance(t, torch.Tensor) and arena.owns(t) for t in leaves):
             return output
         return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if arena.owns(t) else t, output)
-
-    def _note_held(self) -> None:
-        self._held_peak = max(self._held_peak, self.held_bytes)
 
 
 def _memory_sampler(device: torch.device) -> Callable[[], int]:
