@@ -13,7 +13,7 @@ Both layer-swap runs keep the modules the planner chooses under the same limit. 
 interleaved (eager, compile, sync, prefetch, eager, ...) so all see the same machine state, and
 the medians are compared.
 
-    python benchmarks/swap_cpu.py [--layers 16] [--calls 7] [--budget-fraction 0.25]
+    python benchmarks/swap_cpu.py [--layers 16] [--calls 7] [--budget-fraction 0.25] [--threads N]
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--calls", type=int, default=7)
     parser.add_argument("--budget-fraction", type=float, default=0.25)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); fewer leave a core to the reader")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import LlamaModel
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -96,7 +99,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     print(f"model          {args.layers} layers, hidden 1024, seq {args.seq}: {format_bytes(weight_bytes)} of weights on disk")
-    print(f"budget         {format_bytes(budget)} ({args.budget_fraction:.0%} of weights), medians of {args.calls} calls")
+    print(f"budget         {format_bytes(budget)} ({args.budget_fraction:.0%} of weights), medians of {args.calls} calls, "
+          f"{torch.get_num_threads()} torch threads")
     print(f"eager          {medians['eager'] * 1e3:8.1f} ms   1.000x   all weights in RAM")
     print(f"compile        {medians['compile'] * 1e3:8.1f} ms   {figures['compile_ratio']:.3f}x   "
           f"streams {format_bytes(plan.streamed_bytes)} per call")

@@ -7,10 +7,9 @@ import gc
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 import vramfx
-from tiny_models import ARCHS, build_empty, build_saved
+from tiny_models import ARCHS, assert_same_output, build_empty, build_saved
 from vramfx.measure import PeakMemory
 from vramfx.swap import AutoWrappedLinear, AutoWrappedModule, enable_vram_management, offload, onload, swap_stats
 
@@ -31,15 +30,18 @@ def module_map(arch_name: str) -> dict[type, type]:
     }
 
 
-def assert_same(expected: object, actual: object) -> None:
-    exp_leaves, exp_spec = pytree.tree_flatten(expected)
-    act_leaves, act_spec = pytree.tree_flatten(actual)
-    assert exp_spec == act_spec
-    for e, a in zip(exp_leaves, act_leaves):
-        if isinstance(e, torch.Tensor):
-            assert torch.equal(e, a), "layer-swap output differs from eager"
-        else:
-            assert e == a
+def streamed_from_disk(arch_name: str, folder, vram_limit, **config):
+    """The arch saved to ``folder``, its eager output, and an empty twin streaming from there."""
+    arch = ARCHS[arch_name]
+    eager = build_saved(arch, folder)
+    inputs = arch.inputs()
+    with torch.no_grad():
+        expected = eager(**inputs)
+    model = enable_vram_management(build_empty(arch), module_map(arch_name),
+                                   {"offload_dtype": "disk", "offload_device": "disk", "computation_device": "cpu",
+                                    **config},
+                                   vram_limit=vram_limit, disk_map=vramfx.DiskMap(folder))
+    return model, inputs, expected
 
 
 def rounded_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -84,9 +86,9 @@ def test_layer_swap_equals_eager_on_two_calls(arch_name, offload_to, tmp_path):
     assert wrapped.weight.is_meta and wrapped.weight.dtype == torch.float32, "the model sees the computation dtype"
 
     with torch.no_grad():
-        assert_same(expected, model(**inputs))
+        assert_same_output(expected, model(**inputs))
         first = swap_stats(model)
-        assert_same(expected, model(**inputs))
+        assert_same_output(expected, model(**inputs))
         second = swap_stats(model)
     assert first.fetched_bytes == total and first.prefetched == 0, "the first call streams every module synchronously"
     assert 0 < second.resident_bytes < total, "the limit keeps some modules and streams the others"
@@ -95,20 +97,11 @@ def test_layer_swap_equals_eager_on_two_calls(arch_name, offload_to, tmp_path):
 
 
 def test_a_zero_limit_streams_everything_every_call(tmp_path):
-    arch = ARCHS["llama"]
-    eager = build_saved(arch, tmp_path)
-    inputs = arch.inputs()
-    with torch.no_grad():
-        expected = eager(**inputs)
-    model = enable_vram_management(
-        build_empty(arch), module_map("llama"),
-        dict(offload_dtype="disk", offload_device="disk", computation_device="cpu"),
-        vram_limit=0, disk_map=vramfx.DiskMap(tmp_path),
-    )
+    model, inputs, expected = streamed_from_disk("llama", tmp_path, 0)
     total = wrapped_bytes(model)
     with torch.no_grad():
         for _ in range(3):
-            assert_same(expected, model(**inputs))
+            assert_same_output(expected, model(**inputs))
             stats = swap_stats(model)
             assert stats.resident == () and stats.arena_bytes == 0
             assert stats.fetched_bytes == total, "every wrapped weight is read on every call"
@@ -116,44 +109,27 @@ def test_a_zero_limit_streams_everything_every_call(tmp_path):
 
 
 def test_no_limit_keeps_every_module_after_the_first_call(tmp_path):
-    arch = ARCHS["wan"]
-    eager = build_saved(arch, tmp_path)
-    inputs = arch.inputs()
-    with torch.no_grad():
-        expected = eager(**inputs)
-    model = enable_vram_management(
-        build_empty(arch), module_map("wan"), dict(offload_device="disk", computation_device="cpu"),
-        vram_limit=None, disk_map=vramfx.DiskMap(tmp_path),
-    )
+    model, inputs, expected = streamed_from_disk("wan", tmp_path, None, offload_dtype=None)
     with torch.no_grad():
         for _ in range(3):
-            assert_same(expected, model(**inputs))
+            assert_same_output(expected, model(**inputs))
     stats = swap_stats(model)
     assert stats.fetched_bytes == 0 and stats.resident_bytes >= wrapped_bytes(model)
 
 
 def test_offload_and_onload_switch_where_weights_rest(tmp_path):
-    arch = ARCHS["llama"]
-    eager = build_saved(arch, tmp_path)
-    inputs = arch.inputs()
-    with torch.no_grad():
-        expected = eager(**inputs)
-    model = enable_vram_management(
-        build_empty(arch), module_map("llama"),
-        dict(offload_dtype="disk", offload_device="disk", onload_device="cpu", computation_device="cpu"),
-        vram_limit="200KiB", disk_map=vramfx.DiskMap(tmp_path),
-    )
+    model, inputs, expected = streamed_from_disk("llama", tmp_path, "200KiB", onload_device="cpu")
     layer = model.layers[0].self_attn.q_proj
     assert layer.weight.is_meta
     onload(model)
     assert not layer.weight.is_meta, "onload reads the weights into host memory"
     with torch.no_grad():
-        assert_same(expected, model(**inputs))
+        assert_same_output(expected, model(**inputs))
         assert swap_stats(model).fetched_bytes == 0, "host memory is the compute device: nothing to copy"
     offload(model)
-    assert layer.weight.is_meta and swap_stats(model).resident_bytes == 0 or layer.weight.is_meta
+    assert layer.weight.is_meta and swap_stats(model).held_bytes == 0, "offload frees what vramfx held"
     with torch.no_grad():
-        assert_same(expected, model(**inputs))
+        assert_same_output(expected, model(**inputs))
     assert swap_stats(model).fetched_bytes > 0
 
 
@@ -188,3 +164,30 @@ def test_a_bounded_limit_is_kept_measured_as_rss_anon(tmp_path):
     # Stated margin: activations of a 32-token call, allocator rounding, Python objects.
     margin = 24 * 2**20
     assert peak.growth_bytes <= limit + margin, (peak.growth_bytes, limit)
+
+
+@pytest.mark.cuda
+def test_layer_swap_on_cuda_equals_eager_and_keeps_the_limit(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    arch = ARCHS["llama"]
+    eager = build_saved(arch, tmp_path).to("cuda")
+    inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in arch.inputs().items()}
+    with torch.no_grad():
+        expected = eager(**inputs).last_hidden_state
+    total = wrapped_bytes(eager, tuple(module_map("llama")))
+    limit = total // 3
+    model = enable_vram_management(build_empty(arch), module_map("llama"),
+                                   dict(offload_dtype="disk", offload_device="disk", onload_device="cpu",
+                                        computation_device="cuda"),
+                                   vram_limit=f"{limit}B", disk_map=vramfx.DiskMap(tmp_path))
+    from vramfx.swap import onload
+
+    onload(model)  # host memory: copies run on the side stream from there
+    with PeakMemory("cuda") as peak, torch.no_grad():
+        outputs = [model(**inputs).last_hidden_state for _ in range(3)]
+    assert all(torch.equal(expected, out) for out in outputs)
+    stats = swap_stats(model)
+    assert stats.prefetched > 0 and stats.held_peak_bytes <= limit
+    # Stated margin: activations of an 8-token call and cuBLAS workspace.
+    assert peak.growth_bytes <= limit + 16 * 2**20

@@ -29,17 +29,21 @@ def meta_units(widths: list[int]) -> list[Unit]:
     return units
 
 
-def test_positions_nest_and_repeat_as_called():
-    recorder = Recorder(timed=True)
+def record_nested(recorder: Recorder) -> Recorder:
+    """Unit 0 calls unit 1; then unit 2 runs; then unit 0 again."""
     a = recorder.enter(0, 0)
-    b = recorder.enter(1, 0)  # unit 1 runs inside unit 0's forward
+    b = recorder.enter(1, 0)
     recorder.exit(b, 0)
     recorder.exit(a, 0)
     c = recorder.enter(2, 0)
     recorder.exit(c, 0)
     again = recorder.enter(0, 0)
     recorder.exit(again, 0)
-    record = recorder.record
+    return recorder
+
+
+def test_positions_nest_and_repeat_as_called():
+    record = record_nested(Recorder(timed=True)).record
     assert record.order == [0, 1, 2, 0]
     assert record.ends == [2, 2, 3, 4]
     assert all(s >= 0 for s in record.seconds) and set(unit_seconds(record)) == {0, 1, 2}
@@ -55,16 +59,7 @@ def test_activations_are_memory_grown_beyond_the_weights_held():
 
 def test_the_liveness_spans_callees_and_plans():
     units = meta_units([64, 32, 16])
-    recorder = Recorder()
-    a = recorder.enter(0, 0)
-    b = recorder.enter(1, 0)
-    recorder.exit(b, 0)
-    recorder.exit(a, 0)
-    c = recorder.enter(2, 0)
-    recorder.exit(c, 0)
-    again = recorder.enter(0, 0)
-    recorder.exit(again, 0)
-    record = recorder.record
+    record = record_nested(Recorder()).record
     liveness = to_liveness(record.order, record.ends, units, seconds={0: 1e-3, 1: 2e-3}, alignment=64,
                            activation_peak_bytes=4096, flops_per_s=1e9)
     by_name = liveness.name_to_weight

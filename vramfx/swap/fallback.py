@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,7 +123,10 @@ class ModulePath:
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's own ``generate``, each step on this path (see the module docstring)."""
-        with self._installed(), torch.no_grad():
+        with self._installed(), torch.no_grad(), warnings.catch_warnings():
+            # The model's parameters are meta between calls, so transformers reads its device
+            # as meta and warns that CUDA inputs are elsewhere; they are where compute runs.
+            warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
             return self.model.generate(*args, **kwargs)
 
     def release(self) -> None:

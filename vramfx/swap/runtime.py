@@ -70,8 +70,9 @@ class SwapStats:
         Unit copies of the latest call that were made ahead, and that the call waited on
         from the start (the first call's, a mispredicted unit's, or every one when nothing
         can be held ahead).
-    held_peak_bytes:
-        The most bytes the runtime has held on the device at once, by its own accounting.
+    held_bytes, held_peak_bytes:
+        Bytes the runtime holds on the device now (kept units, the arena), and the most it
+        has held at once, by its own accounting.
     activation_peak_bytes:
         Activations measured on the first call, when the limit covers them (compile's
         fallback); else 0.
@@ -87,6 +88,7 @@ class SwapStats:
     fetched_bytes: int
     prefetched: int
     synchronous: int
+    held_bytes: int
     held_peak_bytes: int
     activation_peak_bytes: int
     order: tuple[str, ...]
@@ -224,6 +226,7 @@ class SwapRuntime:
             fetched_bytes=self._fetched,
             prefetched=self._prefetched,
             synchronous=self._synchronous,
+            held_bytes=self.held_bytes,
             held_peak_bytes=self._held_peak,
             activation_peak_bytes=self._activation_peak,
             order=tuple(self.units[u].name for u in self._order or ()),

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from vramfx.capture import _tensor_aliases
 from vramfx.errors import WeightsError
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.swap.config import Placement
@@ -303,12 +304,8 @@ class UnitBuilder:
 
 def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     """Every state-dict name of each parameter and buffer, by each of its names."""
-    groups: dict[int, list[str]] = {}
-    for name, t in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(t), []).append(name)
-    for name, t in model.named_buffers(remove_duplicate=False):
-        groups.setdefault(id(t), []).append(name)
-    return {name: (name, *(n for n in names if n != name)) for names in groups.values() for name in names}
+    groups = _tensor_aliases(model).values()
+    return {name: (name, *(n for n in names if n != name)) for names in groups for name in names}
 
 
 def _listed(items: list[str]) -> str:
