@@ -63,6 +63,7 @@ def test_later_calls_fetch_ahead_along_the_recorded_order(saved):
     stats = swap_stats(model)
     streamed = DEPTH - len(stats.resident)
     assert streamed > 0 and stats.synchronous == 0 and stats.prefetched == streamed
+    assert stats.fetched_bytes == streamed * UNIT_BYTES
     assert stats.held_peak_bytes <= 3 * UNIT_BYTES
 
 
@@ -74,6 +75,7 @@ def test_without_prefetch_every_streamed_layer_is_read_when_called(saved):
             assert torch.equal(eager(X), model(X))
     stats = swap_stats(model)
     assert stats.prefetched == 0 and stats.synchronous == DEPTH - len(stats.resident) > 0
+    assert stats.fetched_bytes == stats.synchronous * UNIT_BYTES
 
 
 def test_a_module_off_the_recorded_order_is_fetched_now_and_the_new_order_followed(saved):

@@ -499,11 +499,11 @@ class SwapRuntime:
         jobs = [(self.units[u], outs) for u, outs in t.outs.items()]
         if ahead:
             t.future = self._mover.submit(jobs)
+            self._fetched += sum(o.numel() * o.element_size() for _, outs in jobs for o in outs.values())
         else:
             for unit, outs in jobs:
                 self._load_now(unit, outs)
         t.issued, t.ahead, t.dropped = True, ahead, False
-        self._fetched += sum(o.numel() * o.element_size() for _, outs in jobs for o in outs.values())
 
     def _drop(self, t: _Transfer) -> None:
         if t.future is not None:
