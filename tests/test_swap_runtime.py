@@ -10,6 +10,9 @@ from safetensors.torch import save_file
 
 import vramfx
 from vramfx.swap import AutoWrappedLinear, AutoWrappedModule, enable_vram_management, swap_stats
+from vramfx.swap.patch import bound_calls, swapped_forward
+from vramfx.swap.runtime import SwapRuntime
+from vramfx.swap.units import Unit, UnitBuilder
 
 WIDTH, DEPTH = 64, 6
 UNIT_BYTES = WIDTH * WIDTH * 4 + WIDTH * 4
@@ -158,3 +161,52 @@ def test_any_sequence_of_module_orders_equals_eager_within_the_limit(saved, skip
     finally:
         eager.skip = set()
     assert swap_stats(model).held_peak_bytes <= max(limit, UNIT_BYTES)
+
+
+def test_the_same_order_nested_otherwise_leaves_the_plan_instead_of_reusing_slots_in_use(tmp_path):
+    class Outer(torch.nn.Module):
+        """Calls ``inner`` from within its forward, or leaves it to the caller."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(WIDTH, WIDTH) / WIDTH**0.5)
+            self.inner = torch.nn.Linear(WIDTH, WIDTH)
+            self.nest = False
+
+        def forward(self, x):
+            if self.nest:
+                x = self.inner(x)
+            return x @ self.weight  # read after inner returned
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.outer = Outer()
+            self.tail = torch.nn.Linear(WIDTH, WIDTH)
+
+        def forward(self, x):
+            x = self.outer(x)
+            if not self.outer.nest:
+                x = self.outer.inner(x)
+            return self.tail(x)
+
+    torch.manual_seed(0)
+    eager = Model()
+    save_file(eager.state_dict(), tmp_path / "model.safetensors")
+    with vramfx.skip_model_initialization():
+        model = Model()
+    # Outer, its inner Linear and the tail are separate units; their order is the same either way.
+    # Room for one of them at a time: all three stream through the same arena slots.
+    runtime = SwapRuntime(torch.device("cpu"), limit_bytes=UNIT_BYTES * 6 // 5)
+    builder = UnitBuilder(model, vramfx.DiskMap(tmp_path / "model.safetensors"))
+    for name, module in (("outer", model.outer), ("outer.inner", model.outer.inner), ("tail", model.tail)):
+        slots = builder.slots(module, name, recursive=False, required=False)
+        unit = runtime.add(Unit(name, slots, device=torch.device("cpu"), compute_dtypes=(torch.float32,) * len(slots),
+                                prepared_dtypes=(torch.float32,) * len(slots)))
+        swapped_forward(module, unit, runtime)
+    bound_calls(model, runtime)
+    with torch.no_grad():
+        for nest in (False, False, True, True, False):
+            eager.outer.nest = model.outer.nest = nest
+            assert torch.equal(eager(X), model(X))
+    assert runtime.stats().fetched_bytes > 0

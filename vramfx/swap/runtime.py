@@ -292,7 +292,7 @@ class SwapRuntime:
             self._seconds = unit_seconds(record)
             self._activation_peak = max(0, record.activation_peak_bytes)
             self._adopt(record)
-        elif tuple(record.order) != self._order:
+        elif (tuple(record.order), tuple(record.ends)) != (self._order, self._ends):
             log.debug("the module order changed (%d -> %d calls); planning again", len(self._order), len(record.order))
             self._adopt(record)
         self._issue_first_transfers()
@@ -309,7 +309,7 @@ class SwapRuntime:
             held = held or self._load_loose(unit)
         elif unit.index in self._resident:
             held = self._from_kept(unit)
-        elif position is not None:
+        elif position is not None and (unit.index, position) in self._cover:
             held = self._from_plan(unit, position)
         else:
             held = self._load_missed(unit)
@@ -369,13 +369,14 @@ class SwapRuntime:
         self._needs_plan = False
         self._drop_transfers()
         assert self._order is not None
-        streamed = {u for u in self._order if self.units[u].copies(self.units[u].compute_dtypes)}
+        by_name = {self.units[u].name: u for u in self._order}
+        streamed = {u for u in by_name.values() if self.units[u].copies(self.units[u].compute_dtypes)}
         plan = None
         if self.limit_bytes is None:
             resident = frozenset(streamed)
         else:
             plan = self._schedule()
-            resident = frozenset(self._unit_named(n) for n in plan.resident) if plan is not None else frozenset()
+            resident = frozenset(by_name[n] for n in plan.resident) if plan is not None else frozenset()
         for u in [u for u in self._kept if u not in resident]:
             self.forget(self.units[u])
         self._needs_plan = False
@@ -385,11 +386,11 @@ class SwapRuntime:
         self._transfers, self._cover, self._drop_order = [], {}, []
         if plan is not None and plan.arena_bytes:
             self._arena = Arena(plan.arena_bytes, self.device, alignment=self.alignment)
-            self._transfers = [self._runnable(t) for t in plan.transfers]
+            self._transfers = [self._runnable(t, by_name) for t in plan.transfers]
             self._drop_order = sorted(range(len(self._transfers)), key=lambda k: self._transfers[k].drop)
             for k, t in enumerate(plan.transfers):
                 for name in t.names:
-                    u = self._unit_named(name)
+                    u = by_name[name]
                     for p in range(t.wait, t.drop):
                         if self._order[p] == u:
                             self._cover[(u, p)] = k
@@ -433,16 +434,12 @@ class SwapRuntime:
         log.info("vramfx layer-swap plan:\n%s", plan.summary())
         return plan
 
-    def _unit_named(self, name: str) -> int:
-        assert self._order is not None
-        return next(u for u in dict.fromkeys(self._order) if self.units[u].name == name)
-
-    def _runnable(self, transfer: Any) -> _Transfer:
+    def _runnable(self, transfer: Any, by_name: dict[str, int]) -> _Transfer:
         """A plan transfer with views of its members' slots in the arena."""
         assert self._arena is not None
         outs = {}
         for name, offset in zip(transfer.names, transfer.offsets):
-            unit = self.units[self._unit_named(name)]
+            unit = self.units[by_name[name]]
             layout, _ = unit.layout(unit.compute_dtypes, self.alignment)
             outs[unit.index] = {i: view_bytes(self._arena.buffer, offset + at, lay) for i, (at, lay) in layout.items()}
         start = transfer.offsets[0]
@@ -456,27 +453,34 @@ class SwapRuntime:
             return None
         assert self._order is not None
         p = self._position
-        if p < len(self._order) and self._order[p] == unit.index:
+        if p < len(self._order) and self._order[p] == unit.index and self._advance_plan(p):
             self._position += 1
-            self._advance_plan(p)
             return p
         self._leave_plan()
         return None
 
-    def _advance_plan(self, position: int) -> None:
-        """Run the plan's drops and fetches up to ``position`` (drops first)."""
+    def _advance_plan(self, position: int) -> bool:
+        """Run the plan's drops and fetches up to ``position`` (drops first).
+
+        False, doing nothing more, when a transfer due to be dropped is still in use: the call
+        nests its modules otherwise than the recorded one, and its slots must not be reused.
+        """
         while self._next_drop < len(self._drop_order):
-            t = self._transfers[self._drop_order[self._next_drop]]
+            k = self._drop_order[self._next_drop]
+            t = self._transfers[k]
             if t.drop > position:
                 break
+            if any(h.transfer == k for h in self._in_use):
+                return False
             if t.issued and not t.dropped:
                 self._drop(t)
             self._next_drop += 1
         if not self.prefetch:
-            return
+            return True
         while self._next_fetch < len(self._transfers) and self._transfers[self._next_fetch].fetch <= position:
             self._issue(self._transfers[self._next_fetch], ahead=True)
             self._next_fetch += 1
+        return True
 
     def _from_plan(self, unit: Unit, position: int) -> _Held:
         k = self._cover[(unit.index, position)]
