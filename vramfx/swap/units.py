@@ -237,7 +237,7 @@ class UnitBuilder:
 
     A parameter is found in ``source`` under its own name, any tied twin's name, or the
     checkpoint name transformers would load it from. Problems are collected, not raised one at a
-    time, so :meth:`check` can list them all before anything is changed.
+    time, so :meth:`raise_problems` lists them all before anything is changed.
     """
 
     def __init__(self, model: torch.nn.Module, source: object | None) -> None:
