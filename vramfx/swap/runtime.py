@@ -255,6 +255,7 @@ class SwapRuntime:
         self._needs_plan = True
 
     # -- call boundaries -------------------------------------------------------------------------
+    @torch.compiler.disable  # copies and threads run as written under torch.compile
     def begin_call(self) -> None:
         """The model's forward starts (calls nest: only the outermost counts)."""
         self._depth += 1
@@ -274,6 +275,7 @@ class SwapRuntime:
         self._position = 0
         self._on_plan = self._plan is not None
 
+    @torch.compiler.disable  # copies and threads run as written under torch.compile
     def end_call(self, *, failed: bool = False) -> None:
         """The model's forward returned (or raised, when ``failed``)."""
         self._depth -= 1
@@ -298,6 +300,7 @@ class SwapRuntime:
         self._issue_first_transfers()
 
     # -- serving units ------------------------------------------------------------------------
+    @torch.compiler.disable  # copies and threads run as written under torch.compile
     def acquire(self, unit: Unit) -> tuple[torch.Tensor, ...]:
         """``unit``'s parameters on the device in the computation dtype, for one forward."""
         start = time.perf_counter()
@@ -329,6 +332,7 @@ class SwapRuntime:
             raise
         return self.release_unit(unit, output)
 
+    @torch.compiler.disable  # copies and threads run as written under torch.compile
     def release_unit(self, unit: Unit, output: Any = None) -> Any:
         """``unit``'s forward returned ``output``; its streamed weights may go.
 
