@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import vramfx
-from compile_cpu import llama_config, timed
+from workloads import llama_config, llama_on_disk, timed
 from vramfx.plan.plan import format_bytes
 from vramfx.swap import AutoWrappedLinear, AutoWrappedModule, enable_vram_management, swap_stats
 
@@ -59,13 +59,7 @@ def main() -> None:
             return LlamaModel(config).eval()
 
     with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        eager = LlamaModel(config).eval()
-        weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
-        eager.save_pretrained(folder, max_shard_size="400MB")
-        weights = vramfx.DiskMap(folder)
-        for key in weights:  # warm the page cache: this benchmark measures the warm case
-            weights[key]
+        eager, weights, weight_bytes = llama_on_disk(folder, args.layers)
         budget = int(weight_bytes * args.budget_fraction)
         runs = {
             "eager": eager,
@@ -95,6 +89,7 @@ def main() -> None:
         "compile_streamed_bytes": plan.streamed_bytes,
         **{f"{name}_fetched_bytes": st.fetched_bytes for name, st in stats.items()},
         **{f"{name}_resident_bytes": st.resident_bytes for name, st in stats.items()},
+        **{f"{name}_wait_seconds": st.wait_seconds for name, st in stats.items()},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -107,7 +102,8 @@ def main() -> None:
     for name, label in (("swap_sync", "swap sync"), ("swap_prefetch", "swap prefetch")):
         st = stats[name]
         print(f"{label:<14} {medians[name] * 1e3:8.1f} ms   {figures[name + '_ratio']:.3f}x   "
-              f"streams {format_bytes(st.fetched_bytes)} per call, keeps {format_bytes(st.resident_bytes)}")
+              f"streams {format_bytes(st.fetched_bytes)} per call, keeps {format_bytes(st.resident_bytes)}, "
+              f"waits {st.wait_seconds * 1e3:.1f} ms for weights (last call)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

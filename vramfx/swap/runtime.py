@@ -70,6 +70,9 @@ class SwapStats:
         Unit copies of the latest call that were made ahead, and that the call waited on
         from the start (the first call's, a mispredicted unit's, or every one when nothing
         can be held ahead).
+    wait_seconds:
+        Seconds the latest call spent waiting for weights: synchronous copies, and copies
+        made ahead that had not landed yet when their unit was called.
     held_bytes, held_peak_bytes:
         Bytes the runtime holds on the device now (kept units, the arena), and the most it
         has held at once, by its own accounting.
@@ -88,6 +91,7 @@ class SwapStats:
     fetched_bytes: int
     prefetched: int
     synchronous: int
+    wait_seconds: float
     held_bytes: int
     held_peak_bytes: int
     activation_peak_bytes: int
@@ -198,6 +202,7 @@ class SwapRuntime:
         self._carried = 0  # bytes issued at the end of a call for the next one
         self._prefetched = 0
         self._synchronous = 0
+        self._waited = 0.0
         self._held_peak = 0
 
     def add(self, unit: Unit) -> Unit:
@@ -226,6 +231,7 @@ class SwapRuntime:
             fetched_bytes=self._fetched,
             prefetched=self._prefetched,
             synchronous=self._synchronous,
+            wait_seconds=self._waited,
             held_bytes=self.held_bytes,
             held_peak_bytes=self._held_peak,
             activation_peak_bytes=self._activation_peak,
@@ -264,6 +270,7 @@ class SwapRuntime:
         self._calls += 1
         self._fetched, self._carried = self._carried, 0
         self._prefetched = self._synchronous = 0
+        self._waited = 0.0
         if self._order is None:
             self._arena = self._scratch_arena()
             memory = _memory_sampler(self.device) if self.activations_in_limit else None
@@ -492,12 +499,14 @@ class SwapRuntime:
         if not t.issued:  # no prefetch: read it now
             self._issue(t, ahead=False)
         if t.future is not None:
+            start = time.perf_counter()
             try:
                 self._mover.finish(t.future)
             except OSError as exc:
                 raise WeightsError(f"reading the weights of {unit.name} failed: {exc}") from exc
             finally:
                 t.future = None
+                self._waited += time.perf_counter() - start
         if t.ahead:
             self._prefetched += 1
         outs = t.outs[unit.index]
@@ -638,10 +647,13 @@ class SwapRuntime:
         return _Held(unit, tensors, nbytes=cast)
 
     def _load_now(self, unit: Unit, outs: dict[int, torch.Tensor]) -> None:
+        start = time.perf_counter()
         try:
             self._mover.load(unit, outs)
         except OSError as exc:
             raise WeightsError(f"reading the weights of {unit.name} failed: {exc}") from exc
+        finally:
+            self._waited += time.perf_counter() - start
         self._fetched += sum(t.numel() * t.element_size() for t in outs.values())
         self._synchronous += 1
 
