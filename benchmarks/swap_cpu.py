@@ -13,7 +13,7 @@ Both layer-swap runs keep the modules the planner chooses under the same limit. 
 interleaved (eager, compile, sync, prefetch, eager, ...) so all see the same machine state, and
 the medians are compared.
 
-    python benchmarks/swap_cpu.py [--layers 16] [--calls 7] [--budget-fraction 0.25] [--threads N]
+    python benchmarks/swap_cpu.py [--layers 16] [--calls 7] [--budget-fraction 0.25] [--threads N] [--cold]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=7)
     parser.add_argument("--budget-fraction", type=float, default=0.25)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); fewer leave a core to the reader")
+    parser.add_argument("--cold", action="store_true", help="read weights with O_DIRECT (page cache bypassed)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.threads:
@@ -63,11 +64,12 @@ def main() -> None:
         budget = int(weight_bytes * args.budget_fraction)
         runs = {
             "eager": eager,
-            "compile": vramfx.compile(empty(), budget=budget, weights=weights, device="cpu", example_kwargs=kwargs),
+            "compile": vramfx.compile(empty(), budget=budget, weights=weights, device="cpu", example_kwargs=kwargs,
+                                      bypass_page_cache=args.cold),
             "swap_sync": enable_vram_management(empty(), module_map, vram_config, vram_limit=f"{budget}B",
-                                                disk_map=weights, prefetch=False),
+                                                disk_map=weights, prefetch=False, bypass_page_cache=args.cold),
             "swap_prefetch": enable_vram_management(empty(), module_map, vram_config, vram_limit=f"{budget}B",
-                                                    disk_map=weights),
+                                                    disk_map=weights, bypass_page_cache=args.cold),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
         with torch.no_grad():
@@ -95,7 +97,7 @@ def main() -> None:
     }
     print(f"model          {args.layers} layers, hidden 1024, seq {args.seq}: {format_bytes(weight_bytes)} of weights on disk")
     print(f"budget         {format_bytes(budget)} ({args.budget_fraction:.0%} of weights), medians of {args.calls} calls, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads, {'O_DIRECT reads' if args.cold else 'page cache warm'}")
     print(f"eager          {medians['eager'] * 1e3:8.1f} ms   1.000x   all weights in RAM")
     print(f"compile        {medians['compile'] * 1e3:8.1f} ms   {figures['compile_ratio']:.3f}x   "
           f"streams {format_bytes(plan.streamed_bytes)} per call")

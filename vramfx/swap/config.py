@@ -88,8 +88,6 @@ class VramConfig:
         device = _device(config.get("computation_device"), "computation_device")
         if device is None:
             raise ValueError('vram_config["computation_device"] cannot be "disk"; use "cuda" or "cpu"')
-        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
         if config.get("computation_dtype") == DISK:
             raise ValueError('vram_config["computation_dtype"] cannot be "disk"; use a torch dtype')
         computation = Placement(device, _dtype(config.get("computation_dtype"), "computation_dtype"))
@@ -154,15 +152,20 @@ def _device(value: Any, key: str) -> torch.device | None:
     if value == DISK:
         return None
     if value is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu") if key == "computation_device" else None
+        if key != "computation_device":
+            return None
+        value = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(f'vram_config["{key}"]={value!r} is not a device; use "cuda", "cpu" or "disk"') from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f'vram_config["{key}"]={value!r}: devices are "cuda", "cpu" or "disk"')
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f'vram_config["{key}"]={value!r}, but CUDA is not available; use "cpu"')
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f'vram_config["{key}"]={value!r}, but CUDA is not available; use "cpu"')
+        if device.index is None:  # "cuda" and "cuda:0" must compare equal
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -23,6 +23,7 @@ def enable_vram_management(
     disk_map: Any = None,
     *,
     prefetch: bool = True,
+    bypass_page_cache: bool = False,
 ) -> torch.nn.Module:
     """Replace ``model``'s modules by wrappers that move their weights in around each call.
 
@@ -58,6 +59,9 @@ def enable_vram_management(
         Fetch the next modules' weights ahead along the recorded order (a reader thread on
         CPU, a copy stream on CUDA). ``False`` fetches each when it is called, as the original
         does.
+    bypass_page_cache:
+        Read ``disk_map`` with ``O_DIRECT``, for models larger than RAM (and to measure cold
+        reads honestly).
 
     Returns
     -------
@@ -84,7 +88,9 @@ def enable_vram_management(
     if _ATTRIBUTE in model.__dict__:
         raise ValueError(f"{type(model).__name__} already has vram management enabled")
     _check_module_map(module_map)
-    binding = Binding.create(model, vram_config, vram_limit, disk_map, prefetch=prefetch)
+    binding = Binding.create(
+        model, vram_config, vram_limit, disk_map, prefetch=prefetch, bypass_page_cache=bypass_page_cache
+    )
     matches = _matches(model, module_map)
     # Every weight is found and checked before the model is changed at all.
     covered = set()

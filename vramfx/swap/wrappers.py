@@ -39,6 +39,7 @@ class Binding:
         disk_map: Any,
         *,
         prefetch: bool = True,
+        bypass_page_cache: bool = False,
     ) -> "Binding":
         """Check the arguments and make the runtime (nothing is moved yet)."""
         config = VramConfig.from_dict(vram_config)
@@ -46,7 +47,9 @@ class Binding:
         source = as_source(disk_map) if disk_map is not None else None
         if source is None and (config.offload.on_disk or config.onload.on_disk):
             raise ValueError('vram_config places weights on "disk", but no disk_map was given; pass disk_map=DiskMap(path)')
-        runtime = SwapRuntime(config.device, limit_bytes=limit_bytes, prefetch=prefetch)
+        runtime = SwapRuntime(
+            config.device, limit_bytes=limit_bytes, prefetch=prefetch, bypass_page_cache=bypass_page_cache
+        )
         return cls(config, UnitBuilder(model, source), runtime)
 
     @property
