@@ -643,7 +643,9 @@ class SwapRuntime:
         if not cast:
             return _Held(unit, kept)
         self._loose_bytes += cast
-        tensors = tuple(t.to(dtype) for t, dtype in zip(kept, unit.compute_dtypes))
+        tensors = tuple(
+            slot.like_parameter(t.detach().to(dtype)) for slot, t, dtype in zip(unit.slots, kept, unit.compute_dtypes)
+        )
         return _Held(unit, tensors, nbytes=cast)
 
     def _load_now(self, unit: Unit, outs: dict[int, torch.Tensor]) -> None:
@@ -658,7 +660,11 @@ class SwapRuntime:
         self._synchronous += 1
 
     def _tensors(self, unit: Unit, outs: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(outs.get(i, home) for i, home in enumerate(unit.home))  # type: ignore[misc]
+        """The op's tensors: the copies, else the homes, requiring grad as the parameters do."""
+        return tuple(
+            unit.slots[i].like_parameter(outs[i]) if i in outs else home  # type: ignore[misc]
+            for i, home in enumerate(unit.home)
+        )
 
     def _scratch_arena(self) -> Arena | None:
         """For the first call: room for two units, so its copies do not churn the allocator.

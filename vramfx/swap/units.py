@@ -30,6 +30,7 @@ class Layout(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
+    requires_grad: bool  # as the model's parameter, so kernels take eager's path
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class Slot:
 
     ``places`` are ``(module, name)`` pairs in ``module._parameters`` (a tied parameter has
     several). ``dtype`` is the model's dtype for it. ``ref`` is None when no weights source holds
-    it (its home must then be a real tensor).
+    it (its home must then be a real tensor). ``requires_grad`` is the parameter's: the tensors
+    the op gets have it too, so kernels take eager's path (calls run under ``no_grad``).
     """
 
     name: str
@@ -46,6 +48,13 @@ class Slot:
     shape: tuple[int, ...]
     dtype: torch.dtype
     ref: WeightRef | None
+    requires_grad: bool = False
+
+    def like_parameter(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` requiring grad where the parameter does (a view: copies fill ``tensor``)."""
+        if self.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
+            return tensor.detach().requires_grad_()
+        return tensor
 
     def numel(self) -> int:
         n = 1
@@ -123,7 +132,7 @@ class Unit:
         for i in self.copies(dtypes):
             slot = self.slots[i]
             nbytes = slot.nbytes(dtypes[i])
-            offsets[i] = (at, Layout(slot.shape, dtypes[i], nbytes))
+            offsets[i] = (at, Layout(slot.shape, dtypes[i], nbytes, slot.requires_grad))
             at += -(-nbytes // alignment) * alignment
         return offsets, at
 
@@ -178,7 +187,8 @@ class Unit:
     def set_home(self, i: int, tensor: torch.Tensor | None) -> None:
         """Make ``tensor`` (None: the weights source) slot ``i``'s home."""
         if tensor is not None and not isinstance(tensor, torch.nn.Parameter):
-            tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            grad = self.slots[i].requires_grad and tensor.is_floating_point()
+            tensor = torch.nn.Parameter(tensor, requires_grad=grad)
         self.home[i] = tensor
         self._show(i)
 
@@ -190,7 +200,8 @@ class Unit:
         elif old.is_meta and old.dtype == dtype:
             face = old
         else:
-            face = torch.nn.Parameter(torch.empty(slot.shape, dtype=dtype, device="meta"), requires_grad=False)
+            meta = torch.empty(slot.shape, dtype=dtype, device="meta")
+            face = torch.nn.Parameter(meta, requires_grad=slot.requires_grad and meta.is_floating_point())
         assert face is not None
         self.face[i] = face
         for module, local in slot.places:
@@ -211,6 +222,7 @@ def fill(
     With no home it is read from ``ref``: straight into ``out`` when that is host memory of the
     stored dtype, else through a staging buffer (pinned for CUDA) and cast where it lands.
     """
+    out = out.detach()  # a view that requires grad is written through its detached twin
     if home is not None:
         out.copy_(home, non_blocking=non_blocking)
         return
@@ -281,6 +293,7 @@ class UnitBuilder:
                 tuple(param.shape),
                 param.dtype,
                 self.ref(name, tuple(param.shape), required=True) if required or param.is_meta else None,
+                param.requires_grad,
             )
             for name, places, param in by_tensor.values()
         )
