@@ -25,19 +25,7 @@ from vramfx.capture import capture
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.plan import format_bytes
 from vramfx.plan.schedule import schedule
-
-
-def llama_config(layers: int, vocab: int = 8192):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from workloads import llama_config, llama_on_disk, timed
 
 
 def main() -> None:
@@ -55,13 +43,7 @@ def main() -> None:
     config = llama_config(args.layers)
     ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        eager = LlamaModel(config).eval()
-        weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
-        eager.save_pretrained(folder, max_shard_size="400MB")
-        weights = vramfx.DiskMap(folder)
-        for key in weights:  # warm the page cache: this benchmark measures the warm case
-            weights[key]
+        eager, weights, weight_bytes = llama_on_disk(folder, args.layers)
         budget = int(weight_bytes * args.budget_fraction)
         with vramfx.skip_model_initialization():
             empty = LlamaModel(config).eval()

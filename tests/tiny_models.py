@@ -132,6 +132,20 @@ def build_empty(arch: Arch) -> torch.nn.Module:
         return arch.build().eval()
 
 
+def assert_same_output(expected: object, actual: object) -> None:
+    """Same output structure, tensors equal bit for bit."""
+    from torch.utils import _pytree as pytree
+
+    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    act_leaves, act_spec = pytree.tree_flatten(actual)
+    assert exp_spec == act_spec
+    for e, a in zip(exp_leaves, act_leaves):
+        if isinstance(e, torch.Tensor):
+            assert torch.equal(e, a), "output differs from eager"
+        else:
+            assert e == a
+
+
 def minimum_budget(model: torch.nn.Module, weights: object, inputs: dict[str, Any], **kwargs: Any) -> int:
     """The smallest budget vramfx can plan this model and call with (from its BudgetError)."""
     try:

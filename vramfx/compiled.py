@@ -18,7 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from vramfx.capture import Captured
-from vramfx.errors import RuntimeFailure
+from vramfx.errors import CaptureError, RuntimeFailure
 from vramfx.plan.plan import Plan
 from vramfx.plan.types import Liveness
 from vramfx.runtime.engine import Engine, ResidentStore
@@ -65,6 +65,10 @@ class CompiledModule(torch.nn.Module):
 
     Calls run without grad (inference only) and one at a time: a lock serialises concurrent
     calls from several threads. ``plan`` is the Plan of the most recent input signature.
+
+    ``module_path`` makes the module-level path (the model run eagerly, module by module,
+    under the same budget). Calls take it, after one warning naming the cause, once capture
+    fails; ``generate`` always takes it.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class CompiledModule(torch.nn.Module):
         model: torch.nn.Module,
         device: torch.device,
         build: Callable[[tuple, dict[str, Any]], CompiledGraph],
+        module_path: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self.__dict__["_vramfx_model"] = model
@@ -83,6 +88,9 @@ class CompiledModule(torch.nn.Module):
         self.__dict__["_vramfx_lock"] = threading.Lock()
         self.__dict__["_vramfx_store"] = ResidentStore()
         self.__dict__["_vramfx_warned"] = False
+        self.__dict__["_vramfx_make_module_path"] = module_path
+        self.__dict__["_vramfx_module_path"] = None
+        self.__dict__["_vramfx_fallback"] = None  # the CaptureError that sent calls down the module path
 
     # -- behaving like the model -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -131,27 +139,53 @@ class CompiledModule(torch.nn.Module):
             raise ValueError(f"this model was compiled for {self.dtype}; compile it again to change dtype")
         return self
 
+    @property
+    def module_path(self) -> Any:
+        """The module-level path, once a fallback or ``generate`` made it; else None."""
+        return self.__dict__["_vramfx_module_path"]
+
     def release(self) -> None:
         """Free the arena and resident weights; the next call loads them again."""
         with self.__dict__["_vramfx_lock"]:
-            active = self.__dict__["_vramfx_active"]
-            if active is not None:
-                active.engine.deactivate()
-            self.__dict__["_vramfx_active"] = None
-            self.__dict__["_vramfx_store"].clear()
+            self._release_graphs()
+            self._release_module_path()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``generate`` (transformers), run on the module-level path.
+
+        Decoding calls the model once per token with a growing KV cache: a new shape every
+        step, which a captured graph would have to be exported and planned for each time.
+        Instead nothing is captured: the prompt's call streams every module's weights
+        synchronously and records the order modules run in; each later step fetches weights
+        ahead along that order, under the same budget. Tokens equal eager's.
+        """
+        if not callable(getattr(type(self.model), "generate", None)):
+            raise AttributeError(f"{type(self.model).__name__} has no generate()")
+        with self.__dict__["_vramfx_lock"]:
+            return self._enter_module_path().generate(*args, **kwargs)
 
     # -- calling ---------------------------------------------------------------------------
-    def prepare(self, args: tuple, kwargs: Mapping[str, Any]) -> CompiledGraph:
-        """Capture and plan for this call's signature now (compile's ``example_args``)."""
+    def prepare(self, args: tuple, kwargs: Mapping[str, Any]) -> CompiledGraph | None:
+        """Capture and plan for this call's signature now (compile's ``example_args``).
+
+        Returns None when the model cannot be captured and calls take the module-level path.
+        """
         with self.__dict__["_vramfx_lock"]:
-            return self._graph_for(tuple(args), canonical_kwargs(kwargs))
+            if self.__dict__["_vramfx_fallback"] is not None:
+                return None
+            return self._graph_or_fallback(tuple(args), canonical_kwargs(kwargs), stacklevel=5)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = canonical_kwargs(kwargs)
         with self.__dict__["_vramfx_lock"], torch.no_grad():
             leaves = pytree.tree_leaves((args, kwargs))
             self._check_devices(leaves)
-            entry = self._graph_for(args, kwargs)
+            entry = None
+            if self.__dict__["_vramfx_fallback"] is None:
+                entry = self._graph_or_fallback(args, kwargs, stacklevel=6)
+            if entry is None:
+                return self._enter_module_path()(*args, **kwargs)
+            self._release_module_path()
             self._activate(entry)
             engine = entry.engine
             engine.begin_call()
@@ -162,6 +196,45 @@ class CompiledModule(torch.nn.Module):
                 engine.abort()
                 raise _with_node(exc, entry.graph_module) from None
             return pytree.tree_unflatten(list(flat), entry.captured.out_spec)
+
+    def _graph_or_fallback(self, args: tuple, kwargs: dict[str, Any], *, stacklevel: int) -> CompiledGraph | None:
+        """The graph for this signature; None once capture failed and a module path exists."""
+        try:
+            return self._graph_for(args, kwargs)
+        except CaptureError as exc:
+            if self.__dict__["_vramfx_make_module_path"] is None:
+                raise
+            self.__dict__["_vramfx_fallback"] = exc
+            warnings.warn(
+                f"vramfx.compile: {exc}. Running {type(self.model).__name__} module by module instead "
+                "(the layer-swap path, under the same budget): same outputs, slower calls.",
+                stacklevel=stacklevel,
+            )
+            return None
+
+    def _enter_module_path(self) -> Any:
+        """The module-level path, made on first use; the graphs' memory is freed for it."""
+        self._release_graphs()
+        path = self.__dict__["_vramfx_module_path"]
+        if path is None:
+            make = self.__dict__["_vramfx_make_module_path"]
+            if make is None:
+                raise AttributeError("this CompiledModule has no module-level path")
+            path = make()
+            self.__dict__["_vramfx_module_path"] = path
+        return path
+
+    def _release_module_path(self) -> None:
+        path = self.__dict__["_vramfx_module_path"]
+        if path is not None:
+            path.release()
+
+    def _release_graphs(self) -> None:
+        active = self.__dict__["_vramfx_active"]
+        if active is not None:
+            active.engine.deactivate()
+        self.__dict__["_vramfx_active"] = None
+        self.__dict__["_vramfx_store"].clear()
 
     def _graph_for(self, args: tuple, kwargs: dict[str, Any]) -> CompiledGraph:
         cache: dict = self.__dict__["_vramfx_cache"]

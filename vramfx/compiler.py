@@ -104,11 +104,19 @@ def compile(
     Raises
     ------
     BudgetError
-        No schedule fits (carries ``minimum_bytes``).
-    CaptureError
-        ``torch.export`` cannot capture the model.
+        No schedule fits (carries ``minimum_bytes``), here or, for a model that cannot be
+        captured, on the module-level path it falls back to.
     WeightsError
         Missing weights, or weights whose shape or dtype differ from the model.
+
+    Warns
+    -----
+    UserWarning
+        Once, naming the cause, when ``torch.export`` cannot capture the model (data-dependent
+        control flow, an unsupported op, a cache object as input or output). Calls then run the
+        model eagerly, module by module, each module's weights fetched along the recorded
+        module order under the same budget (:mod:`vramfx.swap.fallback`): the same outputs,
+        at the layer-swap path's speed. ``fast.generate(...)`` always takes that path.
 
     Examples
     --------
@@ -136,7 +144,7 @@ def compile(
     def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore) -> CompiledGraph:
         return build_graph(model, args, kwargs, source, options, store)
 
-    compiled = CompiledModule(model, device, build)
+    compiled = CompiledModule(model, device, build, module_path=lambda: module_path(model, source, options))
     if example_args is not None or example_kwargs is not None:
         compiled.prepare(tuple(example_args or ()), canonical_kwargs(example_kwargs or {}))
     return compiled
@@ -167,6 +175,21 @@ def build_graph(
     graph_module = rewrite(captured, plan)
     engine = make_engine(plan, refs, options, store)
     return CompiledGraph(captured, liveness, plan, graph_module, engine)
+
+
+def module_path(model: torch.nn.Module, source: Any, options: CompileOptions) -> Any:
+    """The model run module by module under the same budget: capture's fallback, and ``generate``."""
+    from vramfx.swap.fallback import ModulePath  # the one place the compiled path reaches the swap path
+
+    return ModulePath(
+        model,
+        source,
+        device=options.device,
+        budget_bytes=options.budget_bytes,
+        margin_bytes=options.margin_bytes,
+        calls=options.calls,
+        bypass_page_cache=options.bypass_page_cache,
+    )
 
 
 @functools.lru_cache(maxsize=None)
