@@ -170,3 +170,27 @@ def test_fp8_budget_is_kept_measured_as_rss_anon(tmp_path):
     assert fast.plan.streamed_bytes > 0 and fast.plan.peak_bytes <= budget8
     # Stated margin: per-call bookkeeping and allocator rounding outside the plan.
     assert peak.growth_bytes <= budget8 + 4 * 2**20, (peak.growth_bytes, budget8)
+
+
+@pytest.mark.parametrize("source", ["fp32 file", "fp8 file"])
+def test_the_cuda_engine_runs_casts_on_the_compute_side_with_the_same_result(source, tmp_path):
+    from fake_streams import ThreadStreams
+    from test_runtime_cuda import small_pinned, use_cuda_engine
+
+    arch = ARCHS["llama"]
+    eager = build_saved(arch, tmp_path / "fp32")
+    inputs = in_dtype(arch.inputs(), torch.bfloat16)
+    with torch.no_grad():
+        expected = reference(eager, FP8, torch.bfloat16)(**inputs)
+    empty = build_empty(arch)
+    folder = tmp_path / "fp32"
+    if source == "fp8 file":
+        folder = vramfx.convert(folder, tmp_path / "fp8", dtype=FP8, model=empty)
+    weights = vramfx.DiskMap(folder)
+    options = {"storage_dtype": FP8, "compute_dtype": torch.bfloat16}
+    budget = minimum_budget(empty, weights, inputs, **options) + 16 * 2**10
+    fast = vramfx.compile(empty, budget=budget, weights=weights, device="cpu", example_kwargs=inputs, **options)
+    use_cuda_engine(fast, ThreadStreams(copy_delay_s=0.0005), pinned=small_pinned())
+    assert fast.plan.casts and fast.plan.transfers
+    for _ in range(2):
+        assert_same(expected, fast(**inputs))
