@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from itertools import accumulate
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import UNIT_COSTS, everything_fits, liveness, livenesses, schedule_knobs, weight
+from strategies import UNIT_COSTS, everything_fits, liveness, livenesses, schedule_knobs, stored_low, weight
 
 from vramfx.errors import PlanInvariantError
 from vramfx.plan.check import check_plan
@@ -318,15 +317,6 @@ def test_shifting_any_wait_past_its_use_is_caught(lv, knobs, data):
 
 # ---------------------------------------------------------------------------------------------
 # casts of weights stored low
-
-
-def stored_low(lv, names, factor: int = 4):
-    """``lv`` with ``names`` stored in a dtype ``factor`` times narrower than the graph reads them in."""
-    weights = tuple(
-        replace(w, compute_dtype="float32", compute_nbytes=factor * w.nbytes) if w.name in names else w
-        for w in lv.weights
-    )
-    return replace(lv, weights=weights)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from strategies import UNIT_COSTS, liveness, weight
+from strategies import UNIT_COSTS, liveness, stored_low, weight
 
 from vramfx.plan.plan import STEP_ORDER, Plan, format_bytes, format_seconds
 from vramfx.plan.schedule import schedule
@@ -98,8 +98,6 @@ def test_format_seconds(seconds, text):
 
 
 def test_casts_are_steps_that_survive_json_and_show_in_the_summary():
-    from test_check import stored_low
-
     lv = stored_low(liveness(6, [weight("a", 1000, 0, 4), weight("b", 1000, 2), weight("n", 10, 3)]), {"a", "b"})
     plan = schedule(lv, 12_000, cost_model=UNIT_COSTS, calls=10, coalesce_bytes=0)
     assert Plan.from_json(plan.to_json()) == plan

@@ -67,6 +67,11 @@ class ConvertedSource:
     def __contains__(self, key: object) -> bool:
         return key in self._dtypes
 
+    @property
+    def source(self) -> WeightSource:
+        """Where the original bytes come from."""
+        return self._source
+
     def add(self, key: str, dtype: torch.dtype) -> None:
         """Serve ``key`` in ``dtype`` too."""
         self._dtypes[key] = dtype
