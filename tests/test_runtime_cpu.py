@@ -166,4 +166,5 @@ def test_a_cast_fills_its_planned_slot_with_torchs_conversion(source, target):
     bits = {2: torch.int16, 4: torch.int32}[target.itemsize]
     assert torch.equal(out.view(bits), every.to(target).view(bits))
     assert out.data_ptr() == engine._upcast.data_ptr() + plan.casts[0].offset, "in its planned slot"
+    assert out.requires_grad, "as the parameter does, so kernels take eager's path"
     engine.deactivate()
