@@ -44,7 +44,7 @@ from vramfx.report.trace import chrome_trace
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.storage.convert import ConvertedSource
 from vramfx.storage.diskmap import DiskMap
-from vramfx.weights import resolve_weights
+from vramfx.weights import WeightRef, resolve_weights
 from vramfx.workload import load_workload
 
 EXIT_OK = 0
@@ -364,7 +364,7 @@ def _check_weights(
     return note, ({name: ref.dtype for name, ref in refs.items()} if storage is not None else None)
 
 
-def _origin(ref) -> object:
+def _origin(ref: WeightRef) -> object:
     """The source a weight's bytes come from, before any conversion."""
     return ref.source.source if isinstance(ref.source, ConvertedSource) else ref.source
 
@@ -391,6 +391,7 @@ def _dtype_option(option: str, text: str | None) -> torch.dtype | None:
 
 
 def _precision_note(precision: Precision, keep: str) -> str:
+    """The settings line on how weights are stored and computed."""
     stored = str(precision.storage_dtype).removeprefix("torch.") if precision.storage_dtype else "the compute dtype"
     computed = str(precision.compute_dtype).removeprefix("torch.") if precision.compute_dtype else "the model's dtypes"
     kept = f", keep {keep}" if precision.storage_dtype else ""

@@ -320,9 +320,9 @@ def minimum_budget(
 
     Nothing resident, every weight dropped at every gap between its spans, no coalescing, the
     whole free budget as the arena: the smallest arena that placement fits in, found by binary
-    search, plus the activation peak, workspace and the upcast region of weights stored low. ``schedule`` at this budget succeeds, and
-    one byte less raises :class:`~vramfx.errors.BudgetError` (with the same ``alignment`` and
-    ``margin_bytes``).
+    search, plus the activation peak, workspace and the upcast region of weights stored low.
+    ``schedule`` at this budget succeeds, and one byte less raises
+    :class:`~vramfx.errors.BudgetError` (with the same ``alignment`` and ``margin_bytes``).
 
     Parameters
     ----------
