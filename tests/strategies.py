@@ -5,6 +5,8 @@ A plain module the tests import (``from strategies import ...``); nothing here r
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import strategies as st
 
 from vramfx.plan.costs import CostModel
@@ -144,3 +146,12 @@ def everything_fits(lv: Liveness, alignment: int, margin_bytes: int) -> int:
     """A budget that holds every weight resident at once, plus activations and workspace."""
     weights = sum(-(-w.nbytes // alignment) * alignment for w in lv.weights)
     return weights + lv.activation_peak_bytes + lv.workspace_bytes + margin_bytes
+
+
+def stored_low(lv, names, factor: int = 4):
+    """``lv`` with ``names`` stored in a dtype ``factor`` times narrower than the graph reads them in."""
+    weights = tuple(
+        dataclasses.replace(w, compute_dtype="float32", compute_nbytes=factor * w.nbytes) if w.name in names else w
+        for w in lv.weights
+    )
+    return dataclasses.replace(lv, weights=weights)

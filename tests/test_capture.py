@@ -112,3 +112,18 @@ def test_weight_specs_carry_each_parameters_requires_grad():
     assert weights["embed_tokens.weight"].requires_grad
     assert not weights["norm.weight"].requires_grad
     assert not weights["rotary_emb.inv_freq"].requires_grad  # a buffer
+
+
+def test_a_compute_dtype_captures_floating_weights_in_it_and_leaves_the_model():
+    arch = ARCHS["llama"]
+    model = build_empty(arch)
+    captured = capture(model, (), arch.inputs(), dtype=torch.bfloat16)
+    weights = captured.name_to_weight
+    assert weights["layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    inv_freq = weights["rotary_emb.inv_freq"]
+    assert inv_freq.dtype == torch.bfloat16 and inv_freq.value.dtype == torch.float32  # the module's, not copied
+    assert inv_freq.value.data_ptr() == model.rotary_emb.inv_freq.data_ptr()
+    assert model.rotary_emb.inv_freq.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    matmuls = [n for n in captured.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert matmuls and all(n.meta["val"].dtype == torch.bfloat16 for n in matmuls)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import UNIT_COSTS, everything_fits, liveness, livenesses, schedule_knobs, weight
+from strategies import UNIT_COSTS, everything_fits, liveness, livenesses, schedule_knobs, stored_low, weight
 
 from vramfx.errors import PlanInvariantError
 from vramfx.plan.check import check_plan
@@ -313,3 +313,80 @@ def test_shifting_any_wait_past_its_use_is_caught(lv, knobs, data):
         broken = replace(tr, wait=tr.wait + 1, fetch=max(tr.fetch, tr.wait + 1))
     with pytest.raises(PlanInvariantError):
         check_plan(with_transfer(plan, tr, broken), lv)
+
+
+# ---------------------------------------------------------------------------------------------
+# casts of weights stored low
+
+
+@pytest.fixture
+def low_case(case):
+    _, lv = case
+    low = stored_low(lv, {"emb", "w1", "w2"})
+    plan = schedule(low, 8064 + 2 * 3008 + 300 + 4 * 8000, cost_model=UNIT_COSTS, calls=10, coalesce_bytes=512)
+    check_plan(plan, low)
+    return plan, low
+
+
+def test_every_span_of_a_weight_stored_low_starts_with_its_cast(low_case):
+    plan, lv = low_case
+    spans = {(w.name, b, e) for w in lv.weights if w.compute_dtype for b, e in w.spans}
+    assert {(c.name, c.position, c.end) for c in plan.casts} == spans
+    assert len(plan.casts) == 4  # emb twice, w1 over its view, w2 once
+    holders = {s.transfer for s in plan.steps if s.op == "cast"}
+    assert -1 in holders and len(holders) > 1, "casts of resident and of streamed weights"
+
+
+def test_cast_missing_moved_or_misweighted_is_caught(low_case):
+    plan, lv = low_case
+    first = plan.casts[0]
+    for broken in (
+        plan.casts[1:],
+        (replace(first, position=first.position + 1), *plan.casts[1:]),
+        (replace(first, nbytes=first.nbytes - 1), *plan.casts[1:]),
+        (*plan.casts, replace(first, name="w3")),
+    ):
+        with pytest.raises(PlanInvariantError, match="cast misplaced: "):
+            check_plan(replace(plan, casts=broken), lv)
+
+
+def test_a_planned_compute_dtype_that_liveness_does_not_have_is_caught(low_case):
+    plan, lv = low_case
+    weights = tuple(replace(w, compute_dtype=None) if w.name == "w2" else w for w in plan.weights)
+    with pytest.raises(PlanInvariantError, match="cast misplaced: weight 'w2' is planned as"):
+        check_plan(replace(plan, weights=weights), lv)
+
+
+def test_cast_buffers_sharing_bytes_or_outside_the_region_are_caught():
+    # a is viewed over [0, 3) while b is read at 1: both upcast copies are alive at once.
+    lv = stored_low(liveness(4, [weight("a", 1000, 0, 2, spans=((0, 3),)), weight("b", 1000, 1)]), {"a", "b"})
+    plan = schedule(lv, 20_000, cost_model=UNIT_COSTS)
+    a, b = plan.casts
+    assert a.offset != b.offset and plan.upcast_bytes == 2 * 4032
+    shared = (a, replace(b, offset=a.offset))
+    with pytest.raises(PlanInvariantError, match="cast overlap: the cast of 'b' at 1 .* overlaps the one of 'a'"):
+        check_plan(replace(plan, casts=shared), lv)
+    with pytest.raises(PlanInvariantError, match="cast overlap: .* outside the upcast region"):
+        check_plan(replace(plan, upcast_bytes=plan.upcast_bytes - 64, peak_bytes=plan.peak_bytes - 64), lv)
+    with pytest.raises(PlanInvariantError, match="cast overlap: .* not aligned"):
+        check_plan(replace(plan, casts=(a, replace(b, offset=b.offset + 8))), lv)
+
+
+def test_the_upcast_region_counts_in_the_peak(low_case):
+    plan, lv = low_case
+    assert plan.upcast_bytes > 0
+    with pytest.raises(PlanInvariantError, match=r"over budget: peak_bytes .* \+ upcast"):
+        check_plan(replace(plan, peak_bytes=plan.peak_bytes - plan.upcast_bytes), lv)
+
+
+@given(livenesses(max_positions=25, max_weights=8), schedule_knobs, st.data())
+def test_random_plans_with_weights_stored_low_check_and_cast_every_span(lv, knobs, data):
+    names = data.draw(st.sets(st.sampled_from([w.name for w in lv.weights]))) if lv.weights else set()
+    low = stored_low(lv, names)
+    roomy = everything_fits(low, knobs["alignment"], knobs["margin_bytes"])
+    budget = minimum_budget(low, **knobs) + data.draw(st.integers(0, roomy))
+    plan = schedule(low, budget, cost_model=UNIT_COSTS, **knobs)  # runs check_plan
+    assert len(plan.casts) == sum(len(w.spans) for w in low.weights if w.name in names)
+    names_of = {t.id: t.names for t in plan.transfers}
+    casts = [s for s in plan.steps if s.op == "cast"]
+    assert all(s.names[0] in (plan.resident if s.transfer == -1 else names_of[s.transfer]) for s in casts)

@@ -196,9 +196,9 @@ def _check_plan_json(data: dict, budget: int) -> None:
     assert data["weight_bytes"] == sum(w["nbytes"] for w in data["weights"])
     assert data["streamed_bytes"] == sum(sum(t["sizes"]) for t in data["transfers"]) > 0
     assert data["peak_bytes"] == (data["resident_bytes"] + data["arena_bytes"] + data["activation_peak_bytes"]
-                                  + data["workspace_bytes"])
+                                  + data["workspace_bytes"] + data["upcast_bytes"])
     ops = {s["op"] for s in data["steps"]}
-    assert {"fetch", "wait", "drop"} == ops
+    assert {"fetch", "wait", "drop"} | ({"cast"} if data["casts"] else set()) == ops
     for step in data["steps"]:
         assert step["names"] and step["nbytes"] > 0 and 0 <= step["position"] <= data["num_positions"]
     positions = [s["position"] for s in data["steps"]]
@@ -353,3 +353,39 @@ def test_inspect_table(llama_weights, capsys):
     assert "layers.0" in out and "embed_tokens" in out
     largest = out.split("largest tensors:")[1].strip().splitlines()
     assert len(largest) == 3
+
+
+def test_storage_and_compute_dtypes_plan_and_show_the_casts(folder, llama_weights, capsys, monkeypatch):
+    monkeypatch.setattr(DiskMap, "read_into", _no_data)
+    precision = ["--storage-dtype", "float8_e4m3fn", "--compute-dtype", "bfloat16"]
+    plan = ["plan", f"{folder}/workload.py:llama", "--device", "cpu", "--weights", str(llama_weights), *precision]
+    assert main([*plan, "--budget", "1"]) == 2
+    minimum = int(re.search(r"budget_bytes >= (\d+)", capsys.readouterr().err).group(1))
+    assert main([*plan, "--budget", str(minimum), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    _check_plan_json(data, minimum)
+    weights = {w["name"]: w for w in data["weights"]}
+    assert weights["layers.0.mlp.up_proj.weight"]["dtype"] == "float8_e4m3fn"
+    assert weights["layers.0.mlp.up_proj.weight"]["compute_dtype"] == "bfloat16"
+    assert weights["norm.weight"]["dtype"] == "bfloat16" and weights["norm.weight"]["compute_dtype"] is None
+    casts = [s for s in data["steps"] if s["op"] == "cast"]
+    assert casts and data["upcast_bytes"] > 0 and len(casts) == len(data["casts"])
+    assert main(["plan", f"{folder}/workload.py:llama", "--budget", "100MB", "--device", "cpu", *precision,
+                 "--keep", "minimal"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"precision\s+weights stored in float8_e4m3fn, computed in bfloat16, keep minimal", out)
+    assert re.search(r"casts\s+\d+ per call \(float8_e4m3fn -> bfloat16\)", out)
+    assert re.search(r"\bdrop\s+cast\n", out), "the schedule has a cast column"
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--storage-dtype", "fp9"], r"--storage-dtype 'fp9': not a torch dtype"),
+        (["--storage-dtype", "int8"], r"storage_dtype must be one of .* \(--storage-dtype, --compute-dtype, --keep\)"),
+    ],
+)
+def test_bad_precision_options_are_one_line_errors(folder, capsys, extra, match):
+    assert main(["plan", f"{folder}/workload.py:llama", "--budget", "100MB", *extra]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(match, err), err

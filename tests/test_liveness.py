@@ -77,3 +77,18 @@ def test_cpu_attention_reserves_workspace_for_the_score_matrix():
     captured = capture(build_empty(arch), (), arch.inputs())
     # batch 1, 4 heads, 8 queries × 8 keys, float32
     assert build_liveness(captured, device="cpu").workspace_bytes >= 4 * 8 * 8 * 4
+
+
+def test_a_weight_stored_low_is_sized_in_storage_and_its_casts_cost_traffic():
+    captured = capture(Chain(), (torch.randn(4, 8),))
+    plain = build_liveness(captured)
+    live = build_liveness(captured, storage_dtypes={"a.weight": torch.float8_e4m3fn})
+    a, b = live.name_to_weight["a.weight"], live.name_to_weight["b.weight"]
+    assert (a.nbytes, a.dtype, a.compute_dtype, a.compute_nbytes) == (64, "float8_e4m3fn", "float32", 256)
+    assert (b.nbytes, b.compute_dtype, b.compute_nbytes) == (256, None, 0)
+    assert a.spans == plain.name_to_weight["a.weight"].spans and len(a.spans) == 2
+    assert live.activation_bytes == plain.activation_bytes, "upcast buffers are placed by the schedule"
+    starts = {begin for begin, _ in a.spans}
+    for t in range(live.num_positions):
+        extra = 64 + 256 if t in starts else 0  # each cast reads the stored bytes, writes the copy
+        assert live.memory_bytes[t] == plain.memory_bytes[t] + extra

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from strategies import UNIT_COSTS, liveness, weight
+from strategies import UNIT_COSTS, liveness, stored_low, weight
 
 from vramfx.plan.plan import STEP_ORDER, Plan, format_bytes, format_seconds
 from vramfx.plan.schedule import schedule
@@ -95,3 +95,23 @@ def test_format_bytes_rounds_minimums_up():
 )
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
+
+
+def test_casts_are_steps_that_survive_json_and_show_in_the_summary():
+    lv = stored_low(liveness(6, [weight("a", 1000, 0, 4), weight("b", 1000, 2), weight("n", 10, 3)]), {"a", "b"})
+    plan = schedule(lv, 12_000, cost_model=UNIT_COSTS, calls=10, coalesce_bytes=0)
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.name_to_weight["a"].compute_dtype == "float32" and plan.name_to_weight["n"].compute_dtype is None
+    casts = [s for s in plan.steps if s.op == "cast"]
+    assert [(s.names, s.position, s.nbytes) for s in casts] == [(("a",), 0, 4000), (("b",), 2, 4000), (("a",), 4, 4000)]
+    for s in casts:
+        wait = next((w for w in plan.steps if w.op == "wait" and s.names[0] in w.names and w.transfer == s.transfer), None)
+        assert s.transfer == -1 and s.names[0] in plan.resident or wait.position <= s.position
+    keys = [(s.position, STEP_ORDER[s.op]) for s in plan.steps]
+    assert keys == sorted(keys)
+    assert "casts         3 per call (uint8 -> float32) of 2 weights stored low, 11.7 KiB written" in plan.summary()
+    legacy = json.loads(plan.to_json())
+    del legacy["casts"]
+    for w in legacy["weights"]:
+        del w["compute_dtype"]
+    assert Plan.from_dict(legacy).casts == ()

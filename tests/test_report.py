@@ -9,7 +9,7 @@ import sys
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import UNIT_COSTS, liveness, livenesses, weight
+from strategies import UNIT_COSTS, liveness, livenesses, stored_low, weight
 
 from vramfx.plan.schedule import minimum_budget, schedule
 from vramfx.report.layers import TOP_LEVEL, layer_labels, schedule_blocks, weight_layers
@@ -177,3 +177,19 @@ def test_progress_draws_on_a_terminal_only():
     with Progress(stream=terminal).stage("capturing"):
         pass
     assert "capturing" in terminal.getvalue()
+
+
+def test_the_upcast_region_is_part_of_memory_in_the_profile_table_and_trace():
+    lv, _ = _two_block_plan()
+    low = stored_low(lv, {"blocks.0.q.weight", "blocks.1.k.weight"})
+    plan = schedule(low, minimum_budget(low, alignment=64) + 2000, cost_model=UNIT_COSTS, calls=10, alignment=64)
+    memory = memory_profile(plan, low)
+    assert memory.upcast == plan.upcast_bytes > 0
+    assert max(memory.in_use(t) for t in range(low.num_positions)) == plan.peak_bytes
+    counters = [e for e in chrome_trace(plan, low, ["x"] * low.num_positions)["traceEvents"]
+                if e.get("name") == "device memory (MiB)"]
+    assert counters and all(e["args"]["upcast region"] == plan.upcast_bytes / 2**20 for e in counters)
+    table = format_table(plan, low, layer_labels(["blocks.0"] * 3 + ["blocks.1"] * 3))
+    header = next(line for line in table.splitlines() if line.lstrip().startswith("layer"))
+    assert "upcasts" in table and header.split()[-1] == "cast"
+    assert table.splitlines()[-1].split()[-1] == str(len(plan.casts))

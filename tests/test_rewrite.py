@@ -80,3 +80,56 @@ def test_resident_weights_are_read_once_at_the_top():
                          and n.meta.get("vramfx", {}).get("op") not in ("fetch", "wait", "drop"))
     order = list(gm.graph.nodes)
     assert all(order.index(r) < order.index(first_compute) for r in residents)
+
+
+def planned_low(budget_extra: int = 0):
+    """``Deep`` with its layer weights (not biases) stored in fp8."""
+    captured = capture(Deep(), (torch.randn(2, 64),))
+    low = {w.name: torch.float8_e4m3fn for w in captured.weights if w.name.endswith("weight")}
+    live = build_liveness(captured, storage_dtypes=low)
+    plan = schedule(live, minimum_budget(live) + budget_extra, cost_model=CostModel.for_device("cpu"), calls=4)
+    return captured, plan
+
+
+def test_a_weight_stored_low_is_read_through_a_cast_right_after_what_brings_it():
+    captured, plan = planned_low(budget_extra=3 * 64 * 64)
+    assert plan.resident and plan.transfers
+    gm = rewrite(captured, plan)
+    casts = [n for n in gm.graph.nodes if n.target is ops.cast]
+    assert len(casts) == len(plan.casts) == 6
+    order = list(gm.graph.nodes)
+    for node in casts:
+        engine, stored, cast = node.args
+        assert engine.name == ENGINE_INPUT and plan.casts[cast].name == node.meta["vramfx"]["name"]
+        assert node.meta["val"].dtype == torch.float32
+        assert stored.meta["val"].dtype == torch.float8_e4m3fn
+        assert stored.target is ops.resident or stored.args[0].target is ops.wait
+        (user,) = node.users  # the linear that reads the weight, right after the cast
+        assert user.target is torch.ops.aten.linear.default and order.index(user) == order.index(node) + 1
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.linear.default:
+            assert node.args[1].target is ops.cast and node.args[2].target is not ops.cast  # biases stay
+
+
+def test_the_rewritten_graph_with_casts_equals_eager_through_fp8():
+    from vramfx.runtime.cpu import CpuEngine
+    from vramfx.runtime.engine import ResidentStore
+    from vramfx.weights import resolve_weights
+
+    captured, plan = planned_low(budget_extra=3 * 64 * 64)
+    gm = rewrite(captured, plan)
+    storage = {w.name: torch.float8_e4m3fn for w in plan.weights if w.compute_dtype}
+    engine = CpuEngine(plan, resolve_weights(captured.weights, None, storage=storage), torch.device("cpu"),
+                       ResidentStore())
+    engine.activate()
+    x = torch.randn(2, 64)
+    values = {w.name: w.value for w in captured.weights}
+    expected = x
+    for i in range(6):
+        weight = values[f"layers.{i}.weight"].to(torch.float8_e4m3fn).float()
+        expected = torch.tanh(torch.nn.functional.linear(expected, weight, values[f"layers.{i}.bias"]))
+    engine.begin_call()
+    (out,) = gm(engine, x)
+    engine.end_call()
+    engine.deactivate()
+    assert torch.equal(out, expected)

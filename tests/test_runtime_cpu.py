@@ -11,6 +11,10 @@ from safetensors.torch import save_file
 
 import vramfx
 from test_rewrite import planned
+from vramfx.capture import capture
+from vramfx.plan.costs import CostModel
+from vramfx.plan.liveness import build_liveness
+from vramfx.plan.schedule import minimum_budget, schedule
 from vramfx.runtime.cpu import CpuEngine
 from vramfx.runtime.engine import ResidentStore, view_bytes
 from vramfx.weights import WeightRef, resolve_weights
@@ -144,3 +148,23 @@ def test_arena_views_require_grad_like_the_parameter_where_the_dtype_allows():
     assert not view_bytes(buffer, 0, dataclasses.replace(ref, requires_grad=False)).requires_grad
     stored_as_int8 = dataclasses.replace(ref, dtype=torch.int8, shape=(16,))  # e.g. quantized storage
     assert not view_bytes(buffer, 0, stored_as_int8).requires_grad
+
+
+
+@pytest.mark.parametrize("source", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("target", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_cast_fills_its_planned_slot_with_torchs_conversion(source, target):
+    captured = capture(torch.nn.Linear(256, 256), (torch.randn(2, 256),), dtype=target)
+    storage = {"weight": source}
+    live = build_liveness(captured, storage_dtypes=storage)
+    plan = schedule(live, minimum_budget(live), cost_model=CostModel.for_device("cpu"))
+    engine = CpuEngine(plan, resolve_weights(captured.weights, None, storage=storage), torch.device("cpu"),
+                       ResidentStore())
+    engine.activate()
+    every = torch.arange(256, dtype=torch.uint8).view(source).repeat(256, 1)  # every fp8 value
+    out = engine.cast(0, every)
+    bits = {2: torch.int16, 4: torch.int32}[target.itemsize]
+    assert torch.equal(out.view(bits), every.to(target).view(bits))
+    assert out.data_ptr() == engine._upcast.data_ptr() + plan.casts[0].offset, "in its planned slot"
+    assert out.requires_grad, "as the parameter does, so kernels take eager's path"
+    engine.deactivate()

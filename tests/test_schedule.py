@@ -14,6 +14,7 @@ from strategies import (
     liveness,
     livenesses,
     schedule_knobs,
+    stored_low,
     weight,
 )
 
@@ -364,6 +365,11 @@ def replay(plan: Plan, lv) -> None:
     holder_at_span_start: dict[tuple[str, int], int] = {}
     for t in range(plan.num_positions + 1):
         for step in by_position.get(t, ()):
+            if step.op == "cast":  # reads the stored weight: resident, or brought by a waited transfer
+                (name,) = step.names
+                assert name in plan.resident or live.get(step.transfer) and name in transfers[step.transfer].names, (
+                    f"{name!r} is cast at {t} before it is ready")
+                continue
             tr = transfers[step.transfer]
             if step.op == "fetch":
                 assert tr.id not in live, f"transfer {tr.id} fetched while still live"
@@ -381,7 +387,7 @@ def replay(plan: Plan, lv) -> None:
             break
         in_arena = sum(-(-s // alignment) * alignment for i in live for s in transfers[i].sizes)
         assert in_arena <= plan.arena_bytes
-        used = plan.resident_bytes + in_arena + lv.activation_bytes[t] + plan.workspace_bytes
+        used = plan.resident_bytes + in_arena + plan.upcast_bytes + lv.activation_bytes[t] + plan.workspace_bytes
         assert used <= plan.budget_bytes, f"over budget at {t}: {used} > {plan.budget_bytes}"
         for w in lv.weights:
             if t not in w.uses or w.name in plan.resident:
@@ -398,6 +404,16 @@ def replay(plan: Plan, lv) -> None:
 def test_replaying_the_steps_reads_every_weight_ready_and_in_budget(problem, cost_model, calls):
     lv, knobs, _, budget = problem
     replay(schedule(lv, budget, cost_model=cost_model, calls=calls, **knobs), lv)
+
+
+@given(planning_problems(), cost_models, st.data())
+def test_replaying_plans_with_weights_stored_low_casts_each_ready_weight(problem, cost_model, data):
+    lv, knobs, _, _ = problem
+    low = stored_low(lv, data.draw(st.sets(st.sampled_from([w.name for w in lv.weights] or [""]))))
+    budget = minimum_budget(low, **knobs) + data.draw(st.integers(0, low.weight_bytes))
+    plan = schedule(low, budget, cost_model=cost_model, calls=data.draw(st.integers(1, 50)), **knobs)
+    replay(plan, low)
+    assert sum(s.op == "cast" for s in plan.steps) == sum(len(w.spans) for w in low.weights if w.compute_dtype)
 
 
 @given(livenesses(), schedule_knobs, cost_models, st.integers(1, 50), st.data())

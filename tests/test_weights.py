@@ -82,3 +82,32 @@ def test_a_causal_lm_checkpoint_feeds_the_base_model_through_its_prefix(tmp_path
 
 def test_key_map_is_empty_for_models_without_renaming_rules():
     assert checkpoint_key_map(torch.nn.Linear(2, 2), ["weight", "bias"]) == {}
+
+
+def test_storage_dtypes_read_low_files_as_they_are_and_convert_the_rest_once(tmp_path):
+    from safetensors.torch import save_file
+
+    from vramfx.storage.convert import ConvertedSource
+
+    with vramfx.skip_model_initialization():
+        model = WithBuffers()
+    values = {"proj.weight": torch.randn(4, 4), "proj.bias": torch.randn(4), "norm.weight": torch.ones(4),
+              "norm.bias": torch.zeros(4)}
+    save_file({**values, "proj.weight": values["proj.weight"].to(torch.float8_e4m3fn)}, tmp_path / "w.safetensors")
+    specs = capture(model.eval(), (torch.randn(2, 4, dtype=torch.bfloat16),), dtype=torch.bfloat16).weights
+    storage = {"proj.weight": torch.bfloat16, "proj.bias": torch.float8_e4m3fn}
+    disk = vramfx.DiskMap(tmp_path / "w.safetensors")
+    refs = resolve_weights(specs, disk, storage=storage)
+    weight, bias, mean = refs["proj.weight"], refs["proj.bias"], refs["norm.running_mean"]
+    # fp8 converts exactly into bf16: read from the file as it is, cast to bf16 in the graph.
+    assert (weight.dtype, weight.compute_dtype, weight.source) == (torch.float8_e4m3fn, torch.bfloat16, disk)
+    assert weight.nbytes == 16
+    # float32 on disk, wanted in fp8: converted once, into host memory.
+    assert isinstance(bias.source, ConvertedSource) and bias.dtype == torch.float8_e4m3fn and bias.nbytes == 4
+    out = torch.empty(4, dtype=torch.uint8)
+    bias.read_into(out)
+    assert torch.equal(out.view(torch.float8_e4m3fn).float(), values["proj.bias"].to(torch.float8_e4m3fn).float())
+    # A real buffer of the module, float32, computed in bf16: converted once too.
+    assert mean.dtype == torch.bfloat16 and isinstance(mean.source, ConvertedSource)
+    with pytest.raises(vramfx.WeightsError, match=r"proj.weight: stored \(4, 4\) float8_e4m3fn, model expects"):
+        resolve_weights(specs, disk)  # without storage dtypes the file must hold the graph's dtype

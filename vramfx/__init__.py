@@ -11,6 +11,7 @@ from vramfx.init import skip_model_initialization
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan
 from vramfx.storage import DiskMap, load_state_dict
+from vramfx.storage.convert import convert
 
 __all__ = [
     "BudgetError",
@@ -22,6 +23,7 @@ __all__ = [
     "VramfxError",
     "WeightsError",
     "compile",
+    "convert",
     "load_state_dict",
     "parse_budget",
     "skip_model_initialization",

@@ -39,7 +39,8 @@ class WeightSpec:
     else ``None``: then it must come from the weights mapping. ``requires_grad`` is the
     parameter's flag: torch picks kernels by it even under ``no_grad`` (``matmul`` folds a
     non-contiguous batch only for weights that do not require grad), so the runtime's copies
-    carry it too.
+    carry it too. ``dtype`` is the graph's, which a compute dtype may make differ from
+    ``value``'s.
     """
 
     name: str
@@ -79,6 +80,7 @@ def capture(
     kwargs: Mapping[str, Any] | None = None,
     *,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Captured:
     """Export ``model(*args, **kwargs)`` on meta tensors into a graph for ``device``.
 
@@ -92,6 +94,10 @@ def capture(
     device:
         The compute device. Device constants the model creates during ``forward`` (traced as
         ``meta``) are retargeted to it.
+    dtype:
+        The compute dtype: floating-point parameters and buffers are captured in it, as after
+        ``model.to(dtype)``, though the model is not touched. A weight's ``value`` keeps the
+        module's own tensor, so its ``dtype`` may then differ from the value's.
 
     Returns
     -------
@@ -114,7 +120,7 @@ def capture(
     aliases = _tensor_aliases(model)
     originals = _original_tensors(model)
     meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, _to_meta, (tuple(args), kwargs))
-    with _meta_state(model), torch.no_grad():
+    with _meta_state(model, dtype), torch.no_grad():
         try:
             exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
         except Exception as exc:  # export raises many unrelated types; all mean "cannot capture"
@@ -137,8 +143,9 @@ def capture(
     )
 
 
-def _to_meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META)
+def _to_meta(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+    return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=_META)
 
 
 def _capture_reason(model: torch.nn.Module, exc: BaseException) -> str:
@@ -172,15 +179,17 @@ def _original_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _meta_state(model: torch.nn.Module) -> Iterator[None]:
-    """Swap every parameter and buffer for a meta twin (ties kept), and eval mode, then restore."""
+def _meta_state(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Swap every parameter and buffer for a meta twin (ties kept; floating ones in ``dtype``
+    if given), and eval mode, then restore."""
     twins: dict[int, torch.Tensor] = {}
     saved: list[tuple[dict, str, torch.Tensor]] = []
     training = [(m, m.training) for m in model.modules()]
 
     def twin(t: torch.Tensor, param: bool) -> torch.Tensor:
         if id(t) not in twins:
-            meta = _to_meta(t) if t.device != _META else t
+            recast = dtype is not None and t.dtype.is_floating_point and t.dtype != dtype
+            meta = _to_meta(t, dtype) if t.device != _META or recast else t
             twins[id(t)] = torch.nn.Parameter(meta, requires_grad=False) if param else meta
         return twins[id(t)]
 

@@ -34,6 +34,7 @@ from vramfx.plan.liveness import build_liveness
 from vramfx.plan.plan import Plan, format_bytes, format_seconds
 from vramfx.plan.schedule import schedule
 from vramfx.plan.types import Liveness
+from vramfx.precision import Precision, precision_from_arguments, storage_dtypes
 from vramfx.report.checkpoint import format_checkpoint, summarize_checkpoint
 from vramfx.report.layers import layer_labels, module_paths
 from vramfx.report.plot import plot_memory, require_matplotlib
@@ -41,8 +42,9 @@ from vramfx.report.progress import Progress
 from vramfx.report.table import format_table
 from vramfx.report.trace import chrome_trace
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
+from vramfx.storage.convert import ConvertedSource
 from vramfx.storage.diskmap import DiskMap
-from vramfx.weights import resolve_weights
+from vramfx.weights import WeightRef, resolve_weights
 from vramfx.workload import load_workload
 
 EXIT_OK = 0
@@ -88,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--link-bandwidth", metavar="RATE", help='weight transfer bandwidth, e.g. "25GB/s" '
                       "(default: the device's)")
     plan.add_argument("--compute-throughput", metavar="RATE", help='e.g. "100TFLOPS" (default: the device\'s)')
+    plan.add_argument("--storage-dtype", metavar="DTYPE",
+                      help="store weights in float8_e4m3fn, float8_e5m2, bfloat16 or float16 and plan their casts "
+                           "(see docs/low-precision.md)")
+    plan.add_argument("--compute-dtype", metavar="DTYPE", help="compute in bfloat16, float16 or float32")
+    plan.add_argument("--keep", metavar="LIST", default="auto",
+                      help="comma-separated weights kept in the compute dtype with --storage-dtype: auto, minimal, "
+                           "none, names or glob patterns (default auto)")
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     plan.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout (required for png)")
     plan.set_defaults(run=run_plan)
@@ -163,21 +172,24 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--weights {args.weights}: no such file or directory")
     alignment = ALIGNMENT[device.type]
     margin_bytes = DEFAULT_MARGIN_BYTES[device.type]
+    precision = _precision(args.storage_dtype, args.compute_dtype, args.keep)
 
     progress = Progress()
     with progress.stage(f"loading {args.target}"):
         workload = load_workload(args.target)
     with progress.stage(f"capturing {type(workload.model).__name__} on meta"):
-        captured = capture(workload.model, workload.args, workload.kwargs, device=device)
+        captured = capture(workload.model, workload.args, workload.kwargs, device=device,
+                           dtype=precision.compute_dtype if precision else None)
+    stored = storage_dtypes(workload.model, captured.weights, precision) if precision else None
     weights_note = "sizes and dtypes from the model (no weights read)"
     source_link = link_bytes_per_s(device, None)  # weights in host memory, as compile assumes without a DiskMap
     if args.weights:
         with progress.stage("checking weights"), DiskMap(args.weights) as source:
-            weights_note = _check_weights(workload.model, captured, source, args.weights)
+            weights_note, stored = _check_weights(workload.model, captured, source, args.weights, stored)
             source_link = link_bytes_per_s(device, source)
     cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
     with progress.stage("planning"):
-        liveness = build_liveness(captured, device=device)
+        liveness = build_liveness(captured, device=device, storage_dtypes=stored)
         plan = schedule(liveness, budget_bytes, cost_model=cost_model, calls=calls,
                         alignment=alignment, margin_bytes=margin_bytes)
     labels = layer_labels(module_paths(captured, liveness))
@@ -190,6 +202,7 @@ def run_plan(args: argparse.Namespace) -> int:
         ("calls", f"{calls}{'' if args.calls is not None else ' (default)'}"),
         *cost_notes,
         ("weights", weights_note),
+        *([("precision", _precision_note(precision, args.keep))] if precision else []),
     ]
     with progress.stage(f"writing {args.format}"):
         shown = _write(args.format, args.output, plan, liveness, labels, settings, title)
@@ -326,19 +339,63 @@ def _check_output(output: str | None) -> None:
         raise ValueError(f"-o {output} is a folder; give a file name")
 
 
-def _check_weights(model: torch.nn.Module, captured: Captured, source: DiskMap, path: str) -> str:
-    """Check every graph weight is in ``source`` with the model's shape and dtype; a line on what matched."""
-    refs = resolve_weights(captured.weights, source, renamed=checkpoint_key_map(model, source))
-    from_file = [ref for ref in refs.values() if ref.source is source]
+def _check_weights(
+    model: torch.nn.Module,
+    captured: Captured,
+    source: DiskMap,
+    path: str,
+    storage: dict[str, torch.dtype] | None = None,
+) -> tuple[str, dict[str, torch.dtype] | None]:
+    """Check every graph weight is in ``source`` with the model's shape and dtype (or one it can be
+    stored in); a line on what matched, and the dtype each weight is stored in."""
+    refs = resolve_weights(captured.weights, source, renamed=checkpoint_key_map(model, source), storage=storage)
+    converted = [ref for ref in refs.values() if isinstance(ref.source, ConvertedSource)]
+    from_file = [ref for ref in refs.values() if _origin(ref) is source]
     unused = len(source) - len({ref.key for ref in from_file})
     nbytes = sum(ref.nbytes for ref in from_file)
     from_model = len(refs) - len(from_file)
-    return (
+    note = (
         f"{path}: all {len(refs)} graph weights match in name, shape and dtype "
         f"({len(from_file)} from the file, {format_bytes(nbytes)}"
+        f"{f'; {len(converted)} converted to their storage dtype' if converted else ''}"
         f"{f'; {from_model} held by the model' if from_model else ''}"
         f"{f'; {unused} stored tensor{_s(unused)} unused' if unused else ''})"
     )
+    return note, ({name: ref.dtype for name, ref in refs.items()} if storage is not None else None)
+
+
+def _origin(ref: WeightRef) -> object:
+    """The source a weight's bytes come from, before any conversion."""
+    return ref.source.source if isinstance(ref.source, ConvertedSource) else ref.source
+
+
+def _precision(storage: str | None, compute: str | None, keep: str) -> Precision | None:
+    """``--storage-dtype``, ``--compute-dtype`` and ``--keep`` checked, as compile checks them."""
+    items = None if keep.strip().lower() == "none" else [k.strip() for k in keep.split(",") if k.strip()]
+    storage_dtype = _dtype_option("--storage-dtype", storage)
+    compute_dtype = _dtype_option("--compute-dtype", compute)
+    try:
+        return precision_from_arguments(storage_dtype, compute_dtype, items)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (--storage-dtype, --compute-dtype, --keep)") from None
+
+
+def _dtype_option(option: str, text: str | None) -> torch.dtype | None:
+    """A dtype named as torch names it (``bfloat16``, ``float8_e4m3fn``)."""
+    if text is None:
+        return None
+    dtype = getattr(torch, text.strip().removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{option} {text!r}: not a torch dtype; e.g. float8_e4m3fn, bfloat16, float16, float32")
+    return dtype
+
+
+def _precision_note(precision: Precision, keep: str) -> str:
+    """The settings line on how weights are stored and computed."""
+    stored = str(precision.storage_dtype).removeprefix("torch.") if precision.storage_dtype else "the compute dtype"
+    computed = str(precision.compute_dtype).removeprefix("torch.") if precision.compute_dtype else "the model's dtypes"
+    kept = f", keep {keep}" if precision.storage_dtype else ""
+    return f"weights stored in {stored}, computed in {computed}{kept}"
 
 
 def _s(count: int) -> str:

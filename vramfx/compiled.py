@@ -77,8 +77,10 @@ class CompiledModule(torch.nn.Module):
         device: torch.device,
         build: Callable[[tuple, dict[str, Any]], CompiledGraph],
         module_path: Callable[[], Any] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.__dict__["_vramfx_dtype"] = dtype
         self.__dict__["_vramfx_model"] = model
         self.__dict__["_vramfx_device"] = device
         self.__dict__["_vramfx_build"] = build
@@ -106,6 +108,9 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype if one was compiled for, else the model's own."""
+        if self.__dict__.get("_vramfx_dtype") is not None:
+            return self.__dict__["_vramfx_dtype"]
         model = self.__dict__["_vramfx_model"]
         dtype = getattr(type(model), "dtype", None)
         if isinstance(dtype, property):

@@ -20,6 +20,7 @@ from vramfx.compiled import CompiledGraph, CompiledModule, canonical_kwargs
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.schedule import schedule
+from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime.engine import Engine, ResidentStore
@@ -50,6 +51,7 @@ class CompileOptions:
     cost_model: CostModel
     margin_bytes: int
     bypass_page_cache: bool
+    precision: Precision | None = None
 
 
 def compile(
@@ -64,6 +66,9 @@ def compile(
     cost_model: CostModel | None = None,
     margin_bytes: int | None = None,
     bypass_page_cache: bool = False,
+    storage_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+    keep_in_compute_dtype: KeepSpec = "auto",
 ) -> CompiledModule:
     """Compile ``model`` to run under ``budget`` bytes of device memory.
 
@@ -94,6 +99,24 @@ def compile(
         Memory the plan keeps free beyond activations and kernel workspace.
     bypass_page_cache:
         Read weight files with ``O_DIRECT``, for models larger than RAM.
+    storage_dtype:
+        Hold floating-point parameters in this dtype (``torch.float8_e4m3fn``, ``float8_e5m2``,
+        ``bfloat16``, ``float16``) on disk, in host memory, in transit and resident, and cast
+        each to the compute dtype right before the nodes that read it. Weights a file already
+        holds in it are read as they are; others are converted once, into host memory
+        (:func:`vramfx.convert` converts a checkpoint on disk instead).
+    compute_dtype:
+        The dtype the model computes in: floating-point parameters and buffers are used as
+        after ``model.to(compute_dtype)``, and inputs must be in it too. By default each weight
+        computes in the dtype the model declares.
+    keep_in_compute_dtype:
+        Parameters held in the compute dtype instead of ``storage_dtype``: ``"auto"`` (norms,
+        embeddings, biases and other small tensors, positional and patch embeddings, modulation
+        layers, and the layers the model declares sensitive; see ``docs/low-precision.md``),
+        ``"minimal"`` (the same without the name patterns), weight or module names, glob
+        patterns, ``nn.Module`` classes, or a list mixing them; ``None`` keeps nothing. With
+        ``storage_dtype`` or ``compute_dtype`` the model must be capturable: the module-level
+        path (fallback, ``generate``) does not honour them yet.
 
     Returns
     -------
@@ -124,11 +147,17 @@ def compile(
     ...     model = MyTransformer(config)
     >>> fast = vramfx.compile(model, budget="8GB", weights=vramfx.DiskMap("model/"))
     >>> out = fast(**inputs)
+
+    Weights stored in fp8, computed in bf16 (inputs in bf16 too):
+
+    >>> fast = vramfx.compile(model, budget="8GB", weights="model/", storage_dtype=torch.float8_e4m3fn,
+    ...                       compute_dtype=torch.bfloat16)
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
+    precision = precision_from_arguments(storage_dtype, compute_dtype, keep_in_compute_dtype)
     device = _resolve_device(device)
     budget_bytes = parse_budget(budget, device)
     source = as_source(weights)
@@ -139,12 +168,15 @@ def compile(
         cost_model=cost_model or calibrated_cost_model(device, link_bytes_per_s(device, source)),
         margin_bytes=DEFAULT_MARGIN_BYTES.get(device.type, 0) if margin_bytes is None else margin_bytes,
         bypass_page_cache=bypass_page_cache,
+        precision=precision,
     )
 
     def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore) -> CompiledGraph:
         return build_graph(model, args, kwargs, source, options, store)
 
-    compiled = CompiledModule(model, device, build, module_path=lambda: module_path(model, source, options))
+    # The module-level path does not store or compute in other dtypes yet: with them, no fallback.
+    fallback = None if precision is not None else (lambda: module_path(model, source, options))
+    compiled = CompiledModule(model, device, build, module_path=fallback, dtype=compute_dtype)
     if example_args is not None or example_kwargs is not None:
         compiled.prepare(tuple(example_args or ()), canonical_kwargs(example_kwargs or {}))
     return compiled
@@ -159,10 +191,14 @@ def build_graph(
     store: ResidentStore,
 ) -> CompiledGraph:
     """Run every stage for one input signature."""
-    captured = capture(model, args, kwargs, device=options.device)
+    precision = options.precision
+    compute_dtype = precision.compute_dtype if precision is not None else None
+    captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
-    refs = resolve_weights(captured.weights, source, renamed=renamed)
-    liveness = build_liveness(captured, device=options.device)
+    storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
+    refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
+    stored = {name: ref.dtype for name, ref in refs.items()}
+    liveness = build_liveness(captured, device=options.device, storage_dtypes=stored)
     plan = schedule(
         liveness,
         options.budget_bytes,

@@ -7,6 +7,7 @@ compile time with every problem listed, not halfway through a call.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,8 +16,12 @@ import torch
 
 from vramfx.capture import WeightSpec
 from vramfx.errors import WeightsError
+from vramfx.precision import exactly_widens
+from vramfx.storage.convert import ConvertedSource
 from vramfx.storage.host import HostSource
 from vramfx.storage.source import TensorInfo, WeightSource
+
+log = logging.getLogger(__name__)
 
 _LISTED = 10
 
@@ -25,7 +30,9 @@ _LISTED = 10
 class WeightRef:
     """One graph weight bound to the source and key its bytes come from.
 
-    ``requires_grad`` is the model parameter's flag, which the runtime's copies keep.
+    ``requires_grad`` is the model parameter's flag, which the runtime's copies keep. ``dtype``
+    and ``nbytes`` describe the bytes as they are stored and moved; ``compute_dtype`` is the dtype
+    the graph reads the weight in, when a cast step must turn one into the other.
     """
 
     name: str
@@ -35,6 +42,7 @@ class WeightRef:
     dtype: torch.dtype
     nbytes: int
     requires_grad: bool = False
+    compute_dtype: torch.dtype | None = None
 
     def read_into(self, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
         """Copy the stored bytes into ``out`` (contiguous uint8 of ``nbytes``)."""
@@ -96,6 +104,7 @@ def resolve_weights(
     weights: WeightSource | None,
     *,
     renamed: Mapping[str, str] | None = None,
+    storage: Mapping[str, torch.dtype] | None = None,
 ) -> dict[str, WeightRef]:
     """Bind every captured weight to its source, checking names, shapes and dtypes.
 
@@ -103,6 +112,15 @@ def resolve_weights(
     also holds (a checkpoint's running statistics beat the module's initial values). A meta
     tensor must come from ``weights``, under its own name or any tied twin's name, or under
     the checkpoint key ``renamed`` maps that name to.
+
+    Parameters
+    ----------
+    storage:
+        The dtype each weight is stored in, by name (low-precision storage); names it omits are
+        stored in the graph's dtype. When given, a floating-point weight whose source holds
+        another dtype is read as it is if that dtype converts exactly into the storage dtype (an
+        fp8 file for bf16 storage), else converted once, into host memory. Without it, the
+        source must hold the graph's dtype.
 
     Raises
     ------
@@ -113,6 +131,7 @@ def resolve_weights(
     refs: dict[str, WeightRef] = {}
     missing: list[str] = []
     mismatched: list[str] = []
+    converted: dict[int, ConvertedSource] = {}
     for spec in specs:
         key = _key_in(weights, spec.aliases, renamed or {}) if weights is not None else None
         from_module = spec.value is not None and not (spec.kind == "buffer" and spec.persistent and key)
@@ -124,18 +143,44 @@ def resolve_weights(
             missing.append(spec.name)
             continue
         info = source.info(key)
-        if tuple(info.shape) != tuple(spec.shape) or info.dtype != spec.dtype:
+        held = _held_dtype(info.dtype, spec, storage)
+        if tuple(info.shape) != tuple(spec.shape) or held is None:
             mismatched.append(
                 f"{key}: stored {tuple(info.shape)} {_dtype(info.dtype)}, model expects "
                 f"{tuple(spec.shape)} {_dtype(spec.dtype)}"
             )
             continue
+        if held != info.dtype:
+            source = converted.setdefault(id(source), ConvertedSource(source, {}))
+            source.add(key, held)
+            info = source.info(key)
         refs[spec.name] = WeightRef(
-            spec.name, source, key, spec.shape, spec.dtype, info.nbytes, requires_grad=spec.requires_grad
+            spec.name, source, key, spec.shape, held, info.nbytes, requires_grad=spec.requires_grad,
+            compute_dtype=spec.dtype,
         )
     if missing or mismatched:
         raise WeightsError(_report(missing, mismatched, weights))
+    if converted:
+        moved = [r for r in refs.values() if isinstance(r.source, ConvertedSource)]
+        log.info(
+            "%d weight(s) (%d bytes) are converted to their storage dtype once, into host memory; "
+            "vramfx.convert writes them so to disk instead",
+            len(moved),
+            sum(r.nbytes for r in moved),
+        )
     return refs
+
+
+def _held_dtype(
+    stored: torch.dtype, spec: WeightSpec, storage: Mapping[str, torch.dtype] | None
+) -> torch.dtype | None:
+    """The dtype a weight's bytes are held in, or ``None`` if its source cannot provide it."""
+    wanted = storage.get(spec.name, spec.dtype) if storage is not None else spec.dtype
+    if stored == wanted:
+        return stored
+    if storage is None or not (stored.is_floating_point and wanted.is_floating_point):
+        return None
+    return stored if exactly_widens(stored, wanted) else wanted
 
 
 def _key_in(weights: WeightSource, names: Sequence[str], renamed: Mapping[str, str]) -> str | None:
@@ -160,6 +205,6 @@ def _report(missing: list[str], mismatched: list[str], weights: object) -> str:
         shown = "; ".join(mismatched[:_LISTED]) + (f"; … ({len(mismatched)} in all)" if len(mismatched) > _LISTED else "")
         lines.append(
             f"{len(mismatched)} weight(s) differ from the model: {shown}. Build the model with the "
-            "checkpoint's config and dtype."
+            "checkpoint's config and dtype (or pass compute_dtype= / storage_dtype= to convert)."
         )
     return " ".join(lines)

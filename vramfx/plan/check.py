@@ -51,10 +51,14 @@ def check_plan(plan: Plan, liveness: Liveness) -> None:
     - ``arena overlap``: members of transfers whose lifetimes intersect occupy disjoint bytes;
       every member lies in ``[0, arena_bytes)`` at an offset that is a multiple of
       ``alignment``.
-    - ``over budget``: ``peak_bytes = resident + arena + activation peak + workspace`` and is
-      at most ``budget_bytes``; at every position, resident + live transfers + ``A(t)`` +
-      workspace fits the budget.
+    - ``over budget``: ``peak_bytes = resident + arena + upcast + activation peak +
+      workspace`` and is at most ``budget_bytes``; at every position, resident + live
+      transfers + upcast + ``A(t)`` + workspace fits the budget.
     - ``summary disagrees``: resident/streamed/weight bytes and the prediction add up.
+    - ``cast misplaced``: a weight stored in another dtype than the graph reads it in is cast
+      once at the start of each of its spans, into a buffer of its compute-dtype bytes that
+      lives to the span's end; no other weight is cast. ``cast overlap``: buffers live at the
+      same time occupy disjoint bytes of ``[0, upcast_bytes)``, at aligned offsets.
 
     Runs in ``O((W + S + P) log(W + S))`` for ``W`` weights, ``S`` transfer members and
     ``P`` positions, cheap enough to run on every plan.
@@ -86,6 +90,7 @@ def check_plan(plan: Plan, liveness: Liveness) -> None:
     _check_arena(plan)
     _check_budget(plan, liveness)
     _check_summary(plan, liveness)
+    _check_casts(plan, liveness)
 
 
 def _check_matches_liveness(plan: Plan, liveness: Liveness) -> None:
@@ -325,14 +330,18 @@ def _check_budget(plan: Plan, liveness: Liveness) -> None:
     """The peak recomputed from its parts fits the budget, and so does every position."""
     invariant = "over budget"
     peak = (
-        plan.resident_bytes + plan.arena_bytes + plan.activation_peak_bytes + plan.workspace_bytes
+        plan.resident_bytes
+        + plan.arena_bytes
+        + plan.upcast_bytes
+        + plan.activation_peak_bytes
+        + plan.workspace_bytes
     )
     if plan.peak_bytes != peak:
         raise _fail(
             invariant,
             f"peak_bytes {plan.peak_bytes} != resident {plan.resident_bytes} + arena "
-            f"{plan.arena_bytes} + activations {plan.activation_peak_bytes} + workspace "
-            f"{plan.workspace_bytes} = {peak}",
+            f"{plan.arena_bytes} + upcast {plan.upcast_bytes} + activations "
+            f"{plan.activation_peak_bytes} + workspace {plan.workspace_bytes} = {peak}",
         )
     if peak > plan.budget_bytes:
         raise _fail(invariant, f"peak_bytes {peak} > budget_bytes {plan.budget_bytes}")
@@ -342,7 +351,7 @@ def _check_budget(plan: Plan, liveness: Liveness) -> None:
         occupied = sum(_align_up(s, plan.alignment) for s in tr.sizes)
         delta[tr.fetch] += occupied
         delta[min(tr.drop, plan.num_positions)] -= occupied
-    fixed = plan.resident_bytes + plan.workspace_bytes
+    fixed = plan.resident_bytes + plan.workspace_bytes + plan.upcast_bytes
     for t, (streamed, activations) in enumerate(
         zip(accumulate(delta), liveness.activation_bytes)
     ):
@@ -350,8 +359,8 @@ def _check_budget(plan: Plan, liveness: Liveness) -> None:
             raise _fail(
                 invariant,
                 f"at position {t} resident {plan.resident_bytes} + live transfers {streamed} + "
-                f"activations {activations} + workspace {plan.workspace_bytes} > budget "
-                f"{plan.budget_bytes}",
+                f"upcast {plan.upcast_bytes} + activations {activations} + workspace "
+                f"{plan.workspace_bytes} > budget {plan.budget_bytes}",
             )
         if streamed > plan.arena_bytes:
             raise _fail(
@@ -412,3 +421,53 @@ def _check_summary(plan: Plan, liveness: Liveness) -> None:
             invariant,
             f"{len(plan.position_names)} position names for {plan.num_positions} positions",
         )
+
+
+def _check_casts(plan: Plan, liveness: Liveness) -> None:
+    """Each span of a weight stored low starts with one cast, into a slot of its own."""
+    invariant = "cast misplaced"
+    planned = plan.name_to_weight
+    by_name: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for c in plan.casts:
+        if c.name not in planned:
+            raise _fail(invariant, f"a cast at {c.position} names {c.name!r}, not a weight of the plan")
+        by_name[c.name].append((c.position, c.end, c.nbytes))
+    for w in liveness.weights:
+        p = planned[w.name]
+        if (p.dtype, p.compute_dtype) != (w.dtype, w.compute_dtype):
+            raise _fail(
+                invariant,
+                f"weight {w.name!r} is planned as {p.dtype} -> {p.compute_dtype}, liveness has "
+                f"{w.dtype} -> {w.compute_dtype}",
+            )
+        expected = sorted((b, e, w.compute_nbytes) for b, e in w.spans) if w.compute_dtype else []
+        if sorted(by_name.get(w.name, ())) != expected:
+            raise _fail(
+                invariant,
+                f"weight {w.name!r} has casts {sorted(by_name.get(w.name, ()))} as (position, end, "
+                f"bytes), expected one per span: {expected}",
+            )
+    _check_cast_slots(plan)
+
+
+def _check_cast_slots(plan: Plan) -> None:
+    """Cast buffers live at once never share bytes; all are aligned and in the upcast region."""
+    invariant = "cast overlap"
+    live: list[tuple[int, int, int, str]] = []  # (end position, offset, size, name)
+    for c in sorted(plan.casts, key=lambda c: (c.position, c.offset)):
+        size = _align_up(c.nbytes, plan.alignment)
+        if c.offset % plan.alignment or c.offset < 0 or c.offset + c.nbytes > plan.upcast_bytes:
+            raise _fail(
+                invariant,
+                f"the cast of {c.name!r} at {c.position} occupies [{c.offset}, {c.offset + c.nbytes}), "
+                f"not aligned to {plan.alignment} or outside the upcast region [0, {plan.upcast_bytes})",
+            )
+        live = [slot for slot in live if slot[0] > c.position]
+        for end, offset, held, name in live:
+            if offset < c.offset + size and c.offset < offset + held:
+                raise _fail(
+                    invariant,
+                    f"the cast of {c.name!r} at {c.position} into [{c.offset}, {c.offset + size}) "
+                    f"overlaps the one of {name!r} at [{offset}, {offset + held}), held until {end}",
+                )
+        live.append((c.end, c.offset, size, c.name))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import networkx as nx
 import torch
@@ -82,7 +82,12 @@ def build_graph(graph: torch.fx.Graph) -> nx.DiGraph:
     return g
 
 
-def build_liveness(captured: Captured, *, device: torch.device | str | None = None) -> Liveness:
+def build_liveness(
+    captured: Captured,
+    *,
+    device: torch.device | str | None = None,
+    storage_dtypes: Mapping[str, torch.dtype] | None = None,
+) -> Liveness:
     """Reduce a captured graph to the planner's input.
 
     Parameters
@@ -92,6 +97,11 @@ def build_liveness(captured: Captured, *, device: torch.device | str | None = No
     device:
         The compute device; decides which kernels need workspace (CPU attention and
         convolution). Defaults to the device the graph was captured for.
+    storage_dtypes:
+        The dtype each weight is stored in, by name, where it differs from the graph's
+        (low-precision storage). Such a weight is sized in its storage dtype, with its size in
+        the graph's dtype beside it: each of its spans starts with a cast, whose bytes count as
+        memory traffic of the span's first node (the schedule places the cast's buffer).
 
     Returns
     -------
@@ -167,30 +177,36 @@ def build_liveness(captured: Captured, *, device: torch.device | str | None = No
 
     activation = _profile(num_positions, act_bytes, act_begin, act_end)
     flops, memory = _costs(nodes)
+    memory = list(memory)
     workspace = max((_workspace_bytes(n, device) for n in nodes), default=0)
 
     specs = captured.name_to_weight
     weights = []
     for name, uses in weight_uses.items():
         spec = specs[name]
-        nbytes = math.prod(spec.shape) * spec.dtype.itemsize
-        weights.append(
-            WeightLife(
-                name=name,
-                nbytes=nbytes,
-                uses=tuple(sorted(uses)),
-                spans=_merge(weight_spans[name]),
-                shape=spec.shape,
-                dtype=str(spec.dtype).removeprefix("torch."),
-            )
+        stored = (storage_dtypes or {}).get(name, spec.dtype)
+        numel = math.prod(spec.shape)
+        cast = stored != spec.dtype
+        life = WeightLife(
+            name=name,
+            nbytes=numel * stored.itemsize,
+            uses=tuple(sorted(uses)),
+            spans=_merge(weight_spans[name]),
+            shape=spec.shape,
+            dtype=_dtype_name(stored),
+            compute_dtype=_dtype_name(spec.dtype) if cast else None,
+            compute_nbytes=numel * spec.dtype.itemsize if cast else 0,
         )
+        for begin, _ in life.spans if cast else ():
+            memory[begin] += life.nbytes + life.compute_nbytes
+        weights.append(life)
     weights.sort(key=lambda w: (w.first_use, w.name))
     return Liveness(
         num_positions=num_positions,
         weights=tuple(weights),
         activation_bytes=activation,
         flops=flops,
-        memory_bytes=memory,
+        memory_bytes=tuple(memory),
         workspace_bytes=workspace,
         position_names=tuple(n.name for n in nodes),
     )
@@ -212,6 +228,10 @@ def _profile(
         running += diff[t]
         out.append(running)
     return tuple(out)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _merge(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

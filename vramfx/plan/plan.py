@@ -5,7 +5,7 @@ stage turns it into graph nodes; the runtime follows it.
 
 Positions are those of :class:`vramfx.plan.types.Liveness`. A step "at position ``p``" runs
 right before the node at ``p`` (``p == num_positions`` means after the last node). At one
-position, drops run first, then fetches, then waits.
+position, drops run first, then fetches, then waits, then casts.
 """
 
 from __future__ import annotations
@@ -75,12 +75,33 @@ def format_seconds(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class PlannedWeight:
-    """A weight the plan moves or keeps: its size and how the runtime views its bytes."""
+    """A weight the plan moves or keeps: its size and how the runtime views its bytes.
+
+    ``dtype`` is the dtype it is stored and moved in; ``compute_dtype`` the one the graph reads
+    it in, when a cast turns one into the other (``None`` when there is no cast).
+    """
 
     name: str
     nbytes: int
     shape: tuple[int, ...]
     dtype: str
+    compute_dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Cast:
+    """A weight cast from its storage dtype to its compute dtype for one span of its uses.
+
+    The cast runs right before the node at ``position`` (after the wait that brings the weight
+    there) and writes ``nbytes`` at ``offset`` of the upcast region, which it holds over
+    ``[position, end)``, half-open.
+    """
+
+    name: str
+    position: int
+    end: int
+    nbytes: int
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,7 +128,10 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Step:
-    """One runtime step: ``op`` is ``fetch``, ``wait``, ``drop`` (or ``cast``)."""
+    """One runtime step: ``op`` is ``fetch``, ``wait``, ``drop`` or ``cast``.
+
+    A cast names the transfer whose copy of the weight it reads, or ``-1`` for a resident weight.
+    """
 
     op: str
     position: int
@@ -131,9 +155,11 @@ class Prediction:
 class Plan:
     """A schedule of resident and streamed weights under a byte budget.
 
-    ``peak_bytes = resident_bytes + arena_bytes + activation_peak_bytes + workspace_bytes``;
-    the arena is allocated whole, so all of it counts at every position.
-    ``streamed_bytes`` is what a steady-state call fetches; ``resident_bytes`` is loaded once.
+    ``peak_bytes = resident_bytes + arena_bytes + upcast_bytes + activation_peak_bytes +
+    workspace_bytes``; the arena and the upcast region are allocated whole, so all of them count
+    at every position. ``streamed_bytes`` is what a steady-state call fetches;
+    ``resident_bytes`` is loaded once. Weights stored in a low dtype count in it; ``casts`` turn
+    them into their compute dtype per span of uses, in static slots of the upcast region.
     """
 
     budget_bytes: int
@@ -153,19 +179,32 @@ class Plan:
     predicted: Prediction
     cost_model: dict[str, float] = field(default_factory=dict)
     position_names: tuple[str, ...] = ()
+    casts: tuple[Cast, ...] = ()
+    upcast_bytes: int = 0
 
     @property
     def name_to_weight(self) -> dict[str, PlannedWeight]:
         return {w.name: w for w in self.weights}
 
     @property
+    def cast_bytes(self) -> int:
+        """Bytes the casts of one call write in compute dtypes."""
+        return sum(c.nbytes for c in self.casts)
+
+    @property
     def steps(self) -> tuple[Step, ...]:
-        """Every fetch, wait and drop in execution order."""
+        """Every fetch, wait, drop and cast in execution order."""
         steps = []
+        holders: dict[str, list[Transfer]] = {}
         for tr in self.transfers:
             for op, position in (("fetch", tr.fetch), ("wait", tr.wait), ("drop", tr.drop)):
                 steps.append(Step(op, position, tr.id, tr.names, tr.nbytes))
-        steps.sort(key=lambda s: (s.position, STEP_ORDER[s.op], s.transfer))
+            for name in tr.names:
+                holders.setdefault(name, []).append(tr)
+        for c in self.casts:
+            holder = next((t.id for t in holders.get(c.name, ()) if t.wait <= c.position < t.drop), -1)
+            steps.append(Step("cast", c.position, holder, (c.name,), c.nbytes))
+        steps.sort(key=lambda s: (s.position, STEP_ORDER[s.op], s.transfer, s.names))
         return tuple(steps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,11 +236,13 @@ class Plan:
             f"planned peak  {b(self.peak_bytes)}{share if self.budget_bytes else ''}",
             f"  resident    {b(self.resident_bytes)} in {len(self.resident)} weights",
             f"  arena       {b(self.arena_bytes)}",
+            *([f"  upcasts     {b(self.upcast_bytes)} (cast buffers)"] if self.casts else []),
             f"  activations {b(self.activation_peak_bytes)} (peak)",
             f"  workspace   {b(self.workspace_bytes)}",
             f"weights       {b(self.weight_bytes)} in {len(self.weights)} tensors",
             f"streamed      {b(self.streamed_bytes)} per call in {len(self.transfers)} transfers "
             f"({len(self.steps)} steps over {self.num_positions} positions)",
+            *self._cast_lines(),
             f"predicted     {sec(p.seconds_per_call)} per call: compute "
             f"{sec(p.compute_seconds)}, stall {sec(p.stall_seconds)}, copy engine busy "
             f"{sec(p.transfer_seconds)}",
@@ -221,6 +262,18 @@ class Plan:
                 )
         return "\n".join(lines)
 
+    def _cast_lines(self) -> list[str]:
+        """The summary's line on low-precision storage; none without casts."""
+        if not self.casts:
+            return []
+        pairs = sorted({(w.dtype, w.compute_dtype) for w in self.weights if w.compute_dtype})
+        shown = ", ".join(f"{s} -> {c}" for s, c in pairs)
+        low = sum(1 for w in self.weights if w.compute_dtype)
+        return [
+            f"casts         {len(self.casts)} per call ({shown}) of {low} weights stored low, "
+            f"{format_bytes(self.cast_bytes)} written"
+        ]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         data = dict(data)
@@ -231,9 +284,10 @@ class Plan:
             for t in data["transfers"]
         )
         data["weights"] = tuple(
-            PlannedWeight(w["name"], w["nbytes"], tuple(w["shape"]), w["dtype"])
+            PlannedWeight(w["name"], w["nbytes"], tuple(w["shape"]), w["dtype"], w.get("compute_dtype"))
             for w in data["weights"]
         )
+        data["casts"] = tuple(Cast(**c) for c in data.get("casts", ()))
         data["predicted"] = Prediction(**data["predicted"])
         data["position_names"] = tuple(data.get("position_names", ()))
         return cls(**data)

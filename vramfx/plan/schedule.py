@@ -17,9 +17,10 @@ Read :func:`schedule` top to bottom; it is a list of passes over plain data:
    it is returned.
 
 The memory model is the runtime's: one arena of ``arena_bytes`` for streamed weights, one
-allocation per resident weight (each rounded up to ``alignment``), activations outside both::
+allocation per resident weight (each rounded up to ``alignment``), one upcast region for the casts
+of weights stored in a low dtype, activations outside all three::
 
-    peak_bytes = resident_bytes + arena_bytes + activation_peak_bytes + workspace_bytes
+    peak_bytes = resident_bytes + arena_bytes + upcast_bytes + activation_peak_bytes + workspace_bytes
 
 and ``peak_bytes <= budget_bytes``. Every interval is half-open, ``[begin, end)``: begin
 inclusive, end exclusive.
@@ -44,7 +45,7 @@ from typing import NamedTuple
 from vramfx.errors import BudgetError
 from vramfx.plan.check import check_plan
 from vramfx.plan.costs import CostModel
-from vramfx.plan.plan import Plan, PlannedWeight, Prediction, Transfer, format_bytes
+from vramfx.plan.plan import Cast, Plan, PlannedWeight, Prediction, Transfer, format_bytes
 from vramfx.plan.types import Liveness
 
 logger = logging.getLogger(__name__)
@@ -228,7 +229,8 @@ def schedule(
 
     workspace_bytes = liveness.workspace_bytes + margin_bytes
     activation_peak = liveness.activation_peak_bytes
-    window_max = budget_bytes - activation_peak - workspace_bytes
+    casts, upcast_bytes = planned_casts(liveness, alignment)
+    window_max = budget_bytes - activation_peak - workspace_bytes - upcast_bytes
 
     streamable = _streamable(liveness)
     zero_byte = frozenset(i for i, w in enumerate(liveness.weights) if w.uses and w.nbytes == 0)
@@ -236,7 +238,12 @@ def schedule(
     window_min = _minimum_window(_groups(_ordered(split_all), 0, 0), liveness.num_positions)
     if window_max < window_min:
         raise _budget_error(
-            budget_bytes, window_min, activation_peak, workspace_bytes, liveness.workspace_bytes
+            budget_bytes,
+            window_min,
+            activation_peak,
+            workspace_bytes,
+            liveness.workspace_bytes,
+            upcast_bytes=upcast_bytes,
         )
 
     node_seconds = [
@@ -287,6 +294,8 @@ def schedule(
         alignment=alignment,
         workspace_bytes=workspace_bytes,
         compute_seconds=prefix[-1],
+        casts=casts,
+        upcast_bytes=upcast_bytes,
     )
     logger.debug(
         "schedule: %d candidates, chose window %s with %d resident, %.3g s/call",
@@ -311,9 +320,9 @@ def minimum_budget(
 
     Nothing resident, every weight dropped at every gap between its spans, no coalescing, the
     whole free budget as the arena: the smallest arena that placement fits in, found by binary
-    search, plus the activation peak and workspace. ``schedule`` at this budget succeeds, and
-    one byte less raises :class:`~vramfx.errors.BudgetError` (with the same ``alignment`` and
-    ``margin_bytes``).
+    search, plus the activation peak, workspace and the upcast region of weights stored low.
+    ``schedule`` at this budget succeeds, and one byte less raises
+    :class:`~vramfx.errors.BudgetError` (with the same ``alignment`` and ``margin_bytes``).
 
     Parameters
     ----------
@@ -350,7 +359,8 @@ def minimum_budget(
     occurrences = _occurrences(liveness, _streamable(liveness), alignment)
     # Coalescing only ever lengthens lifetimes and enlarges blocks, so the minimum has none.
     window = _minimum_window(_groups(_ordered(occurrences), 0, 0), liveness.num_positions)
-    return window + liveness.activation_peak_bytes + liveness.workspace_bytes + margin_bytes
+    upcast_bytes = planned_casts(liveness, alignment)[1]
+    return window + liveness.activation_peak_bytes + liveness.workspace_bytes + margin_bytes + upcast_bytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,14 +443,18 @@ def _budget_error(
     activation_peak: int,
     workspace_bytes: int,
     liveness_workspace: int,
+    *,
+    upcast_bytes: int = 0,
 ) -> BudgetError:
     """The BudgetError for a budget below the minimum, with the numbers a user needs."""
-    minimum = window_min + activation_peak + workspace_bytes
+    minimum = window_min + activation_peak + workspace_bytes + upcast_bytes
     parts = [f"activations {format_bytes(activation_peak)}"]
     if workspace_bytes:
         margin = workspace_bytes - liveness_workspace
         detail = f" incl. margin {format_bytes(margin)}" if margin else ""
         parts.append(f"workspace {format_bytes(workspace_bytes)}{detail}")
+    if upcast_bytes:
+        parts.append(f"upcast buffers {format_bytes(upcast_bytes)}")
     parts.append(f"largest weights needed at once {format_bytes(window_min)}")
     message = (
         f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the minimum of "
@@ -957,6 +971,8 @@ def _to_plan(
     alignment: int,
     workspace_bytes: int,
     compute_seconds: float,
+    casts: tuple[Cast, ...] = (),
+    upcast_bytes: int = 0,
 ) -> Plan:
     """Turn the chosen option into the frozen, serialisable Plan."""
     weights = liveness.weights
@@ -985,7 +1001,7 @@ def _to_plan(
     timing = option.timing
     return Plan(
         budget_bytes=budget_bytes,
-        peak_bytes=option.resident_bytes + arena_bytes + activation_peak + workspace_bytes,
+        peak_bytes=option.resident_bytes + arena_bytes + upcast_bytes + activation_peak + workspace_bytes,
         resident_bytes=option.resident_bytes,
         streamed_bytes=option.streamed_bytes,
         weight_bytes=liveness.weight_bytes,
@@ -997,7 +1013,9 @@ def _to_plan(
         calls=calls,
         resident=tuple(w.name for i, w in enumerate(weights) if i in option.resident),
         transfers=tuple(transfers),
-        weights=tuple(PlannedWeight(w.name, w.nbytes, tuple(w.shape), w.dtype) for w in weights),
+        weights=tuple(
+            PlannedWeight(w.name, w.nbytes, tuple(w.shape), w.dtype, w.compute_dtype) for w in weights
+        ),
         predicted=Prediction(
             seconds_per_call=timing.seconds,
             stall_seconds=timing.stall_seconds,
@@ -1007,4 +1025,43 @@ def _to_plan(
         ),
         cost_model=cost_model.to_dict(),
         position_names=tuple(liveness.position_names),
+        casts=casts,
+        upcast_bytes=upcast_bytes,
     )
+
+
+def planned_casts(liveness: Liveness, alignment: int = 64) -> tuple[tuple[Cast, ...], int]:
+    """One cast per span of every weight stored low, each in a static slot of the upcast region.
+
+    A cast per span, not per transfer: its buffer then lives exactly as long as the span
+    whatever the schedule, so the region is laid out from liveness alone. Slots are static, as
+    the arena's are, because transient buffers of mixed sizes from the allocator fragment it
+    past the budget. Casts are placed in position order at the lowest aligned offset free over
+    their span (first fit).
+
+    Returns
+    -------
+    tuple[tuple[Cast, ...], int]
+        The casts in position order, and the region's size in bytes.
+    """
+    spans = sorted(
+        (begin, end, w.name, w.compute_nbytes)
+        for w in liveness.weights
+        if w.compute_dtype is not None
+        for begin, end in w.spans
+    )
+    casts: list[Cast] = []
+    live: list[tuple[int, int, int]] = []  # (offset, size, end) of slots still held
+    region = 0
+    for begin, end, name, nbytes in spans:
+        live = sorted(slot for slot in live if slot[2] > begin)
+        size = align_up(nbytes, alignment)
+        offset = 0
+        for held, held_size, _ in live:
+            if offset + size <= held:
+                break
+            offset = max(offset, held + held_size)
+        live.append((offset, size, end))
+        casts.append(Cast(name, begin, end, nbytes, offset))
+        region = max(region, offset + size)
+    return tuple(casts), region

@@ -30,7 +30,13 @@ class WeightLife:
         still alive, so its memory must stay put.
     shape, dtype:
         For the runtime and for humans; the planner only reads ``nbytes``. ``dtype`` is the
-        name torch prints without the ``torch.`` prefix (``"float32"``).
+        name torch prints without the ``torch.`` prefix (``"float32"``): the dtype the weight
+        is stored and moved in.
+    compute_dtype, compute_nbytes:
+        When the graph reads the weight in another dtype than it is stored in (low-precision
+        storage), that dtype and the bytes of the weight in it: each span then starts with a
+        cast into a buffer of ``compute_nbytes`` that lives over the span. ``None`` and 0
+        otherwise.
     """
 
     name: str
@@ -39,6 +45,8 @@ class WeightLife:
     spans: tuple[tuple[int, int], ...]
     shape: tuple[int, ...] = ()
     dtype: str = "float32"
+    compute_dtype: str | None = None
+    compute_nbytes: int = 0
 
     @property
     def first_use(self) -> int:

@@ -91,6 +91,7 @@ def plot_memory(
         ("resident weights", [memory.resident / scale] * n, "#4c72b0"),
         ("streamed weights (fetched, not yet dropped)", [b / scale for b in memory.streamed], "#dd8452"),
         ("arena, free", [(memory.arena - b) / scale for b in memory.streamed], "#f3d3b8"),
+        *([("upcast region (casts)", [memory.upcast / scale] * n, "#8172b3")] if memory.upcast else []),
         ("activations", [a / scale for a in memory.activations], "#55a868"),
     ]
     fig = Figure(figsize=(11, 4.8), dpi=110)

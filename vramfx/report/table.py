@@ -65,6 +65,9 @@ def _schedule_lines(plan: Plan, liveness: Liveness, blocks: Sequence[Block], tim
         if w.name in resident:
             resident_at[w.first_use] += w.nbytes
     header = ("layer", "positions", "compute", "stall", "resident", "fetch", "wait", "drop")
+    casts_at = [0] * (plan.num_positions + 1)
+    for c in plan.casts:
+        casts_at[c.position] += 1
     rows = []
     for block in blocks:
         span = range(block.begin, block.end)
@@ -77,6 +80,7 @@ def _schedule_lines(plan: Plan, liveness: Liveness, blocks: Sequence[Block], tim
             _steps_cell(plan, block.fetch, layer, name_layers=True),
             str(len(block.wait)) if block.wait else "-",
             _steps_cell(plan, block.drop, layer, name_layers=False),
+            str(sum(casts_at[t] for t in span) or "-"),
         ))
     every = range(plan.num_positions)
     all_transfers = tuple(range(len(plan.transfers)))
@@ -89,9 +93,14 @@ def _schedule_lines(plan: Plan, liveness: Liveness, blocks: Sequence[Block], tim
         _steps_cell(plan, all_transfers, layer, name_layers=False),
         str(len(all_transfers)) if all_transfers else "-",
         _steps_cell(plan, all_transfers, layer, name_layers=False),
+        str(len(plan.casts) or "-"),
     ))
+    if plan.casts:  # weights stored in a low dtype: the cast steps get a column
+        header += ("cast",)
+    else:
+        rows = [r[:-1] for r in rows]
     widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
-    right = {1, 2, 3, 4, 6}
+    right = {1, 2, 3, 4, 6, 8}
 
     def line(cells: Sequence[str]) -> str:
         out = [c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(cells, widths))]
@@ -100,7 +109,8 @@ def _schedule_lines(plan: Plan, liveness: Liveness, blocks: Sequence[Block], tim
     lines = [
         f"schedule, one line per layer ({len(blocks)}): predicted compute and stall, weights first "
         "used there and kept resident,",
-        "and the fetches (with the layers they bring), waits and drops issued while it runs",
+        "and the fetches (with the layers they bring), waits and drops issued while it runs"
+        + (", and the casts of weights stored low" if plan.casts else ""),
         line(header),
         *(line(r) for r in rows[:-1]),
         line(["-" * w for w in widths]),

@@ -57,9 +57,10 @@ class MemoryProfile:
     """Device memory at each position under the plan's memory model, in bytes.
 
     ``streamed[t]`` is what the arena holds while node ``t`` runs: transfers fetched and not yet
-    dropped (``fetch <= t < drop``), in flight or in use. The arena is allocated whole, so
-    ``resident + arena + activations[t] + workspace`` is what the device holds at ``t``, and its
-    maximum is ``plan.peak_bytes``.
+    dropped (``fetch <= t < drop``), in flight or in use. The arena and the upcast region (casts
+    of weights stored in a low dtype) are allocated whole, so ``resident + arena + upcast +
+    activations[t] + workspace`` is what the device holds at ``t``, and its maximum is
+    ``plan.peak_bytes``.
     """
 
     resident: int
@@ -67,10 +68,11 @@ class MemoryProfile:
     workspace: int
     streamed: tuple[int, ...]
     activations: tuple[int, ...]
+    upcast: int = 0
 
     def in_use(self, position: int) -> int:
         """Bytes the device holds while node ``position`` runs."""
-        return self.resident + self.arena + self.activations[position] + self.workspace
+        return self.resident + self.arena + self.upcast + self.activations[position] + self.workspace
 
 
 def predict_timeline(plan: Plan, liveness: Liveness) -> Timeline:
@@ -166,6 +168,7 @@ def memory_profile(plan: Plan, liveness: Liveness) -> MemoryProfile:
         workspace=plan.workspace_bytes,
         streamed=tuple(streamed),
         activations=tuple(liveness.activation_bytes),
+        upcast=plan.upcast_bytes,
     )
 
 

@@ -113,6 +113,7 @@ def _memory_counters(plan: Plan, memory: MemoryProfile, timeline: Timeline, us: 
             "resident": memory.resident / _MIB,
             "streamed weights": memory.streamed[t] / _MIB,
             "arena free": (memory.arena - memory.streamed[t]) / _MIB,
+            **({"upcast region": memory.upcast / _MIB} if memory.upcast else {}),
             "activations": memory.activations[t] / _MIB,
         }
         if values != previous:

@@ -46,9 +46,9 @@ MIN_SLOT_BYTES = 64 * 2**10
 class CudaEngine(Engine):
     """Streams a Plan's weights into a CUDA arena, overlapping copies with compute.
 
-    Weights are copied byte for byte: storage dtype is compute dtype (bf16, fp16 or any other).
-    A plan that casts on the device would add its own step after ``wait``; the copies here do
-    not change.
+    Weights are copied byte for byte, in the dtype they are stored in. A plan's casts to the
+    compute dtype (:meth:`~vramfx.runtime.engine.Engine.cast`) run on the compute stream after
+    the ``wait``; the copies here do not change.
 
     Parameters
     ----------

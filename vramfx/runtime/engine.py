@@ -1,14 +1,17 @@
 """The transfer engine interface: what every runtime (CPU, CUDA) does for a Plan's steps.
 
 An engine owns one plan's arena — a single allocation of ``plan.arena_bytes`` on the compute
-device in which every streamed weight has a static, aligned offset — and serves the graph's
-``fetch``/``wait``/``drop``/``resident`` calls. Subclasses provide the copying; the bookkeeping,
-the arena views and the error handling live here so every device behaves the same.
+device in which every streamed weight has a static, aligned offset, viewed in the dtype it is
+stored in — and its upcast region, where each cast of a weight stored in a low dtype has a static
+slot in the compute dtype. It serves the graph's ``fetch``/``wait``/``drop``/``resident``/``cast``
+calls. Subclasses provide the copying; the bookkeeping, the views and the error handling live here
+so every device behaves the same.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +37,15 @@ def view_bytes(buffer: torch.Tensor, offset: int, ref: WeightRef) -> torch.Tenso
         return tensor
     # Copies must fill ``buffer``, not this view: an in-place write to it raises outside no_grad.
     return tensor.detach().requires_grad_()
+
+
+def _compute_views(buffer: torch.Tensor, offset: int, ref: WeightRef) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ref``'s tensor in its compute dtype over ``buffer`` from ``offset``, no copy: the view a
+    cast writes, and the one the graph reads, which requires grad as :func:`view_bytes`' do."""
+    dtype = ref.compute_dtype or ref.dtype
+    nbytes = math.prod(ref.shape) * dtype.itemsize
+    written = buffer[offset : offset + nbytes].view(dtype).view(ref.shape)
+    return written, written.detach().requires_grad_() if ref.requires_grad else written
 
 
 class ResidentStore:
@@ -90,6 +102,8 @@ class Engine(ABC):
         self._transfers: dict[int, Transfer] = {t.id: t for t in plan.transfers}
         self._arena: torch.Tensor | None = None
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._upcast: torch.Tensor | None = None
+        self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         self._pending: dict[int, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -111,6 +125,9 @@ class Engine(ABC):
                 t.id: tuple(view_bytes(self._arena, off, self.refs[name]) for name, off in zip(t.names, t.offsets))
                 for t in self.plan.transfers
             }
+            if self.plan.casts:
+                self._upcast = self._allocate(self.plan.upcast_bytes)
+                self._cast_views = tuple(_compute_views(self._upcast, c.offset, self.refs[c.name]) for c in self.plan.casts)
         keep = set(self.plan.resident)
         self.store.keep_only(keep)
         try:
@@ -134,6 +151,8 @@ class Engine(ABC):
         self.abort()
         self._views = {}
         self._arena = None
+        self._cast_views = ()
+        self._upcast = None
         self._stop_workers()
 
     def begin_call(self) -> None:
@@ -176,6 +195,12 @@ class Engine(ABC):
     def resident(self, name: str) -> torch.Tensor:
         return self.store[name]
 
+    def cast(self, index: int, stored: torch.Tensor) -> torch.Tensor:
+        """``plan.casts[index]``: ``stored`` converted into its slot of the upcast region."""
+        written, read = self._cast_views[index]
+        self._convert(stored, written)
+        return read
+
     # -- device specifics ------------------------------------------------------------------
     @abstractmethod
     def _allocate(self, nbytes: int) -> torch.Tensor:
@@ -192,6 +217,10 @@ class Engine(ABC):
     @abstractmethod
     def _finish(self, handle: Any) -> None:
         """Block the compute side until the copy behind ``handle`` is usable; re-raise its error."""
+
+    def _convert(self, stored: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``stored`` into ``out`` in ``out``'s dtype, exactly as ``stored.to(out.dtype)``."""
+        out.copy_(stored)
 
     def _release(self, handle: Any) -> None:
         """The compute side is done with the slots behind ``handle``."""

@@ -1,8 +1,8 @@
-"""The vramfx steps as graph-callable functions: ``fetch``, ``wait``, ``drop``, ``resident``.
+"""The vramfx steps as graph-callable functions: ``fetch``, ``wait``, ``drop``, ``resident``, ``cast``.
 
-The rewritten graph takes the engine as its first input and calls these with a transfer id or a
-weight name. They are opaque to ``torch.compile`` so a user who also compiles the model gets the
-transfers run as written, not traced through.
+The rewritten graph takes the engine as its first input and calls these with a transfer id, a
+weight name or a cast's index in the plan. They are opaque to ``torch.compile`` so a user who also
+compiles the model gets the transfers run as written, not traced through.
 """
 
 from __future__ import annotations
@@ -32,3 +32,9 @@ def drop(engine, transfer: int) -> None:
 def resident(engine, name: str) -> torch.Tensor:
     """A weight the plan keeps on the device across calls."""
     return engine.resident(name)
+
+
+@torch.compiler.disable
+def cast(engine, stored: torch.Tensor, index: int) -> torch.Tensor:
+    """A weight stored in a low dtype, converted to its compute dtype into a planned slot."""
+    return engine.cast(index, stored)

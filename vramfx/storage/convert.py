@@ -1,0 +1,255 @@
+"""Weights in another dtype than their source holds: converted once, on disk or in host memory.
+
+:func:`convert` writes a safetensors checkpoint in a storage dtype, tensor by tensor, so a model
+can be streamed from disk already small. :class:`ConvertedSource` does the same in host memory,
+lazily, for a source whose file is not in the storage dtype: each weight is read and converted the
+first time the runtime asks for it, and its converted bytes are kept for every later read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from vramfx.precision import (
+    STORAGE_DTYPES,
+    KeepSpec,
+    declared_patterns,
+    exactly_widens,
+    keep_items,
+    keeps,
+    kept_names,
+    owners_from_name,
+)
+from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.files import PathLike, resolve_safetensors
+from vramfx.storage.safetensors_header import SAFETENSORS_DTYPES, read_header
+from vramfx.storage.source import TensorInfo, WeightSource
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConvertedSource", "convert"]
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class ConvertedSource:
+    """A weight source whose tensors are converted to other dtypes once, and then kept in host memory.
+
+    Parameters
+    ----------
+    source:
+        Where the original bytes come from (a DiskMap, host tensors).
+    dtypes:
+        Key to the dtype it is served in; keys it omits are not served.
+
+    Examples
+    --------
+    >>> from vramfx.storage.host import HostSource
+    >>> src = ConvertedSource(HostSource({"w": torch.ones(4)}), {"w": torch.bfloat16})
+    >>> src.info("w").nbytes
+    8
+    """
+
+    def __init__(self, source: WeightSource, dtypes: Mapping[str, torch.dtype]) -> None:
+        self._source = source
+        self._dtypes = dict(dtypes)
+        self._converted: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._dtypes
+
+    @property
+    def source(self) -> WeightSource:
+        """Where the original bytes come from."""
+        return self._source
+
+    def add(self, key: str, dtype: torch.dtype) -> None:
+        """Serve ``key`` in ``dtype`` too."""
+        self._dtypes[key] = dtype
+
+    def info(self, key: str) -> TensorInfo:
+        stored = self._source.info(key)
+        dtype = self._dtypes[key]
+        return TensorInfo(tuple(stored.shape), dtype, math.prod(stored.shape) * dtype.itemsize)
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        out.copy_(self._tensor(key).reshape(-1).view(torch.uint8))
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        # The reader thread and the resident load may ask for one key at once: convert it once.
+        with self._lock:
+            tensor = self._converted.get(key)
+            if tensor is None:
+                tensor = _read(self._source, key).to(self._dtypes[key]).contiguous()
+                self._converted[key] = tensor
+        return tensor
+
+
+def _read(source: WeightSource, key: str) -> torch.Tensor:
+    """The stored tensor ``key``, read whole through ``read_into``."""
+    info = source.info(key)
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    source.read_into(key, raw)
+    return raw.view(info.dtype).reshape(info.shape)
+
+
+def convert(
+    src: PathLike | Sequence[PathLike],
+    dst: PathLike,
+    *,
+    dtype: torch.dtype,
+    keep_in_compute_dtype: KeepSpec = "auto",
+    model: torch.nn.Module | None = None,
+) -> Path:
+    """Write a safetensors checkpoint whose weights are stored in ``dtype``.
+
+    Tensors are read, converted and written one at a time, so memory stays at about the largest
+    tensor whatever the checkpoint's size. Floating-point tensors the keep list names, and those
+    already in a dtype that converts exactly into ``dtype`` (an fp8 tensor when ``dtype`` is
+    bf16), are written as they are; integer tensors always are. A sharded checkpoint (a folder,
+    an index or a list of files) becomes a folder with the same shard names and, if ``src`` had
+    one, an index; other files (configs) are not copied.
+
+    Parameters
+    ----------
+    src:
+        A ``.safetensors`` file, a list of them, a ``*.index.json``, or a folder.
+    dst:
+        The file (for a single-file ``src``) or folder to write; it must not exist.
+    dtype:
+        The storage dtype: ``torch.float8_e4m3fn``, ``float8_e5m2``, ``bfloat16``, ``float16``.
+    keep_in_compute_dtype:
+        As for :func:`vramfx.compile`: the tensors left in their dtype.
+    model:
+        The model the checkpoint is for (built empty is fine). With it, the keep list's rules
+        about module classes and the model's own declared layers apply, exactly as ``compile``
+        applies them; without it, only rules about names and shapes do.
+
+    Returns
+    -------
+    Path
+        ``dst``.
+
+    Raises
+    ------
+    ValueError
+        If ``dtype`` is not a storage dtype, ``keep_in_compute_dtype`` is malformed, or ``dst``
+        exists.
+    WeightsError
+        If ``src`` is not readable safetensors.
+
+    Examples
+    --------
+    >>> fp8 = vramfx.convert("flux/transformer/", "flux-fp8/", dtype=torch.float8_e4m3fn)
+    >>> fast = vramfx.compile(model, "8GB", weights=fp8, storage_dtype=torch.float8_e4m3fn,
+    ...                       compute_dtype=torch.bfloat16)
+    """
+    if dtype not in STORAGE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in STORAGE_DTYPES)
+        raise ValueError(f"dtype must be one of {names}, got {dtype!r}")
+    keep = keep_items(keep_in_compute_dtype)
+    dst = Path(dst)
+    if dst.exists():
+        raise ValueError(f"dst {dst} exists; remove it or pass another path")
+    layout = resolve_safetensors(src)
+    single = layout.index is None and isinstance(src, (str, os.PathLike)) and Path(src).is_file()
+    stays = _keep_rule(model, keep)
+
+    if single:
+        _convert_file(layout.files[0], dst, dtype, stays)
+        return dst
+    dst.mkdir(parents=True)
+    try:
+        total = 0
+        for path in layout.files:
+            total += _convert_file(path, dst / path.name, dtype, stays)
+        if layout.index is not None:
+            index = json.loads(layout.index.read_text(encoding="utf-8"))
+            index.setdefault("metadata", {})["total_size"] = total
+            (dst / layout.index.name).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    except BaseException:
+        _remove_tree(dst)
+        raise
+    return dst
+
+
+def _keep_rule(model: torch.nn.Module | None, keep: Sequence) -> Callable[[str, int], bool]:
+    """Whether a checkpoint tensor, by name and number of dimensions, stays in its dtype."""
+    if model is None:
+        return lambda name, ndim: keeps(name, ndim, owners_from_name(name), keep)
+    kept = kept_names(model, keep)
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    declared = declared_patterns(model)
+
+    def stays(name: str, ndim: int) -> bool:
+        if name in parameters:
+            return name in kept
+        if name in buffers:
+            return True  # buffers are never stored low
+        # A key the model names differently (a checkpoint of a wrapper): judged by its name.
+        return keeps(name, ndim, owners_from_name(name), keep, declared)
+
+    return stays
+
+
+def _convert_file(src: Path, dst: Path, dtype: torch.dtype, stays: Callable[[str, int], bool]) -> int:
+    """Write ``src`` converted to ``dst`` atomically; return the data bytes written."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        infos, metadata = read_header(fd, str(src), os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    target = {}
+    for name, info in infos.items():
+        low = info.dtype.is_floating_point and not exactly_widens(info.dtype, dtype)
+        target[name] = dtype if low and not stays(name, len(info.shape)) else info.dtype
+    # Widest dtypes first, as safetensors' own writer orders data, so every tensor stays aligned.
+    order = sorted(infos, key=lambda n: (-target[n].itemsize, n))
+    header: dict[str, object] = {}
+    offset = 0
+    for name in order:
+        nbytes = math.prod(infos[name].shape) * target[name].itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[target[name]],
+            "shape": list(infos[name].shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    partial = dst.with_name(dst.name + ".partial")
+    try:
+        with DiskMap(src) as source, open(partial, "wb") as out:
+            out.write(len(encoded).to_bytes(8, "little"))
+            out.write(encoded)
+            for name in order:
+                tensor = _read(source, name)
+                if tensor.dtype != target[name]:
+                    tensor = tensor.to(target[name])
+                out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del tensor  # before the next read: one tensor in memory at a time
+        os.replace(partial, dst)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    log.info("converted %s -> %s (%d tensors)", src, dst, len(order))
+    return offset
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove what :func:`convert` wrote into ``folder``, and the folder."""
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
