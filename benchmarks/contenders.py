@@ -44,6 +44,7 @@ class Workload:
 def _llama(layers: int, hidden: int, inter: int, vocab: int, seq: int) -> Workload:
     from transformers import LlamaConfig, LlamaModel
 
+    # The full size is compile_cpu.py's and swap_cpu.py's workload (benchmarks/workloads.py).
     cfg = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
                max_position_embeddings=max(512, seq))
@@ -209,13 +210,13 @@ def _swap(swap: Any, workload: Workload, folder: Path, inputs: dict[str, Any], f
           mode: str) -> Contender:
     with vramfx.skip_model_initialization():
         model = workload.build().eval()
+    # Every module that owns weights is wrapped: Linear as a Linear, the rest generically.
+    owners = {type(m) for m in model.modules() if any(True for _ in m.parameters(recurse=False))}
+    module_map = {torch.nn.Linear: swap.AutoWrappedLinear,
+                  **{t: swap.AutoWrappedModule for t in owners if not issubclass(t, torch.nn.Linear)}}
     limit = int(weight_bytes(folder) * fraction)
-    disk_map = vramfx.DiskMap(folder)
-    swap.enable_vram_management(
-        model,
-        module_map={torch.nn.Linear: swap.AutoWrappedLinear, torch.nn.Module: swap.AutoWrappedModule},
-        vram_config=dict(offload_dtype="disk", offload_device="disk", onload_dtype="disk", onload_device="disk",
-                         preparing_dtype=torch.float32, preparing_device="cpu",
-                         computation_dtype=torch.float32, computation_device="cpu"),
-        vram_limit=limit, disk_map=disk_map, **({"prefetch": False} if mode == "sync" else {}))
-    return Contender(f"vramfx swap ({mode}) @ {fraction:.0%}", lambda: model(**inputs))
+    swap.enable_vram_management(model, module_map, dict(offload_dtype="disk", offload_device="disk",
+                                                        computation_device="cpu"),
+                                vram_limit=f"{limit}B", disk_map=vramfx.DiskMap(folder), prefetch=mode == "prefetch")
+    return Contender(f"vramfx swap ({mode}) @ {fraction:.0%}", lambda: model(**inputs),
+                     close=lambda: swap.offload(model))
