@@ -1,0 +1,296 @@
+"""vramfx against eager and the peers, side by side in one run, on the CPU.
+
+For each workload (a Llama-like LLM, a Flux-like DiT, a UNet; ~0.8 GB fp32 each, random weights
+saved once to safetensors under ``benchmarks/.cache``) every contender runs the same inputs: eager
+with all weights in RAM, vramfx ``compile`` at 50%, 25% and 10% of the weights, the vramfx
+layer-swap path, accelerate ``disk_offload``/``cpu_offload`` and diffusers group offloading
+(``block_level`` and ``leaf_level`` from disk). Calls are interleaved (one call of each contender
+per round, after a warm-up round) and each row reports the median, the ratio to eager, the peak
+RssAnon growth during its calls, the bytes read through ``read()`` per call, and the physical floor
+``max(eager compute, streamed bytes / link bandwidth)`` with the link measured in the same run.
+
+A cold-disk variant runs vramfx with page-cache bypass (``O_DIRECT``) and reports its overlap
+efficiency against the raw disk bandwidth measured in the same run.
+
+    python benchmarks/run.py            # full run; rewrites docs/benchmarks.md and its chart
+    python benchmarks/run.py --smoke    # tiny models, one call: checks the harness in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import contenders as c  # noqa: E402
+
+import vramfx  # noqa: E402
+from vramfx.budget import rss_anon_bytes  # noqa: E402
+from vramfx.measure import PeakMemory  # noqa: E402
+from vramfx.plan.plan import format_bytes  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@dataclass
+class Row:
+    """One contender's figures on one workload."""
+
+    workload: str
+    contender: str
+    median_s: float | None = None
+    ratio: float | None = None
+    held_bytes: int | None = None
+    peak_growth_bytes: int | None = None
+    read_bytes_per_call: int | None = None
+    streamed_bytes: int | None = None
+    floor_s: float | None = None
+    note: str = ""
+
+
+def read_syscall_bytes() -> int:
+    """Bytes this process asked for through read()-family calls (``rchar``), page cache or disk."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def page_cache_bandwidth(folder: Path) -> float:
+    """Bytes/s of reading the weights with ``read_into`` from a warm page cache (the link)."""
+    with vramfx.DiskMap(folder) as weights:
+        for key in weights:  # warm
+            weights[key]
+        buffer = torch.empty(max(weights.info(k).nbytes for k in weights), dtype=torch.uint8)
+        start = time.perf_counter()
+        for key in weights:
+            n = weights.info(key).nbytes
+            weights.read_into(key, buffer[:n])
+        return weights.nbytes / (time.perf_counter() - start)
+
+
+def disk_bandwidth(folder: Path) -> float:
+    """Bytes/s of reading the weights with ``O_DIRECT`` (cold: the page cache is bypassed)."""
+    with vramfx.DiskMap(folder) as weights:
+        buffer = torch.empty(max(weights.info(k).nbytes for k in weights), dtype=torch.uint8)
+        start = time.perf_counter()
+        for key in weights:
+            n = weights.info(key).nbytes
+            weights.read_into(key, buffer[:n], bypass_page_cache=True)
+        return weights.nbytes / (time.perf_counter() - start)
+
+
+def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | None, int, str]:
+    """Set a contender up; what it holds is the RssAnon it adds, measured after a warm-up call."""
+    gc.collect()
+    before = rss_anon_bytes()
+    try:
+        contender = make()
+        with torch.no_grad():
+            contender.call()
+            # Bytes read per call, counted on a call of its own: the RSS sampler reads /proc too.
+            read_before = read_syscall_bytes()
+            contender.call()
+            contender.read_bytes_per_call = read_syscall_bytes() - read_before
+    except Exception as exc:  # a peer that cannot run this workload is reported, not fatal
+        traceback.print_exc(limit=2, file=sys.stderr)
+        return None, 0, f"{label}: failed: {type(exc).__name__}: {str(exc)[:120]}"
+    gc.collect()
+    return contender, max(0, rss_anon_bytes() - before), ""
+
+
+def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
+    folder = c.ensure_saved(workload)
+    inputs = workload.inputs()
+    total = c.weight_bytes(folder)
+    link = page_cache_bandwidth(folder)
+    makers: list[tuple[str, Callable[[], c.Contender]]] = [
+        ("eager", lambda: c.eager(workload, folder, inputs)),
+        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, folder, inputs, f)) for f in args.fractions],
+        *c.swap_contenders(workload, folder, inputs, 0.25),
+        ("accelerate cpu_offload", lambda: c.accelerate_cpu_offload(workload, folder, inputs)),
+        ("accelerate disk_offload", lambda: c.accelerate_disk_offload(workload, folder, inputs)),
+        ("diffusers block_level", lambda: c.diffusers_group_offload(workload, folder, inputs, "block_level")),
+        ("diffusers leaf_level", lambda: c.diffusers_group_offload(workload, folder, inputs, "leaf_level")),
+    ]
+    built: list[tuple[c.Contender, int]] = []
+    failed: list[Row] = []
+    for label, make in makers:
+        contender, held, failure = build(label, make)
+        if contender is None:
+            failed.append(Row(workload.name, label, note=failure))
+        else:
+            built.append((contender, held))
+
+    times: dict[str, list[float]] = {ct.name: [] for ct, _ in built}
+    growth: dict[str, int] = dict.fromkeys(times, 0)
+    with torch.no_grad():
+        for _ in range(args.calls):
+            for contender, _ in built:
+                gc.collect()
+                with PeakMemory("cpu") as peak:
+                    start = time.perf_counter()
+                    contender.call()
+                    times[contender.name].append(time.perf_counter() - start)
+                growth[contender.name] = max(growth[contender.name], peak.growth_bytes)
+
+    eager_s = statistics.median(times[built[0][0].name]) if built and built[0][0].name.startswith("eager") else None
+    rows: list[Row] = []
+    for contender, held in built:
+        median = statistics.median(times[contender.name])
+        streamed = contender.streamed_bytes
+        floor = max(eager_s, streamed / link) if eager_s is not None and streamed is not None else None
+        rows.append(Row(workload.name, contender.name, median, median / eager_s if eager_s else None, held,
+                        growth[contender.name], contender.read_bytes_per_call, streamed, floor))
+        contender.close()
+    rows += failed
+    if not args.smoke:
+        rows.append(cold_disk_row(workload, folder, inputs, eager_s, args))
+    del built
+    gc.collect()
+    print_rows(rows, header=f"{workload.name}: {format_bytes(total)} of weights; page-cache link "
+                            f"{link / 1e9:.2f} GB/s", stream=sys.stdout)
+    return rows
+
+
+def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], eager_s: float | None,
+                  args: argparse.Namespace) -> Row:
+    """vramfx at 25% reading with O_DIRECT: overlap efficiency against the raw disk bandwidth."""
+    disk = disk_bandwidth(folder)
+    label = "vramfx @ 25%, cold disk (O_DIRECT)"
+    contender, held, failure = build(label, lambda: c.vramfx_compiled(
+        workload, folder, inputs, 0.25, bypass_page_cache=True, label=label))
+    if contender is None:
+        return Row(workload.name, label, note=failure)
+    with torch.no_grad():
+        samples = []
+        for _ in range(max(3, args.calls // 2)):
+            start = time.perf_counter()
+            contender.call()
+            samples.append(time.perf_counter() - start)
+    median = statistics.median(samples)
+    floor = max(eager_s or 0.0, contender.streamed_bytes / disk)
+    contender.close()
+    return Row(workload.name, label, median, median / eager_s if eager_s else None, held, None, None,
+               contender.streamed_bytes, floor,
+               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}")
+
+
+def print_rows(rows: list[Row], header: str, stream: Any) -> None:
+    print(f"\n== {header}", file=stream)
+    print(f"{'contender':40s} {'median':>9s} {'x eager':>8s} {'held':>10s} {'peak+':>10s} "
+          f"{'read/call':>10s} {'floor':>9s}  note", file=stream)
+    for r in rows:
+        print(f"{r.contender:40s} {_ms(r.median_s):>9s} {_x(r.ratio):>8s} {_b(r.held_bytes):>10s} "
+              f"{_b(r.peak_growth_bytes):>10s} {_b(r.read_bytes_per_call):>10s} {_ms(r.floor_s):>9s}  {r.note}",
+              file=stream)
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:.0f} ms"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _b(n: int | None) -> str:
+    return "-" if n is None else format_bytes(n)
+
+
+def machine() -> dict[str, Any]:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cores": os.cpu_count(), "memory": format_bytes(mem), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "date": date.today().isoformat()}
+
+
+def write_docs(rows: list[Row], info: dict[str, Any]) -> None:
+    DOCS.mkdir(exist_ok=True)
+    lines = ["# Benchmarks", "",
+             "Generated by `python benchmarks/run.py` (do not edit by hand). All contenders run in one "
+             "process on the same inputs, calls interleaved; figures are medians after a warm-up.", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+             "Columns: *held* is the RssAnon a contender keeps between calls (its weights, arena, "
+             "buffers); *peak+* the largest RssAnon growth during one of its calls; *read/call* the "
+             "bytes read through read() per call (page cache or disk; mmap-based readers such as "
+             "accelerate's offload show 0 here); *floor* = max(eager compute, streamed bytes / link "
+             "bandwidth), the link being the page-cache read bandwidth measured in the same run (the "
+             "disk bandwidth for the cold row).", ""]
+    for workload in dict.fromkeys(r.workload for r in rows):
+        lines += [f"## {workload}", "", "| contender | median | × eager | held | peak+ | read/call | floor | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in (r for r in rows if r.workload == workload):
+            lines.append(f"| {r.contender} | {_ms(r.median_s)} | {_x(r.ratio)} | {_b(r.held_bytes)} | "
+                         f"{_b(r.peak_growth_bytes)} | {_b(r.read_bytes_per_call)} | {_ms(r.floor_s)} | {r.note} |")
+        lines.append("")
+    if chart(rows, DOCS / "benchmarks.png"):
+        lines += ["![time per call relative to eager](benchmarks.png)", ""]
+    (DOCS / "benchmarks.md").write_text("\n".join(lines))
+
+
+def chart(rows: list[Row], path: Path) -> bool:
+    """A bar chart of ratios to eager per workload; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'vramfx[plot]'); no chart written", file=sys.stderr)
+        return False
+    workloads = list(dict.fromkeys(r.workload for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        data = [(r.contender, r.ratio) for r in rows if r.workload == workload and r.ratio is not None]
+        ax.barh([d[0] for d in data][::-1], [d[1] for d in data][::-1],
+                color=["#2a7" if d[0].startswith("vramfx") else "#888" for d in data][::-1])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(workload)
+        ax.set_xlabel("time per call / eager")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models, one call: check the harness")
+    parser.add_argument("--calls", type=int, default=None, help="timed rounds (default 5; 1 with --smoke)")
+    parser.add_argument("--only", nargs="*", help="workload names to run (llama, flux, unet)")
+    parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args()
+    args.calls = args.calls or (1 if args.smoke else 5)
+    args.fractions = (0.5, 0.25, 0.1)
+    c.CACHE.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
+    rows: list[Row] = []
+    for workload in c.workloads(args.smoke):
+        if args.only and workload.name not in args.only:
+            continue
+        rows += run_workload(workload, args)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
+    if not args.smoke and not args.no_docs:
+        write_docs(rows, info)
+
+
+if __name__ == "__main__":
+    main()
