@@ -19,6 +19,7 @@ efficiency against the raw disk bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -94,13 +95,28 @@ def disk_bandwidth(folder: Path) -> float:
         return weights.nbytes / (time.perf_counter() - start)
 
 
+def settle() -> None:
+    """Free what is garbage and hand freed heap back to the OS, so RssAnon deltas are a contender's own.
+
+    Without the trim, memory an earlier contender freed stays in glibc's heap and the next one's
+    allocations reuse it: its RssAnon barely grows and it looks as if it held nothing.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: deltas are rougher, still reported
+        pass
+
+
 def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | None, int, str]:
     """Set a contender up; what it holds is the RssAnon it adds, measured after a warm-up call."""
-    gc.collect()
+    settle()
     before = rss_anon_bytes()
     try:
         contender = make()
         with torch.no_grad():
+            # Two warm-up calls: paths that plan on their first call load kept weights on the second.
+            contender.call()
             contender.call()
             # Bytes read per call, counted on a call of its own: the RSS sampler reads /proc too.
             read_before = read_syscall_bytes()
@@ -109,7 +125,7 @@ def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | No
     except Exception as exc:  # a peer that cannot run this workload is reported, not fatal
         traceback.print_exc(limit=2, file=sys.stderr)
         return None, 0, f"{label}: failed: {type(exc).__name__}: {str(exc)[:120]}"
-    gc.collect()
+    settle()
     return contender, max(0, rss_anon_bytes() - before), ""
 
 

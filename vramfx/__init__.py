@@ -1,17 +1,28 @@
 """vramfx: run PyTorch models whose weights do not fit in device memory, under a byte budget.
 
-The public API lives here; everything else is an implementation detail.
+The public API lives here; everything else is an implementation detail. ``compile`` and
+``CompiledModule`` are imported on first use: they pull in torch.export and dynamo (seconds),
+which ``vramfx inspect`` or loading weights never need.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from vramfx.budget import parse_budget
-from vramfx.compiled import CompiledModule
-from vramfx.compiler import compile
 from vramfx.errors import BudgetError, CaptureError, VramfxError, WeightsError
 from vramfx.init import skip_model_initialization
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan
 from vramfx.storage import DiskMap, load_state_dict
 from vramfx.storage.convert import convert
+
+if TYPE_CHECKING:
+    from vramfx.compiled import CompiledModule
+    from vramfx.compiler import compile
+
+_LAZY = {"compile": "vramfx.compiler", "CompiledModule": "vramfx.compiled"}
 
 __all__ = [
     "BudgetError",
@@ -28,3 +39,11 @@ __all__ = [
     "parse_budget",
     "skip_model_initialization",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vramfx' has no attribute {name!r}")

@@ -22,17 +22,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vramfx.budget import parse_budget
-from vramfx.capture import Captured, capture
-from vramfx.compiler import ALIGNMENT, DEFAULT_MARGIN_BYTES, link_bytes_per_s
 from vramfx.errors import BudgetError, VramfxError
 from vramfx.plan.costs import CostModel
-from vramfx.plan.liveness import build_liveness
 from vramfx.plan.plan import Plan, format_bytes, format_seconds
-from vramfx.plan.schedule import schedule
 from vramfx.plan.types import Liveness
 from vramfx.precision import Precision, precision_from_arguments, storage_dtypes
 from vramfx.report.checkpoint import format_checkpoint, summarize_checkpoint
@@ -46,6 +43,9 @@ from vramfx.storage.convert import ConvertedSource
 from vramfx.storage.diskmap import DiskMap
 from vramfx.weights import WeightRef, resolve_weights
 from vramfx.workload import load_workload
+
+if TYPE_CHECKING:
+    from vramfx.capture import Captured
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -156,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     """``vramfx plan``: every argument checked first, then load, capture, plan, and write."""
+    # Imported here: torch.export and dynamo take seconds, which inspect and bad arguments skip.
+    from vramfx.capture import capture
+    from vramfx.compiler import ALIGNMENT, DEFAULT_MARGIN_BYTES, link_bytes_per_s
+    from vramfx.plan.liveness import build_liveness
+    from vramfx.plan.schedule import schedule
+
     device, device_note = _device(args.device)
     budget_bytes = _budget(args.budget, device)
     calls = DEFAULT_CALLS if args.calls is None else args.calls
