@@ -206,6 +206,31 @@ def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], ea
                note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}")
 
 
+READING = """## Reading the figures
+
+- **On a CPU, streaming costs the copy's time.** vramfx's reader thread copies each streamed
+  weight from the page cache into the arena (`pread`, about 4-6 GB/s on one core here). The
+  compute kernels use every core and wait for their slowest thread, so a core taken by the copy
+  slows them by about the copy's own duration: a call costs roughly eager + streamed bytes / copy
+  bandwidth (the CPU cost model's `copy_interference` is 1.0 for this reason). Overlap cannot hide
+  work that needs the same cores; on a GPU the copy engine is separate hardware and the same plan
+  hides it (see `benchmarks/gpu_check.py`). Fewer streamed bytes is what helps on a CPU, which is
+  why the planner fills the budget with resident weights first.
+- **The peers that look fast keep the model in RAM or map it.** accelerate `cpu_offload` on a
+  CPU moves weights from the CPU to the CPU: it holds the whole model. diffusers group offloading
+  from disk memory-maps the safetensors files it wrote and onloads by pointing at those pages: no
+  copy at all, but the weights then live in the page cache (file-backed, not counted as RssAnon)
+  and the budget is whatever the kernel leaves it; its *held* column shows the anonymous memory it
+  keeps besides. vramfx copies into memory it owns, so the budget it reports is the memory it uses,
+  and kernels see 64-byte-aligned weights (bit-identical results).
+- **read/call** counts bytes read through read() calls; readers that map files (accelerate's
+  offload, diffusers' group offloading) read through page faults, which this column does not see.
+- **Cold disk.** With `O_DIRECT` the page cache is bypassed and the disk is the link; the overlap
+  efficiency is max(eager compute, streamed bytes / disk bandwidth) / measured time, the disk
+  bandwidth measured in the same run with the same reads.
+"""
+
+
 def print_rows(rows: list[Row], header: str, stream: Any) -> None:
     print(f"\n== {header}", file=stream)
     print(f"{'contender':40s} {'median':>9s} {'x eager':>8s} {'held':>10s} {'peak+':>10s} "
@@ -256,7 +281,8 @@ def write_docs(rows: list[Row], info: dict[str, Any]) -> None:
         lines.append("")
     if chart(rows, DOCS / "benchmarks.png"):
         lines += ["![time per call relative to eager](benchmarks.png)", ""]
-    (DOCS / "benchmarks.md").write_text("\n".join(lines))
+    lines += READING.splitlines()
+    (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
 def chart(rows: list[Row], path: Path) -> bool:
