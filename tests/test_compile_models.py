@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 import vramfx
-from tiny_models import ARCHS, build_empty, build_saved, minimum_budget
-
-
-def assert_same(expected: object, actual: object) -> None:
-    exp_leaves, exp_spec = pytree.tree_flatten(expected)
-    act_leaves, act_spec = pytree.tree_flatten(actual)
-    assert type(actual) is type(expected)
-    assert exp_spec == act_spec
-    for e, a in zip(exp_leaves, act_leaves):
-        if isinstance(e, torch.Tensor):
-            assert torch.equal(e, a), "compiled output differs from eager"
-        else:
-            assert e == a
+from tiny_models import ARCHS, assert_same_output, build_empty, build_saved, minimum_budget
 
 
 @pytest.mark.parametrize("arch_name", list(ARCHS))
@@ -36,8 +23,8 @@ def test_compiled_equals_eager_while_streaming(arch_name, tmp_path):
     weight_bytes = sum(t.numel() * t.element_size() for t in eager.state_dict().values())
     for budget in (minimum, minimum + weight_bytes // 3):
         fast = vramfx.compile(empty, budget=budget, weights=weights, device="cpu")
-        assert_same(expected, fast(**inputs))
-        assert_same(expected, fast(**inputs))
+        assert_same_output(expected, fast(**inputs))
+        assert_same_output(expected, fast(**inputs))
         plan = fast.plan
         assert plan.streamed_bytes > 0
         assert plan.peak_bytes <= budget

@@ -133,9 +133,10 @@ def build_empty(arch: Arch) -> torch.nn.Module:
 
 
 def assert_same_output(expected: object, actual: object) -> None:
-    """Same output structure, tensors equal bit for bit."""
+    """Same output type and structure, tensors equal bit for bit."""
     from torch.utils import _pytree as pytree
 
+    assert type(actual) is type(expected)
     exp_leaves, exp_spec = pytree.tree_flatten(expected)
     act_leaves, act_spec = pytree.tree_flatten(actual)
     assert exp_spec == act_spec
