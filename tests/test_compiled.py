@@ -89,7 +89,8 @@ def test_budget_is_kept_measured_as_rss_anon(tmp_path):
     assert all(torch.equal(expected, out) for out in outputs)
     assert fast.plan.peak_bytes <= budget
     assert fast.plan.streamed_bytes > 0
-    # Stated margin: the captured graph's Python objects and torch.export's one-time state.
+    # Stated margin: the captured graph's Python objects. torch.export's one-time state (~90 MB
+    # on the first compile in a process) is already paid by the earlier tests in this module.
     margin = 32 * 2**20
     assert peak.growth_bytes <= budget + margin, (peak.growth_bytes, budget)
 
