@@ -81,6 +81,8 @@ def test_budget_is_kept_measured_as_rss_anon(tmp_path):
 
     with vramfx.skip_model_initialization():
         empty = LlamaModel(config).eval()
+    # torch.export's one-time state (~90 MB on a process's first compile) is not the model's.
+    vramfx.compile(torch.nn.Linear(2, 2), budget="16MiB", device="cpu", example_args=(torch.ones(1, 2),))
     budget = weight_bytes // 4
     with PeakMemory("cpu") as peak:
         fast = vramfx.compile(empty, budget=budget, weights=vramfx.DiskMap(tmp_path), device="cpu",
@@ -89,8 +91,7 @@ def test_budget_is_kept_measured_as_rss_anon(tmp_path):
     assert all(torch.equal(expected, out) for out in outputs)
     assert fast.plan.peak_bytes <= budget
     assert fast.plan.streamed_bytes > 0
-    # Stated margin: the captured graph's Python objects. torch.export's one-time state (~90 MB
-    # on the first compile in a process) is already paid by the earlier tests in this module.
+    # Stated margin: the captured graph's Python objects and the allocator's slack.
     margin = 32 * 2**20
     assert peak.growth_bytes <= budget + margin, (peak.growth_bytes, budget)
 
