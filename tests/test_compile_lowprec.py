@@ -8,10 +8,9 @@ import gc
 
 import pytest
 import torch
-from test_compile_models import assert_same
 
 import vramfx
-from tiny_models import ARCHS, build_empty, build_saved, minimum_budget
+from tiny_models import ARCHS, assert_same_output, build_empty, build_saved, minimum_budget
 from vramfx.capture import capture
 from vramfx.measure import PeakMemory
 from vramfx.plan.costs import CostModel
@@ -65,13 +64,13 @@ def test_compiled_equals_eager_through_the_storage_dtype(arch_name, storage, com
     options = {"storage_dtype": storage, "compute_dtype": compute}
     minimum = minimum_budget(empty, weights, inputs, **options)
     at_minimum = vramfx.compile(empty, budget=minimum, weights=weights, device="cpu", **options)
-    assert_same(expected, at_minimum(**inputs))
+    assert_same_output(expected, at_minimum(**inputs))
     stored_bytes = at_minimum.plan.weight_bytes
     budget = minimum + stored_bytes // 3
     fast = vramfx.compile(empty, budget=budget, weights=weights, device="cpu", **options)
     assert fast.dtype == compute
-    assert_same(expected, fast(**inputs))
-    assert_same(expected, fast(**inputs))
+    assert_same_output(expected, fast(**inputs))
+    assert_same_output(expected, fast(**inputs))
     plan = fast.plan
     assert plan.peak_bytes <= budget and plan.streamed_bytes > 0
     casts = [s for s in plan.steps if s.op == "cast"]
@@ -93,7 +92,7 @@ def test_a_pre_converted_checkpoint_is_read_as_it_is_and_gives_the_same_result(a
     options = {"storage_dtype": FP8, "compute_dtype": torch.bfloat16}
     minimum = minimum_budget(empty, fp8, inputs, **options)
     fast = vramfx.compile(empty, budget=minimum, weights=fp8, device="cpu", **options)
-    assert_same(expected, fast(**inputs))
+    assert_same_output(expected, fast(**inputs))
     graph = fast.compiled_graphs[0]
     low = {n for n, r in graph.engine.refs.items() if r.dtype == FP8}
     assert low and all(graph.engine.refs[n].source is fp8 for n in low), "fp8 bytes come straight from the file"
@@ -193,7 +192,7 @@ def test_the_cuda_engine_runs_casts_on_the_compute_side_with_the_same_result(sou
     use_cuda_engine(fast, ThreadStreams(copy_delay_s=0.0005), pinned=small_pinned())
     assert fast.plan.casts and fast.plan.transfers
     for _ in range(2):
-        assert_same(expected, fast(**inputs))
+        assert_same_output(expected, fast(**inputs))
 
 
 def test_with_precision_options_a_model_that_cannot_be_captured_is_an_error_not_a_fallback():

@@ -14,8 +14,7 @@ import pytest
 import torch
 from fake_streams import FakePinner, ThreadStreams
 from test_rewrite import planned
-from tiny_models import ARCHS, build_empty, build_saved, streaming_budget
-from torch.utils import _pytree as pytree
+from tiny_models import ARCHS, assert_same_output, build_empty, build_saved, streaming_budget
 
 import vramfx
 from vramfx.runtime import cuda as cuda_module
@@ -49,12 +48,6 @@ def cast(inputs: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
-def assert_same(expected, actual) -> None:
-    for e, a in zip(pytree.tree_leaves(expected), pytree.tree_leaves(actual)):
-        if isinstance(e, torch.Tensor):
-            assert torch.equal(e, a)
-
-
 @pytest.mark.parametrize(
     "arch, dtype, storage",
     [("llama", torch.float32, "disk"), ("llama", torch.bfloat16, "host"),
@@ -77,7 +70,7 @@ def test_real_models_equal_eager_through_the_cuda_engine(tmp_path, arch, dtype, 
     (engine,) = use_cuda_engine(fast, streams, pinned=pinned)
     assert fast.plan.transfers, "the budget streams weights"
     for _ in range(2):  # the second call reuses slots the first one dropped
-        assert_same(expected, fast(**inputs))
+        assert_same_output(expected, fast(**inputs))
     assert engine.staging_bytes <= 3 * 4096, "host memory for staging is the ring, whatever the model"
     if storage == "host":
         assert pinned.pinned_bytes > 0, "host weights were copied straight from pinned memory"
@@ -153,7 +146,7 @@ def test_a_read_failure_raises_at_wait_and_the_next_call_runs_clean(tmp_path, mo
     with pytest.raises(vramfx.WeightsError, match=r"reading weights .* failed: .*injected"):
         fast(**inputs)
     monkeypatch.setattr(cuda_module, "read_range", real)
-    assert_same(expected, fast(**inputs))
+    assert_same_output(expected, fast(**inputs))
     fast.release()
     assert threading.active_count() <= threads
     streams.close()
@@ -166,7 +159,7 @@ def test_when_pinning_hits_a_limit_weights_are_staged_with_one_warning(tmp_path,
     use_cuda_engine(fast, streams, pinned=pinned)
     with caplog.at_level(logging.WARNING, logger="vramfx.runtime.pinned"):
         for _ in range(2):
-            assert_same(expected, fast(**inputs))
+            assert_same_output(expected, fast(**inputs))
     assert len([r for r in caplog.records if "could not page-lock" in r.getMessage()]) == 1
     assert 0 < pinned.pinned_bytes <= 8 * PAGE
     fast.release()
