@@ -12,15 +12,24 @@ def test_omitted_fields_fall_back_to_the_computation_state():
     config = VramConfig.from_dict(dict(offload_dtype=torch.bfloat16, computation_dtype=torch.float32,
                                        computation_device="cpu"))
     assert config.offload == Placement(torch.device("cpu"), torch.bfloat16)
-    assert config.onload == config.preparing == config.computation == Placement(torch.device("cpu"), torch.float32)
+    assert config.onload == config.computation == Placement(torch.device("cpu"), torch.float32)
     assert config.device == torch.device("cpu")
+    # Kept weights are held as streamed ones are unless a preparing dtype is asked for.
+    assert config.preparing == Placement(torch.device("cpu"), None)
 
 
 def test_disk_means_the_disk_map_for_either_field():
     for fields in (dict(offload_device="disk"), dict(offload_dtype="disk"),
                    dict(offload_dtype="disk", offload_device="disk")):
-        config = VramConfig.from_dict({**fields, "computation_device": "cpu"})
-        assert config.offload.on_disk and not config.onload.on_disk
+        config = VramConfig.from_dict({**fields, "computation_device": "cpu", "computation_dtype": torch.bfloat16})
+        assert config.offload == Placement(None, None), "on disk, an omitted dtype is the file's"
+        assert not config.onload.on_disk
+
+
+def test_a_dtype_on_disk_is_what_values_read_from_it_are_rounded_to():
+    config = VramConfig.from_dict(dict(offload_device="disk", offload_dtype=torch.float8_e4m3fn,
+                                       computation_dtype=torch.bfloat16, computation_device="cpu"))
+    assert config.offload == Placement(None, torch.float8_e4m3fn) and config.offload.on_disk
 
 
 def test_a_dtype_applies_to_floating_tensors_only():
@@ -34,7 +43,7 @@ def test_a_dtype_applies_to_floating_tensors_only():
     "config, match",
     [
         (dict(offload_dtypes=torch.float16), r"unknown key\(s\) offload_dtypes; the keys are offload_dtype"),
-        (dict(offload_device="disk", offload_dtype=torch.float16), r'"offload_dtype"\]=torch.float16 conflicts with "disk"'),
+        (dict(offload_device="cpu", offload_dtype="disk"), r'"offload_device"\]=\'cpu\' conflicts with offload_dtype="disk"'),
         (dict(computation_device="disk"), r'"computation_device"\] cannot be "disk"'),
         (dict(computation_dtype="disk"), r'"computation_dtype"\] cannot be "disk"'),
         (dict(preparing_device="disk"), r'"preparing_device"\] must be the computation device'),

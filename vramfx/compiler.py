@@ -114,9 +114,8 @@ def compile(
         embeddings, biases and other small tensors, positional and patch embeddings, modulation
         layers, and the layers the model declares sensitive; see ``docs/low-precision.md``),
         ``"minimal"`` (the same without the name patterns), weight or module names, glob
-        patterns, ``nn.Module`` classes, or a list mixing them; ``None`` keeps nothing. With
-        ``storage_dtype`` or ``compute_dtype`` the model must be capturable: the module-level
-        path (fallback, ``generate``) does not honour them yet.
+        patterns, ``nn.Module`` classes, or a list mixing them; ``None`` keeps nothing. The
+        module-level path (fallback, ``generate``) stores and computes the same way.
 
     Returns
     -------
@@ -174,9 +173,9 @@ def compile(
     def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore) -> CompiledGraph:
         return build_graph(model, args, kwargs, source, options, store)
 
-    # The module-level path does not store or compute in other dtypes yet: with them, no fallback.
-    fallback = None if precision is not None else (lambda: module_path(model, source, options))
-    compiled = CompiledModule(model, device, build, module_path=fallback, dtype=compute_dtype)
+    compiled = CompiledModule(
+        model, device, build, module_path=lambda: module_path(model, source, options), dtype=compute_dtype
+    )
     if example_args is not None or example_kwargs is not None:
         compiled.prepare(tuple(example_args or ()), canonical_kwargs(example_kwargs or {}))
     return compiled
@@ -225,6 +224,7 @@ def module_path(model: torch.nn.Module, source: Any, options: CompileOptions) ->
         margin_bytes=options.margin_bytes,
         calls=options.calls,
         bypass_page_cache=options.bypass_page_cache,
+        precision=options.precision,
     )
 
 

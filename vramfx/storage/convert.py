@@ -84,6 +84,11 @@ class ConvertedSource:
     def read_into(self, key: str, out: torch.Tensor) -> None:
         out.copy_(self._tensor(key).reshape(-1).view(torch.uint8))
 
+    def convert_all(self) -> None:
+        """Convert every tensor served now, so no later read pays for it (or grows memory)."""
+        for key in self._dtypes:
+            self._tensor(key)
+
     def _tensor(self, key: str) -> torch.Tensor:
         # The reader thread and the resident load may ask for one key at once: convert it once.
         with self._lock:

@@ -4,6 +4,10 @@ The keys are those of the well-known layer-swap implementation, so its users swi
 an import. Each pair names one state of a wrapped module's weights: *offload* (where they rest),
 *onload* (where they wait while the model is in use), *preparing* (kept on the compute device
 while the limit allows) and *computation* (the dtype and device the op runs in).
+
+The dtype weights rest in (offload, or onload after :func:`vramfx.swap.onload`) decides the
+values the op sees; a preparing dtype only decides how kept weights are held, never their values
+(see :mod:`vramfx.swap.units`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ KEYS = tuple(f"{state}_{field}" for state in STATES for field in ("dtype", "devi
 class Placement:
     """Where one state keeps weights: a device and a dtype, or the disk map.
 
-    ``device is None`` means on disk. ``dtype is None`` means every tensor keeps its own dtype;
-    a dtype applies to floating-point tensors only (integer tensors are never cast).
+    ``device is None`` means on disk; a dtype there means the values read are rounded to it
+    (unless the file's dtype converts into it exactly). ``dtype is None`` means every tensor
+    keeps its own dtype — for the preparing state, the dtype streamed copies are held in; a
+    dtype applies to floating-point tensors only (integer tensors are never cast).
     """
 
     device: torch.device | None
@@ -73,11 +79,16 @@ class VramConfig:
     def from_dict(cls, vram_config: Mapping[str, Any] | None) -> "VramConfig":
         """Parse and check the 8 keys; an omitted dtype or device falls back to the computation one.
 
+        Except two dtypes: on ``"disk"`` an omitted dtype is the file's, and an omitted
+        ``preparing_dtype`` holds kept weights as streamed ones are held (their stored dtype
+        when it is narrower than the computation dtype, cast per call; else the computation
+        dtype).
+
         Raises
         ------
         ValueError
-            For an unknown key, a value that is no dtype or device, ``"disk"`` paired with a
-            real device or dtype, or a ``"disk"`` preparing or computation state.
+            For an unknown key, a value that is no dtype or device, a ``"disk"`` dtype paired
+            with a real device, or a ``"disk"`` preparing or computation state.
         """
         if not isinstance(vram_config, (Mapping, type(None))):
             raise ValueError(f"vram_config must be a dict with keys {', '.join(KEYS)}; got {type(vram_config).__name__}")
@@ -132,19 +143,18 @@ def parse_vram_limit(vram_limit: int | float | str | None, device: torch.device)
 
 
 def _placement(config: dict[str, Any], state: str, computation: Placement) -> Placement:
-    """One state's placement, with the computation one filling what is omitted."""
+    """One state's placement, with the computation one filling what is omitted (see from_dict)."""
     raw_device, raw_dtype = config.get(f"{state}_device"), config.get(f"{state}_dtype")
+    if raw_dtype == DISK and raw_device not in (None, DISK):
+        raise ValueError(
+            f'vram_config["{state}_device"]={raw_device!r} conflicts with {state}_dtype="disk"; set '
+            f'{state}_device to "disk" too, or {state}_dtype to a torch dtype'
+        )
+    dtype = _dtype(raw_dtype, f"{state}_dtype")
     if DISK in (raw_device, raw_dtype):
-        for key, value in ((f"{state}_device", raw_device), (f"{state}_dtype", raw_dtype)):
-            if value not in (None, DISK):
-                raise ValueError(
-                    f'vram_config["{key}"]={value!r} conflicts with "disk" for the other {state} '
-                    f'field; set both {state}_dtype and {state}_device to "disk"'
-                )
-        return Placement(None, None)
+        return Placement(None, dtype)
     device = _device(raw_device, f"{state}_device") or computation.device
-    dtype = _dtype(raw_dtype, f"{state}_dtype") or computation.dtype
-    return Placement(device, dtype)
+    return Placement(device, dtype or (None if state == "preparing" else computation.dtype))
 
 
 def _device(value: Any, key: str) -> torch.device | None:

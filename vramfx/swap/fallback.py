@@ -18,16 +18,19 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from vramfx.errors import BudgetError
 from vramfx.plan.plan import format_bytes
+from vramfx.precision import Precision, kept_names
+from vramfx.storage.convert import ConvertedSource
 from vramfx.swap.config import Placement
 from vramfx.swap.patch import bound_calls, swapped_forward
 from vramfx.swap.runtime import SwapRuntime, SwapStats
-from vramfx.swap.units import Unit, UnitBuilder, loose_tensors, materialise
+from vramfx.swap.units import Slot, Unit, UnitBuilder, loose_tensors, materialise, rest_dtype
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,15 @@ class ModulePath:
     Every module that holds parameters is a unit; its parameters are moved in for its forward.
     Buffers are put on the device once (some models write them during forward). The budget
     covers the margin, those buffers, the activations measured on the first call, and the
-    weights the runtime holds (kept modules, the streaming arena).
+    weights the runtime holds (kept modules, the streaming arena, the upcast region).
+
+    With a ``precision`` (compile's ``storage_dtype`` / ``compute_dtype``), weights are stored
+    and computed as compiled graphs do: each floating-point parameter outside the keep list is
+    stored in the storage dtype, the others in the compute dtype — read as the source holds
+    them when that converts into it exactly, else converted once into host memory — and held
+    so on the device, kept or streamed; each call casts them up there. Floating-point buffers
+    are used in the compute dtype. The model itself is left as it was between calls: its
+    parameters and buffers are swapped in for each call and back after it.
 
     Parameters
     ----------
@@ -50,6 +61,8 @@ class ModulePath:
         The compute device.
     budget_bytes, margin_bytes, calls, bypass_page_cache:
         As for :func:`vramfx.compile`.
+    precision:
+        Storage and compute dtypes and the keep list, as :func:`vramfx.compile` checked them.
 
     Raises
     ------
@@ -69,6 +82,7 @@ class ModulePath:
         margin_bytes: int,
         calls: int,
         bypass_page_cache: bool = False,
+        precision: Precision | None = None,
     ) -> None:
         self.model = model
         builder = UnitBuilder(model, source)
@@ -80,29 +94,31 @@ class ModulePath:
         slots = [builder.slots(module, name, recursive=False, required=False) for name, module in owners]
         loose = loose_tensors(model, builder, {id(module) for _, module in owners})
         builder.raise_problems(type(model).__name__)
-        units = [
-            Unit(
-                name or type(module).__name__,
-                unit_slots,
-                device=device,
-                compute_dtypes=tuple(s.dtype for s in unit_slots),
-                prepared_dtypes=tuple(s.dtype for s in unit_slots),
-            )
-            for (name, module), unit_slots in zip(owners, slots)
-        ]
-        largest = max((u.stream_bytes() for u in units), default=0)
-        buffers = sum(_nbytes(t.store[t.local]) for t in loose if not t.placed_on(device))
-        minimum = margin_bytes + buffers + largest
+        # What the model holds now: put back after every call.
+        self._places = [(module._parameters, local) for unit_slots in slots for s in unit_slots for module, local in s.places]
+        self._places += [(t.store, t.local) for t in loose]
+        self._originals = [store[local] for store, local in self._places]
+
+        dtypes = _Dtypes(model, precision)
+        units = [dtypes.unit(name or type(module).__name__, unit_slots, device) for (name, module), unit_slots in zip(owners, slots)]
+        dtypes.convert_now()
+        largest = max((u.stream_bytes() + u.cast_bytes() for u in units), default=0)
+        buffers = Placement(device, dtypes.compute_dtype)
+        moving = sum(_moved_bytes(t.store[t.local], buffers) for t in loose)
+        minimum = margin_bytes + moving + largest
         if budget_bytes < minimum:
+            self._put_back()
             raise BudgetError(
                 f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the minimum of "
                 f"{format_bytes(minimum, round_up=True)} for running {type(model).__name__} module by "
-                f"module (margin {format_bytes(margin_bytes)}, buffers {format_bytes(buffers)}, largest "
+                f"module (margin {format_bytes(margin_bytes)}, buffers {format_bytes(moving)}, largest "
                 f"module {format_bytes(largest)}, activations not counted yet); pass budget >= "
                 f"{format_bytes(minimum, round_up=True)} (budget_bytes >= {minimum})",
                 minimum_bytes=minimum,
             )
-        moved = materialise(loose, device, Placement(device, None))
+        moved = materialise(loose, device, buffers, buffer_dtype=dtypes.compute_dtype)
+        self._ours = [store[local] for store, local in self._places]
+        self._put_back()
         self.runtime = SwapRuntime(
             device,
             limit_bytes=budget_bytes,
@@ -135,7 +151,10 @@ class ModulePath:
 
     @contextlib.contextmanager
     def _installed(self) -> Iterator[None]:
-        """Every unit's module swaps its weights in, and the model marks its calls, for this block."""
+        """The model holds this path's parameters and buffers, every unit's module swaps its
+        weights in, and the model marks its calls, for this block."""
+        for (store, local), ours in zip(self._places, self._ours):
+            store[local] = ours
         undo = [swapped_forward(module, unit, self.runtime) for module, unit in self._modules]
         undo.append(bound_calls(self.model, self.runtime))
         try:
@@ -143,7 +162,66 @@ class ModulePath:
         finally:
             for step in reversed(undo):
                 step()
+            # A buffer the forward replaced is the one the next call reads.
+            self._ours = [store[local] for store, local in self._places]
+            self._put_back()
+
+    def _put_back(self) -> None:
+        """Give the model back the parameters and buffers it held before this path was made."""
+        for (store, local), original in zip(self._places, self._originals):
+            store[local] = original
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+class _Dtypes:
+    """The dtypes compile's precision gives each parameter of a unit (none: the model's own)."""
+
+    def __init__(self, model: torch.nn.Module, precision: Precision | None) -> None:
+        self.precision = precision
+        self.compute_dtype = precision.compute_dtype if precision is not None else None
+        low = precision is not None and precision.storage_dtype is not None
+        self._kept = kept_names(model, precision.keep) if low else set()  # type: ignore[union-attr]
+        self._converted: dict[int, ConvertedSource] = {}
+
+    def unit(self, name: str, slots: tuple[Slot, ...], device: torch.device) -> Unit:
+        """A unit of ``slots`` whose values rest in their storage dtypes, converted once."""
+        slots = tuple(self._stored_in(s, self._storage(s)) for s in slots)
+        unit = Unit(name, slots, device=device, compute_dtypes=tuple(self._compute(s.dtype) for s in slots))
+        for i, home in enumerate(unit.home):
+            if home is not None and home.dtype != rest_dtype(home.dtype, self._storage(slots[i])):
+                unit.set_home(i, home.detach().to(rest_dtype(home.dtype, self._storage(slots[i]))))
+        return unit
+
+    def convert_now(self) -> None:
+        """Convert what the units read in another dtype than stored, before the first call measures
+        the activations (the converted copies rest in host memory)."""
+        for source in self._converted.values():
+            source.convert_all()
+
+    def _compute(self, dtype: torch.dtype) -> torch.dtype:
+        return self.compute_dtype if self.compute_dtype is not None and dtype.is_floating_point else dtype
+
+    def _storage(self, slot: Slot) -> torch.dtype | None:
+        """The dtype ``slot`` is stored in, as compile's policy says; None: as its source holds it."""
+        precision = self.precision
+        if precision is None:
+            return None
+        low = precision.storage_dtype is not None and slot.dtype.is_floating_point and slot.name not in self._kept
+        return precision.storage_dtype if low else self._compute(slot.dtype)
+
+    def _stored_in(self, slot: Slot, wanted: torch.dtype | None) -> Slot:
+        """``slot`` read from a source that serves it in its storage dtype, converting it once."""
+        ref = slot.ref
+        if ref is None or rest_dtype(ref.dtype, wanted) == ref.dtype:
+            return slot
+        dtype = rest_dtype(ref.dtype, wanted)
+        source = self._converted.setdefault(id(ref.source), ConvertedSource(ref.source, {}))
+        source.add(ref.key, dtype)
+        return replace(slot, ref=replace(ref, source=source, dtype=dtype, nbytes=source.info(ref.key).nbytes))
+
+
+def _moved_bytes(tensor: torch.Tensor, placement: Placement) -> int:
+    """Bytes ``tensor`` takes once put in ``placement`` (0 when it is there already)."""
+    dtype = placement.dtype_for(tensor.dtype)
+    if not tensor.is_meta and tensor.device == placement.device and tensor.dtype == dtype:
+        return 0
+    return tensor.numel() * dtype.itemsize

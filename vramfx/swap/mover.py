@@ -32,14 +32,16 @@ class Mover:
     def load(self, unit: Unit, outs: dict[int, torch.Tensor]) -> None:
         """Fill ``outs`` (slot index → tensor on the device) now, on the caller's stream."""
         for i, out in outs.items():
-            fill(out, unit.home[i], unit.slots[i].ref, bypass_page_cache=self.bypass_page_cache)
+            fill(out, unit.home[i], unit.slots[i].ref, unit.stored_dtype(i), bypass_page_cache=self.bypass_page_cache)
 
     def submit(self, jobs: list[tuple[Unit, dict[int, torch.Tensor]]]) -> Future:
         """Start filling each unit's ``outs`` on the reader thread, in order; :meth:`finish` waits."""
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vramfx-swap-reader")
         # Homes may move before the job runs: it copies from the ones current now.
-        copies = [(unit.home[i], unit.slots[i].ref, out) for unit, outs in jobs for i, out in outs.items()]
+        copies = [
+            (unit.home[i], unit.slots[i].ref, unit.stored_dtype(i), out) for unit, outs in jobs for i, out in outs.items()
+        ]
         return self._reader.submit(self._copy_ahead, copies, self._released)
 
     def finish(self, future: Future) -> None:
@@ -67,8 +69,8 @@ class Mover:
 
     def _copy_ahead(self, copies: list[tuple[Any, Any, torch.Tensor]], released: Any) -> None:
         def copy() -> None:
-            for home, ref, out in copies:
-                fill(out, home, ref, bypass_page_cache=self.bypass_page_cache, non_blocking=True)
+            for home, ref, stored, out in copies:
+                fill(out, home, ref, stored, bypass_page_cache=self.bypass_page_cache, non_blocking=True)
 
         if self._stream is None:
             copy()

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from vramfx.plan.types import Liveness, WeightLife
 from vramfx.swap.units import Unit
 
@@ -99,12 +101,14 @@ def to_liveness(
     activation_peak_bytes: int,
     flops_per_s: float,
 ) -> Liveness:
-    """The planner's view of a recorded call: one weight per unit that copies anything.
+    """The planner's view of a recorded call: one weight per unit that copies or casts anything.
 
-    A unit's bytes are the larger of its streamed and its kept size (both in aligned slots).
-    Activations are the measured peak at every position plus, where a kept unit is cast for
-    its call, that cast. A unit's compute seconds become FLOPs at ``flops_per_s``, so the cost
-    model gives back the measured time.
+    A unit's bytes are the larger of its streamed and its kept size (both in aligned slots, in
+    the dtypes they are held in). A unit that computes in another dtype than it is held in gets
+    a compute dtype and the bytes of its casts, so the plan gives each span of its use a static
+    slot in the upcast region. Activations are the measured peak at every position. A unit's
+    compute seconds become FLOPs at ``flops_per_s``, so the cost model gives back the measured
+    time.
     """
     n = len(order)
     uses: dict[int, list[int]] = {}
@@ -123,17 +127,22 @@ def to_liveness(
     for unit_index in sorted(uses, key=lambda u: uses[u][0]):
         unit = units[unit_index]
         nbytes = max(unit.stream_bytes(alignment), unit.prepared_bytes(alignment))
-        if nbytes == 0:
+        cast_bytes = unit.cast_bytes(alignment)
+        if nbytes == 0 and cast_bytes == 0:
             continue
+        cast = unit.cast_slots()
         weights.append(
             WeightLife(
                 name=unit.name,
                 nbytes=nbytes,
                 uses=tuple(uses[unit_index]),
                 spans=tuple((b, e) for b, e in spans[unit_index]),
+                dtype=_name(unit.held_dtype(cast[0]) if cast else unit.slots[0].dtype),
+                compute_dtype=_name(unit.compute_dtypes[cast[0]]) if cast else None,
+                compute_nbytes=cast_bytes,
             )
         )
-    activation = tuple(activation_peak_bytes + units[u].cast_bytes() for u in order)
+    activation = (activation_peak_bytes,) * n
     flops = tuple(seconds.get(u, default_seconds) * flops_per_s for u in order)
     return Liveness(
         num_positions=n,
@@ -144,3 +153,7 @@ def to_liveness(
         workspace_bytes=max((units[u].staging_bytes() for u in set(order)), default=0),
         position_names=tuple(units[u].name for u in order),
     )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -17,8 +17,12 @@ One runtime serves every unit of one model. Per call of the model:
   and the call's order becomes the recorded one, planned anew.
 
 The limit covers what the runtime holds on the device: kept units, the arena, staging and
-per-call casts. A limit below what one unit needs (``0`` included) streams every unit
-synchronously, one at a time: the least any limit can take.
+per-call casts. Weights stored in a dtype narrower than the one they compute in (fp8 storage,
+bf16 compute) are moved and held in it — in the arena and kept alike — and each call casts them
+up on the device into a static slot of an *upcast region* the plan lays out (one slot per span
+of a unit's use, :func:`vramfx.plan.schedule.planned_casts`), as compiled graphs do. A limit
+below what one unit needs (``0`` included) streams every unit synchronously, one at a time: the
+least any limit can take.
 """
 
 from __future__ import annotations
@@ -74,13 +78,19 @@ class SwapStats:
         Seconds the latest call spent waiting for weights: synchronous copies, and copies
         made ahead that had not landed yet when their unit was called.
     held_bytes, held_peak_bytes:
-        Bytes the runtime holds on the device now (kept units, the arena), and the most it
-        has held at once, by its own accounting.
+        Bytes the runtime holds on the device now (kept units, the arena, the upcast region,
+        copies and casts made off the plan), and the most it has held at once, by its own
+        accounting.
     activation_peak_bytes:
         Activations measured on the first call, when the limit covers them (compile's
         fallback); else 0.
     order:
         The recorded order of units (their names), empty before the first call.
+    upcast_bytes:
+        Bytes of the planned upcast region, where weights held in a narrower dtype than they
+        compute in are cast for each call.
+    cast_bytes:
+        Bytes the latest call's casts wrote (in compute dtypes), on the device.
     """
 
     limit_bytes: int | None
@@ -96,6 +106,8 @@ class SwapStats:
     held_peak_bytes: int
     activation_peak_bytes: int
     order: tuple[str, ...]
+    upcast_bytes: int = 0
+    cast_bytes: int = 0
 
 
 @dataclass
@@ -108,6 +120,8 @@ class _Held:
     block: tuple[int, int] | None = None  # (offset, nbytes) taken from the arena off the plan
     transfer: int | None = None  # the plan's transfer it came from
     position: int = -1  # its position in the call's record
+    cast_end: int | None = None  # its casts view the upcast region, planned free from this position
+    in_upcast: bool = False  # its casts view the upcast region (on the plan or off it)
 
 
 @dataclass
@@ -186,7 +200,10 @@ class SwapRuntime:
         self._needs_plan = False
         # What is held now.
         self._arena: Arena | None = None
+        self._upcast: torch.Tensor | None = None  # the plan's upcast region
+        self._cast_at: dict[tuple[int, int], tuple[int, int]] = {}  # (unit, position) -> (offset, end)
         self._kept: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._kept_sizes: dict[int, int] = {}  # as counted when kept: homes may move since
         self._kept_bytes = 0
         self._loose_bytes = 0
         self._in_use: list[_Held] = []
@@ -203,6 +220,7 @@ class SwapRuntime:
         self._prefetched = 0
         self._synchronous = 0
         self._waited = 0.0
+        self._cast_written = 0
         self._held_peak = 0
 
     def add(self, unit: Unit) -> Unit:
@@ -217,7 +235,8 @@ class SwapRuntime:
     def held_bytes(self) -> int:
         """Bytes of weights on the device now, by the runtime's own accounting."""
         arena = self._arena.nbytes if self._arena is not None else 0
-        return self._kept_bytes + arena + self._loose_bytes
+        upcast = _nbytes(self._upcast) if self._upcast is not None else 0
+        return self._kept_bytes + arena + upcast + self._loose_bytes
 
     def stats(self) -> SwapStats:
         """What is held, and what the latest call did."""
@@ -236,6 +255,8 @@ class SwapRuntime:
             held_peak_bytes=self._held_peak,
             activation_peak_bytes=self._activation_peak,
             order=tuple(self.units[u].name for u in self._order or ()),
+            upcast_bytes=self._plan.upcast_bytes if self._plan is not None else 0,
+            cast_bytes=self._cast_written,
         )
 
     def release(self) -> None:
@@ -243,10 +264,11 @@ class SwapRuntime:
         if self._in_use:
             raise VramfxError("cannot release the layer-swap runtime while a module is running")
         self._drop_transfers()
-        self._arena = None
+        self._arena = self._upcast = None
         self._transfers = []  # their views hold the arena: planned again on the next call
         self._needs_plan = self._order is not None
         self._kept.clear()
+        self._kept_sizes.clear()
         self._kept_bytes = 0
         self._mover.close()
 
@@ -257,7 +279,7 @@ class SwapRuntime:
     def forget(self, unit: Unit) -> None:
         """Drop ``unit``'s kept copy (its home moved, or another unit needs the room)."""
         if self._kept.pop(unit.index, None) is not None:
-            self._kept_bytes -= unit.prepared_bytes(self.alignment)
+            self._kept_bytes -= self._kept_sizes.pop(unit.index)
         self._needs_plan = True
 
     # -- call boundaries -------------------------------------------------------------------------
@@ -269,10 +291,11 @@ class SwapRuntime:
             return
         self._calls += 1
         self._fetched, self._carried = self._carried, 0
-        self._prefetched = self._synchronous = 0
+        self._prefetched = self._synchronous = self._cast_written = 0
         self._waited = 0.0
         if self._order is None:
             self._arena = self._scratch_arena()
+            self._upcast = self._scratch_upcast() if self._arena is not None else None
             memory = _memory_sampler(self.device) if self.activations_in_limit else None
             self._recorder = Recorder(timed=True, memory=memory)
             return
@@ -291,7 +314,7 @@ class SwapRuntime:
         recorder, self._recorder = self._recorder, None
         recording = self._order is None
         if recording:
-            self._arena = None  # the first call's scratch arena
+            self._arena = self._upcast = None  # the first call's scratch arena and upcast region
         else:
             self._end_transfers()
         if failed or recorder is None or not recorder.record.order:
@@ -312,7 +335,7 @@ class SwapRuntime:
         """``unit``'s parameters on the device in the computation dtype, for one forward."""
         start = time.perf_counter()
         position = self._claim_position(unit)
-        if not unit.copies(unit.compute_dtypes):
+        if not unit.copies(unit.held_dtypes()):
             held = _Held(unit, tuple(unit.home))  # type: ignore[arg-type]
         elif self._recorder is None or self._order is None or self._synchronous_only:
             held = self._load_in_arena(unit) if self._order is None else None
@@ -323,6 +346,7 @@ class SwapRuntime:
             held = self._from_plan(unit, position)
         else:
             held = self._load_missed(unit)
+        self._upcast_for_call(held, position)
         if self._recorder is not None:
             held.position = self._recorder.enter(unit.index, self.held_bytes, time.perf_counter() - start)
         self._in_use.append(held)
@@ -354,7 +378,7 @@ class SwapRuntime:
             raise VramfxError(f"unit {unit.name!r} was released without being acquired")
         if self._recorder is not None and held.position >= 0:
             self._recorder.exit(held.position, self.held_bytes)
-        if held.block is not None or held.transfer is not None:
+        if held.block is not None or held.transfer is not None or held.in_upcast:
             output = self._copy_out_of_arena(output)
             self._mover.note_release()
         if held.block is not None and self._arena is not None:
@@ -381,7 +405,7 @@ class SwapRuntime:
         self._drop_transfers()
         assert self._order is not None
         by_name = {self.units[u].name: u for u in self._order}
-        streamed = {u for u in by_name.values() if self.units[u].copies(self.units[u].compute_dtypes)}
+        streamed = {u for u in by_name.values() if self.units[u].copies(self.units[u].kept_dtypes())}
         plan = None
         if self.limit_bytes is None:
             resident = frozenset(streamed)
@@ -393,8 +417,11 @@ class SwapRuntime:
         self._needs_plan = False
         self._plan, self._resident = plan, resident
         self._synchronous_only = self.limit_bytes is not None and plan is None
-        self._arena = None
-        self._transfers, self._cover, self._drop_order = [], {}, []
+        self._arena = self._upcast = None
+        self._transfers, self._cover, self._drop_order, self._cast_at = [], {}, [], {}
+        if plan is not None and plan.upcast_bytes:
+            self._upcast = torch.empty(plan.upcast_bytes, dtype=torch.uint8, device=self.device)
+            self._cast_at = {(by_name[c.name], c.position): (c.offset, c.end) for c in plan.casts}
         if plan is not None and plan.arena_bytes:
             self._arena = Arena(plan.arena_bytes, self.device, alignment=self.alignment)
             self._transfers = [self._runnable(t, by_name) for t in plan.transfers]
@@ -451,7 +478,7 @@ class SwapRuntime:
         outs = {}
         for name, offset in zip(transfer.names, transfer.offsets):
             unit = self.units[by_name[name]]
-            layout, _ = unit.layout(unit.compute_dtypes, self.alignment)
+            layout, _ = unit.layout(unit.held_dtypes(), self.alignment)
             outs[unit.index] = {i: view_bytes(self._arena.buffer, offset + at, lay) for i, (at, lay) in layout.items()}
         start = transfer.offsets[0]
         stop = transfer.offsets[-1] + transfer.sizes[-1]
@@ -475,7 +502,10 @@ class SwapRuntime:
 
         False, doing nothing more, when a transfer due to be dropped is still in use: the call
         nests its modules otherwise than the recorded one, and its slots must not be reused.
+        The same holds for a cast slot held past its planned span.
         """
+        if any(h.cast_end is not None and h.cast_end <= position for h in self._in_use):
+            return False
         while self._next_drop < len(self._drop_order):
             k = self._drop_order[self._next_drop]
             t = self._transfers[k]
@@ -587,7 +617,7 @@ class SwapRuntime:
         if held is not None:
             return held
         if self.limit_bytes is not None:
-            room = self.limit_bytes - self.reserved_bytes - self._activation_peak - unit.stream_bytes()
+            room = self.limit_bytes - self.reserved_bytes - self._activation_peak - unit.stream_bytes() - unit.cast_bytes()
             in_use = {h.unit.index for h in self._in_use}
             for u in [u for u in reversed(self._kept) if u not in in_use]:
                 if self.held_bytes <= room:
@@ -600,7 +630,7 @@ class SwapRuntime:
         arena = self._arena
         if arena is None:
             return None
-        offsets, size = unit.layout(unit.compute_dtypes, self.alignment)
+        offsets, size = unit.layout(unit.held_dtypes(), self.alignment)
         offset = arena.allocate(size)
         if offset is None:
             return None
@@ -613,12 +643,13 @@ class SwapRuntime:
         return _Held(unit, self._tensors(unit, outs), block=(offset, size))
 
     def _load_loose(self, unit: Unit) -> _Held:
-        """Copy ``unit`` now into allocations of its own (streaming only, or no arena room)."""
+        """Copy ``unit`` now into allocations of its own, in the compute dtypes (streaming only, or
+        no arena room): the least memory a call of it can take."""
         outs = {
             i: torch.empty(unit.slots[i].shape, dtype=unit.compute_dtypes[i], device=self.device)
-            for i in unit.copies(unit.compute_dtypes)
+            for i in unit.copies(unit.held_dtypes())
         }
-        nbytes = unit.stream_bytes()
+        nbytes = sum(_nbytes(t) for t in outs.values())
         self._loose_bytes += nbytes
         try:
             self._load_now(unit, outs)
@@ -631,22 +662,53 @@ class SwapRuntime:
         """A kept unit: loaded on its first use after planning, cast for each call if needed."""
         kept = self._kept.get(unit.index)
         if kept is None:
+            dtypes = unit.kept_dtypes()
             outs = {
-                i: torch.empty(unit.slots[i].shape, dtype=unit.prepared_dtypes[i], device=self.device)
-                for i in unit.copies(unit.prepared_dtypes)
+                i: torch.empty(unit.slots[i].shape, dtype=dtypes[i], device=self.device) for i in unit.copies(dtypes)
             }
             self._load_now(unit, outs)
             kept = self._tensors(unit, outs)
             self._kept[unit.index] = kept
-            self._kept_bytes += unit.prepared_bytes(self.alignment)
-        cast = unit.cast_bytes()
+            self._kept_sizes[unit.index] = unit.prepared_bytes(self.alignment)
+            self._kept_bytes += self._kept_sizes[unit.index]
+        return _Held(unit, kept)
+
+    def _upcast_for_call(self, held: _Held, position: int | None) -> None:
+        """Cast ``held``'s tensors stored in another dtype to their compute dtypes, on the device.
+
+        On the plan they land in the unit's slot of the upcast region; off it, at the start of
+        the region when no unit running views it, else in allocations counted until the unit
+        returns.
+        """
+        unit = held.unit
+        dtypes = unit.compute_dtypes
+        cast = [i for i, t in enumerate(held.tensors) if t.dtype != dtypes[i]]
         if not cast:
-            return _Held(unit, kept)
-        self._loose_bytes += cast
-        tensors = tuple(
-            slot.like_parameter(t.detach().to(dtype)) for slot, t, dtype in zip(unit.slots, kept, unit.compute_dtypes)
+            return
+        layout, size = unit.cast_layout(self.alignment)
+        planned = self._cast_at.get((unit.index, position)) if position is not None and self._on_plan else None
+        if planned is None and not self._on_plan and self._upcast_free(size):
+            planned = (0, None)  # off the plan, an idle region serves one unit at a time
+        if planned is not None and self._upcast is not None:
+            offset, held.cast_end = planned
+            held.in_upcast = True
+            outs = {i: view_bytes(self._upcast, offset + layout[i][0], layout[i][1]) for i in cast}
+        else:
+            outs = {i: torch.empty(unit.slots[i].shape, dtype=dtypes[i], device=self.device) for i in cast}
+            nbytes = sum(_nbytes(t) for t in outs.values())
+            held.nbytes += nbytes
+            self._loose_bytes += nbytes
+        for i, out in outs.items():
+            out.detach().copy_(held.tensors[i])  # runs on the compute device, after the copy it reads
+            self._cast_written += _nbytes(out)
+        held.tensors = tuple(
+            unit.slots[i].like_parameter(outs[i]) if i in outs else t for i, t in enumerate(held.tensors)
         )
-        return _Held(unit, tensors, nbytes=cast)
+
+    def _upcast_free(self, nbytes: int) -> bool:
+        """The upcast region is at least ``nbytes`` and no running unit views it."""
+        region = self._upcast
+        return region is not None and nbytes <= region.numel() and not any(h.in_upcast for h in self._in_use)
 
     def _load_now(self, unit: Unit, outs: dict[int, torch.Tensor]) -> None:
         start = time.perf_counter()
@@ -656,7 +718,7 @@ class SwapRuntime:
             raise WeightsError(f"reading the weights of {unit.name} failed: {exc}") from exc
         finally:
             self._waited += time.perf_counter() - start
-        self._fetched += sum(t.numel() * t.element_size() for t in outs.values())
+        self._fetched += sum(unit.slots[i].nbytes(unit.held_dtype(i)) for i in outs)  # what crossed the link
         self._synchronous += 1
 
     def _tensors(self, unit: Unit, outs: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -673,23 +735,43 @@ class SwapRuntime:
         """
         largest = max((u.stream_bytes(self.alignment) for u in self.units), default=0)
         room = 2 * largest
-        if self.limit_bytes is not None:
-            room = min(room, self.limit_bytes - self.reserved_bytes)
+        if self.limit_bytes is not None:  # a unit's casts are made beside it
+            cast = max(u.cast_bytes(self.alignment) for u in self.units)
+            room = min(room, self.limit_bytes - self.reserved_bytes - cast)
         if largest == 0 or room < largest:
             return None
         arena = Arena(room, self.device, alignment=self.alignment)
         arena.buffer.zero_()
         return arena
 
+    def _scratch_upcast(self) -> torch.Tensor | None:
+        """For the first call: room for the largest unit's casts, one unit at a time, touched at once
+        like the scratch arena (casts made in memory of their own would churn the allocator, and
+        memory it keeps after their frees would be measured as activations)."""
+        cast = max((u.cast_bytes(self.alignment) for u in self.units), default=0)
+        return torch.zeros(cast, dtype=torch.uint8, device=self.device) if cast else None
+
     def _copy_out_of_arena(self, output: Any) -> Any:
-        """Outputs that view the arena (a module returning its weight) get their own memory."""
-        arena = self._arena
-        if arena is None:
+        """Outputs that view the arena or the upcast region (a module returning its weight) get
+        their own memory."""
+        buffers = [b for b in (self._arena.buffer if self._arena is not None else None, self._upcast) if b is not None]
+        if not buffers:
             return output
-        leaves = pytree.tree_leaves(output)
-        if not any(isinstance(t, torch.Tensor) and arena.owns(t) for t in leaves):
+
+        def owned(t: torch.Tensor) -> bool:
+            return any(_same_memory(t, b) for b in buffers)
+
+        if not any(isinstance(t, torch.Tensor) and owned(t) for t in pytree.tree_leaves(output)):
             return output
-        return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if arena.owns(t) else t, output)
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if owned(t) else t, output)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _same_memory(t: torch.Tensor, buffer: torch.Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def _memory_sampler(device: torch.device) -> Callable[[], int]:

@@ -4,6 +4,20 @@ A unit's *home* tensors are what the model holds between calls: real tensors (ho
 memory), or meta tensors whose bytes a weights source (a DiskMap) holds. For a call, the unit's
 parameters are put in the computation dtype on the computation device and swapped into the
 modules that own them; afterwards the home tensors are swapped back.
+
+Each floating-point parameter has four dtypes:
+
+- *stored*: what its values rest in (the home's dtype, or for the disk map the offload dtype,
+  or the file's own when that converts into it exactly). It decides the values the op sees:
+  ``w.to(stored).to(compute)``, whatever the limit keeps or streams;
+- *held*: what a streamed copy is moved and held in on the device — the stored dtype when it
+  is narrower than the compute dtype (it is upcast there, per call), else the compute dtype
+  (narrowed before it moves);
+- *kept*: what a copy the plan keeps on the device is held in — the preparing dtype when it
+  holds the stored values exactly (or is the compute dtype), else the held dtype;
+- *compute*: what the op reads.
+
+Integer tensors keep their own dtype in every state.
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ import torch
 
 from vramfx.capture import _tensor_aliases
 from vramfx.errors import WeightsError
+from vramfx.precision import exactly_widens
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.swap.config import Placement
 from vramfx.weights import WeightRef
@@ -84,8 +99,11 @@ class Unit:
         Its parameters; their current tensors become the homes (meta ones: read from the source).
     device:
         The computation device.
-    compute_dtypes, prepared_dtypes:
-        Per slot, the dtype the op runs in and the dtype a kept (resident) copy is held in.
+    compute_dtypes:
+        Per slot, the dtype the op runs in.
+    prepared_dtypes:
+        Per slot, the dtype asked for a kept copy (the preparing dtype); None, or one that
+        would change the stored values, holds it as a streamed copy is held.
     """
 
     def __init__(
@@ -95,15 +113,17 @@ class Unit:
         *,
         device: torch.device,
         compute_dtypes: tuple[torch.dtype, ...],
-        prepared_dtypes: tuple[torch.dtype, ...],
+        prepared_dtypes: tuple[torch.dtype | None, ...] | None = None,
     ) -> None:
         self.name = name
         self.slots = slots
         self.device = device
         self.compute_dtypes = compute_dtypes
-        self.prepared_dtypes = prepared_dtypes
+        self.prepared_dtypes = prepared_dtypes or (None,) * len(slots)
         self.home: list[torch.Tensor | None] = []
         self.face: list[torch.Tensor] = []
+        # The dtype each parameter's values take when read from the weights source.
+        self.disk_dtypes = [slot.ref.dtype if slot.ref is not None else slot.dtype for slot in slots]
         for i, slot in enumerate(slots):
             current = slot.places[0][0]._parameters[slot.places[0][1]]
             assert current is not None
@@ -114,6 +134,29 @@ class Unit:
 
     def __repr__(self) -> str:
         return f"Unit({self.name!r}, {len(self.slots)} parameters)"
+
+    # -- dtypes (see the module docstring) -----------------------------------------------------
+    def stored_dtype(self, i: int) -> torch.dtype:
+        """The dtype slot ``i``'s values rest in."""
+        home = self.home[i]
+        return home.dtype if home is not None else self.disk_dtypes[i]
+
+    def held_dtype(self, i: int) -> torch.dtype:
+        """The dtype a streamed copy of slot ``i`` is moved and held in on the device."""
+        return moved_dtype(self.stored_dtype(i), self.compute_dtypes[i])
+
+    def kept_dtype(self, i: int) -> torch.dtype:
+        """The dtype a kept copy of slot ``i`` is held in: never one that changes its values."""
+        asked, stored = self.prepared_dtypes[i], self.stored_dtype(i)
+        if asked is not None and (asked == self.compute_dtypes[i] or exactly_widens(stored, asked)):
+            return asked
+        return self.held_dtype(i)
+
+    def held_dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(self.held_dtype(i) for i in range(len(self.slots)))
+
+    def kept_dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(self.kept_dtype(i) for i in range(len(self.slots)))
 
     # -- sizes ---------------------------------------------------------------------------------
     def placed(self, i: int, dtype: torch.dtype) -> bool:
@@ -127,62 +170,84 @@ class Unit:
 
     def layout(self, dtypes: tuple[torch.dtype, ...], alignment: int) -> tuple[dict[int, tuple[int, Layout]], int]:
         """Offsets of the copied slots in one block, each aligned; and the block's size."""
+        return self._block(self.copies(dtypes), dtypes, alignment)
+
+    def stream_bytes(self, alignment: int = 1) -> int:
+        """Bytes a streamed copy takes on the device (the copied slots, in their held dtypes)."""
+        return self.layout(self.held_dtypes(), alignment)[1]
+
+    def prepared_bytes(self, alignment: int = 1) -> int:
+        """Bytes a kept copy takes on the device (the copied slots, in their kept dtypes)."""
+        return self.layout(self.kept_dtypes(), alignment)[1]
+
+    def cast_slots(self) -> tuple[int, ...]:
+        """Slots a call upcasts on the device: held or kept in another dtype than they compute in."""
+        held, kept = self.held_dtypes(), self.kept_dtypes()
+        return tuple(i for i, c in enumerate(self.compute_dtypes) if held[i] != c or kept[i] != c)
+
+    def cast_layout(self, alignment: int) -> tuple[dict[int, tuple[int, Layout]], int]:
+        """Offsets of the cast slots' compute-dtype copies in one block, each aligned; its size."""
+        return self._block(self.cast_slots(), self.compute_dtypes, alignment)
+
+    def cast_bytes(self, alignment: int = 1) -> int:
+        """Bytes of the compute-dtype copies a call casts into."""
+        return self.cast_layout(alignment)[1]
+
+    def staging_bytes(self) -> int:
+        """The largest transient one copy makes: file bytes staged, rounded, or moved before a cast."""
+        largest = 0
+        for dtypes in (self.held_dtypes(), self.kept_dtypes()):
+            for i in self.copies(dtypes):
+                largest = max(largest, self._transient_bytes(i, dtypes[i]))
+        return largest
+
+    def _transient_bytes(self, i: int, out_dtype: torch.dtype) -> int:
+        """What :func:`fill` allocates beside ``out`` for slot ``i``."""
+        slot, home, stored = self.slots[i], self.home[i], self.stored_dtype(i)
+        total = 0
+        if home is None:
+            assert slot.ref is not None
+            if not (self.device.type == "cpu" and out_dtype == slot.ref.dtype == stored):
+                total += slot.ref.nbytes  # the staging buffer
+            if stored != slot.ref.dtype:
+                total += slot.nbytes(stored)  # rounded to the stored dtype
+            source = torch.device("cpu")
+        else:
+            source = home.device
+        if source != self.device and stored != out_dtype:
+            total += slot.nbytes(moved_dtype(stored, out_dtype))  # narrowed, or moved before the upcast
+        return total
+
+    def _block(
+        self, indices: tuple[int, ...], dtypes: tuple[torch.dtype, ...], alignment: int
+    ) -> tuple[dict[int, tuple[int, Layout]], int]:
         offsets: dict[int, tuple[int, Layout]] = {}
         at = 0
-        for i in self.copies(dtypes):
+        for i in indices:
             slot = self.slots[i]
             nbytes = slot.nbytes(dtypes[i])
             offsets[i] = (at, Layout(slot.shape, dtypes[i], nbytes, slot.requires_grad))
             at += -(-nbytes // alignment) * alignment
         return offsets, at
 
-    def stream_bytes(self, alignment: int = 1) -> int:
-        """Bytes a computation copy takes on the device (the copied slots, in computation dtype)."""
-        return self.layout(self.compute_dtypes, alignment)[1]
-
-    def prepared_bytes(self, alignment: int = 1) -> int:
-        """Bytes a kept copy takes on the device (the copied slots, in the preparing dtype)."""
-        return self.layout(self.prepared_dtypes, alignment)[1]
-
-    def cast_bytes(self) -> int:
-        """Bytes of the computation-dtype copies a kept unit makes for each call."""
-        return sum(
-            self.slots[i].nbytes(self.compute_dtypes[i])
-            for i in self.copies(self.compute_dtypes)
-            if self.prepared_dtypes[i] != self.compute_dtypes[i]
-        )
-
-    def staging_bytes(self) -> int:
-        """The largest transient a copy makes: a slot read or moved in its stored dtype, then cast."""
-        largest = 0
-        for i in self.copies(self.compute_dtypes):
-            home, slot = self.home[i], self.slots[i]
-            if home is None:
-                stored, moved = (slot.ref.dtype if slot.ref is not None else slot.dtype), True
-            else:
-                stored, moved = home.dtype, home.device != self.device
-            if moved and stored != self.compute_dtypes[i]:
-                largest = max(largest, slot.nbytes(stored))
-        return largest
-
     # -- the model's view ----------------------------------------------------------------------
     @contextlib.contextmanager
     def swapped(self, tensors: tuple[torch.Tensor, ...]) -> Iterator[None]:
         """Put ``tensors`` where the model holds this unit's parameters, then the faces back."""
-        for slot, t in zip(self.slots, tensors):
-            for module, local in slot.places:
-                module._parameters[local] = t
+        self._place(tensors)
         try:
             yield
         finally:
-            for slot, t in zip(self.slots, self.face):
-                for module, local in slot.places:
-                    module._parameters[local] = t
+            self.show()
 
     def call_with(self, tensors: tuple[torch.Tensor, ...], fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """``fn(*args, **kwargs)`` with ``tensors`` swapped in for this unit's parameters."""
         with self.swapped(tensors):
             return fn(*args, **kwargs)
+
+    def show(self) -> None:
+        """Give the model this unit's faces."""
+        self._place(tuple(self.face))
 
     def set_home(self, i: int, tensor: torch.Tensor | None) -> None:
         """Make ``tensor`` (None: the weights source) slot ``i``'s home."""
@@ -191,6 +256,11 @@ class Unit:
             tensor = torch.nn.Parameter(tensor, requires_grad=grad)
         self.home[i] = tensor
         self._show(i)
+
+    def _place(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        for slot, t in zip(self.slots, tensors):
+            for module, local in slot.places:
+                module._parameters[local] = t
 
     def _show(self, i: int) -> None:
         """Give the model slot ``i``'s face: the home when usable as is, else a meta stand-in."""
@@ -208,11 +278,39 @@ class Unit:
             module._parameters[local] = face
 
 
+def moved_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype bytes cross to the device in: the narrower of the two, so an upcast runs there.
+
+    Examples
+    --------
+    >>> moved_dtype(torch.float8_e4m3fn, torch.bfloat16), moved_dtype(torch.float32, torch.bfloat16)
+    (torch.float8_e4m3fn, torch.bfloat16)
+    """
+    return stored if stored.itemsize < compute.itemsize else compute
+
+
+def rest_dtype(dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` rests in when ``wanted`` is asked for.
+
+    Its own when it converts exactly into ``wanted`` (an fp8 file asked for bf16: the smaller
+    bytes, the same values), and integer tensors always keep their own.
+
+    Examples
+    --------
+    >>> rest_dtype(torch.float32, torch.float8_e4m3fn), rest_dtype(torch.float8_e4m3fn, torch.bfloat16)
+    (torch.float8_e4m3fn, torch.float8_e4m3fn)
+    """
+    if wanted is None or not dtype.is_floating_point or exactly_widens(dtype, wanted):
+        return dtype
+    return wanted
+
+
 @torch.no_grad()
 def fill(
     out: torch.Tensor,
     home: torch.Tensor | None,
     ref: WeightRef | None,
+    stored: torch.dtype | None = None,
     *,
     bypass_page_cache: bool = False,
     non_blocking: bool = False,
@@ -220,27 +318,43 @@ def fill(
     """Copy one parameter into ``out`` (any dtype, on the computation device) from its home.
 
     With no home it is read from ``ref``: straight into ``out`` when that is host memory of the
-    stored dtype, else through a staging buffer (pinned for CUDA) and cast where it lands.
+    stored dtype, else through a staging buffer (pinned for CUDA), rounded there to ``stored``
+    when the source holds another dtype. The bytes cross to ``out``'s device in the narrower of
+    their dtype and ``out``'s, so an upcast runs on the compute device.
     """
     out = out.detach()  # a view that requires grad is written through its detached twin
     if home is not None:
-        out.copy_(home, non_blocking=non_blocking)
+        _move(out, home, non_blocking)
         return
     assert ref is not None, "a parameter without a home or stored bytes passed the unit checks"
-    if out.device.type == "cpu" and out.dtype == ref.dtype and out.is_contiguous():
+    stored = stored or ref.dtype
+    if out.device.type == "cpu" and out.dtype == ref.dtype == stored and out.is_contiguous():
         ref.read_into(out.reshape(-1).view(torch.uint8), bypass_page_cache=bypass_page_cache)
         return
     # A pinned staging buffer must outlive a non-blocking copy: the caller synchronises.
     staging = torch.empty(ref.nbytes, dtype=torch.uint8, pin_memory=out.device.type == "cuda")
     ref.read_into(staging, bypass_page_cache=bypass_page_cache)
-    out.copy_(staging.view(ref.dtype).view(ref.shape), non_blocking=non_blocking)
+    source = staging.view(ref.dtype).view(ref.shape)
+    _move(out, source if stored == ref.dtype else source.to(stored), non_blocking)
+
+
+def _move(out: torch.Tensor, source: torch.Tensor, non_blocking: bool) -> None:
+    """``out.copy_(source)``, converting on whichever side of the link keeps the bytes moved fewer."""
+    if source.device == out.device or source.dtype == out.dtype:
+        out.copy_(source, non_blocking=non_blocking)
+    elif out.dtype.itemsize <= source.dtype.itemsize:
+        out.copy_(source.to(out.dtype), non_blocking=non_blocking)
+    else:
+        moved = torch.empty(source.shape, dtype=source.dtype, device=out.device)
+        moved.copy_(source, non_blocking=non_blocking)
+        out.copy_(moved)  # the upcast, on the compute device (the same stream as the copy)
 
 
 @torch.no_grad()
 def read_tensor(ref: WeightRef, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A new tensor on ``device`` in ``dtype`` holding ``ref``'s stored values."""
+    """A new tensor on ``device`` in ``dtype`` holding ``ref``'s stored values (rounded once)."""
     out = torch.empty(ref.shape, dtype=dtype, device=device)
-    fill(out, None, ref)
+    fill(out, None, ref, dtype)
     return out
 
 
@@ -328,20 +442,26 @@ def _listed(items: list[str]) -> str:
 
 @torch.no_grad()
 def move_home(unit: Unit, placement: Placement) -> None:
-    """Move ``unit``'s homes to ``placement``: the disk map (no tensor), or real tensors there."""
+    """Move ``unit``'s homes to ``placement``: the disk map (no tensor), or real tensors there.
+
+    Floating-point values are converted to the placement's dtype once, as they arrive (see
+    :func:`rest_dtype`); read from the disk map, they are rounded to it at every read.
+    """
     for i, slot in enumerate(unit.slots):
         home = unit.home[i]
         if placement.on_disk:
             assert slot.ref is not None, "a unit placed on disk has every weight in the disk map"
+            unit.disk_dtypes[i] = rest_dtype(slot.ref.dtype, placement.dtype)
             if home is not None:
                 unit.set_home(i, None)
             continue
         assert placement.device is not None
-        dtype = placement.dtype_for(slot.dtype)
         if home is None:
             assert slot.ref is not None, "a parameter without a home or stored bytes passed the unit checks"
-            unit.set_home(i, read_tensor(slot.ref, placement.device, dtype))
-        elif home.device != placement.device or home.dtype != dtype:
+            unit.set_home(i, read_tensor(slot.ref, placement.device, rest_dtype(slot.ref.dtype, placement.dtype)))
+            continue
+        dtype = rest_dtype(home.dtype, placement.dtype)
+        if home.device != placement.device or home.dtype != dtype:
             unit.set_home(i, home.detach().to(placement.device, dtype))
 
 
@@ -389,14 +509,20 @@ def loose_tensors(
 
 @torch.no_grad()
 def materialise(
-    loose: list[LooseTensor], device: torch.device, parameter_dtype: Placement
+    loose: list[LooseTensor],
+    device: torch.device,
+    parameter_dtype: Placement,
+    *,
+    buffer_dtype: torch.dtype | None = None,
 ) -> int:
-    """Put ``loose`` tensors on ``device`` (parameters in ``parameter_dtype``'s dtype); bytes allocated."""
+    """Put ``loose`` tensors on ``device`` (parameters in ``parameter_dtype``'s dtype, floating
+    buffers in ``buffer_dtype`` when given); bytes allocated."""
     allocated = 0
+    buffers = Placement(device, buffer_dtype)
     for t in loose:
         store = t.store
         current = store[t.local]
-        dtype = parameter_dtype.dtype_for(current.dtype) if t.kind == "parameter" else current.dtype
+        dtype = (parameter_dtype if t.kind == "parameter" else buffers).dtype_for(current.dtype)
         if current.is_meta:
             assert t.ref is not None, "a meta tensor without stored bytes passed the checks"
             new = read_tensor(t.ref, device, dtype)

@@ -8,6 +8,7 @@ streamed, fetched ahead along the recorded module order.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from vramfx.swap.patch import bound_calls
 from vramfx.swap.runtime import SwapRuntime
 from vramfx.swap.units import Unit, UnitBuilder, move_home
 from vramfx.weights import as_source
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,14 +63,23 @@ class Binding:
         """The unit of ``root``'s parameters (all of its submodules'), resting in the offload state."""
         slots = self.builder.slots(root, name, recursive=True, required=self.on_disk)
         self.builder.raise_problems(name or type(root).__name__)
+        preparing = self.config.preparing.dtype
         unit = Unit(
             name or type(root).__name__,
             slots,
             device=self.config.device,
             compute_dtypes=tuple(self.config.computation.dtype_for(s.dtype) for s in slots),
-            prepared_dtypes=tuple(self.config.preparing.dtype_for(s.dtype) for s in slots),
+            prepared_dtypes=tuple(preparing if s.dtype.is_floating_point else None for s in slots),
         )
         move_home(unit, self.config.offload)
+        if preparing is not None and any(
+            s.dtype.is_floating_point and unit.kept_dtype(i) != preparing for i, s in enumerate(slots)
+        ):
+            log.info(
+                "%s: preparing_dtype %s would change values stored in %s; kept copies are held as "
+                "streamed ones are, so every module computes on the same values",
+                unit.name, preparing, sorted({str(unit.stored_dtype(i)) for i in range(len(slots))}),
+            )
         return self.runtime.add(unit)
 
 
