@@ -67,7 +67,7 @@ class Mover:
             self._reader.shutdown(wait=True)
             self._reader = None
 
-    def _copy_ahead(self, copies: list[tuple[Any, Any, torch.Tensor]], released: Any) -> None:
+    def _copy_ahead(self, copies: list[tuple[Any, Any, Any, torch.Tensor]], released: Any) -> None:
         def copy() -> None:
             for home, ref, stored, out in copies:
                 fill(out, home, ref, stored, bypass_page_cache=self.bypass_page_cache, non_blocking=True)
