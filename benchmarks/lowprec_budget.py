@@ -14,8 +14,6 @@ first call keeps some memory for the life of the process, outside any plan).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import tempfile
 from pathlib import Path
 
@@ -24,23 +22,15 @@ import torch
 import vramfx
 from vramfx.capture import capture
 from vramfx.compiler import DEFAULT_MARGIN_BYTES
-from vramfx.measure import PeakMemory
+from vramfx.measure import PeakMemory, release_freed_memory
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.plan import format_bytes
 from vramfx.plan.schedule import minimum_budget, planned_casts
 from vramfx.precision import precision_from_arguments, storage_dtypes
+from workloads import llama_config
 
 FP8 = torch.float8_e4m3fn
 MARGIN = DEFAULT_MARGIN_BYTES["cpu"]
-
-
-def release_freed_memory() -> None:
-    """Return memory glibc keeps after frees, so RssAnon growth counts what is in use."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def main() -> None:
@@ -51,10 +41,9 @@ def main() -> None:
     args = parser.parse_args()
     keep = None if args.keep == "none" else args.keep
 
-    from transformers import LlamaConfig, LlamaModel
+    from transformers import LlamaModel
 
-    config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=args.layers,
-                         num_attention_heads=16, num_key_value_heads=16)
+    config = llama_config(args.layers)
     call = {"input_ids": torch.randint(0, 8192, (1, args.seq), generator=torch.Generator().manual_seed(0)),
             "use_cache": False}
     with vramfx.skip_model_initialization():

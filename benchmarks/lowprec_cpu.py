@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import vramfx
-from compile_cpu import llama_config, timed  # the same model and timer as the compile benchmark
+from workloads import llama_config, timed  # the same model and timer as the compile benchmark
 from vramfx.plan.plan import format_bytes
 
 

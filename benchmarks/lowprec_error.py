@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import vramfx  # noqa: E402
-from tiny_models import ARCHS, build_empty, build_saved  # noqa: E402
+import vramfx
 
 FP8 = torch.float8_e4m3fn
 ROWS = [

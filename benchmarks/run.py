@@ -19,7 +19,6 @@ efficiency against the raw disk bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -40,7 +39,7 @@ import contenders as c  # noqa: E402
 
 import vramfx  # noqa: E402
 from vramfx.budget import rss_anon_bytes  # noqa: E402
-from vramfx.measure import PeakMemory  # noqa: E402
+from vramfx.measure import PeakMemory, release_freed_memory  # noqa: E402
 from vramfx.plan.plan import format_bytes  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -95,22 +94,9 @@ def disk_bandwidth(folder: Path) -> float:
         return weights.nbytes / (time.perf_counter() - start)
 
 
-def settle() -> None:
-    """Free what is garbage and hand freed heap back to the OS, so RssAnon deltas are a contender's own.
-
-    Without the trim, memory an earlier contender freed stays in glibc's heap and the next one's
-    allocations reuse it: its RssAnon barely grows and it looks as if it held nothing.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: deltas are rougher, still reported
-        pass
-
-
 def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | None, int, str]:
     """Set a contender up; what it holds is the RssAnon it adds, measured after a warm-up call."""
-    settle()
+    release_freed_memory()  # RssAnon deltas are then a contender's own
     before = rss_anon_bytes()
     try:
         contender = make()
@@ -125,7 +111,7 @@ def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | No
     except Exception as exc:  # a peer that cannot run this workload is reported, not fatal
         traceback.print_exc(limit=2, file=sys.stderr)
         return None, 0, f"{label}: failed: {type(exc).__name__}: {str(exc)[:120]}"
-    settle()
+    release_freed_memory()
     return contender, max(0, rss_anon_bytes() - before), ""
 
 

@@ -3,7 +3,6 @@ dtype and back, under a budget that shrinks with the storage."""
 
 from __future__ import annotations
 
-import ctypes
 import gc
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import vramfx
 from tiny_models import ARCHS, assert_same_output, build_empty, build_saved, minimum_budget
 from vramfx.capture import capture
-from vramfx.measure import PeakMemory
+from vramfx.measure import PeakMemory, release_freed_memory
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.schedule import minimum_budget as plan_minimum_budget
@@ -30,16 +29,6 @@ def reference(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype
             if name not in kept and p.dtype.is_floating_point:
                 p.data = p.data.to(storage).to(compute)
     return model.to(compute)
-
-
-def release_freed_memory() -> None:
-    """Hand memory the allocator keeps after frees back to the system, so growth is measured
-    from what is really in use (glibc keeps freed heap pages resident otherwise)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def in_dtype(inputs: dict, dtype: torch.dtype) -> dict:

@@ -11,13 +11,13 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_compile_lowprec import FP8, in_dtype, reference, release_freed_memory
+from test_compile_lowprec import FP8, in_dtype, reference
 from test_swap_fallback import vramfx_warnings
 from test_swap_models import module_map
 
 import vramfx
 from tiny_models import ARCHS, assert_same_output, build_empty, build_saved
-from vramfx.measure import PeakMemory
+from vramfx.measure import PeakMemory, release_freed_memory
 from vramfx.swap import enable_vram_management, swap_stats
 
 PAIRS = pytest.mark.parametrize(

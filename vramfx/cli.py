@@ -30,7 +30,7 @@ from vramfx.budget import parse_budget
 from vramfx.errors import BudgetError, VramfxError
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan, format_bytes, format_seconds
-from vramfx.plan.types import Liveness
+from vramfx.plan.types import Liveness, dtype_name
 from vramfx.precision import Precision, precision_from_arguments, storage_dtypes
 from vramfx.report.checkpoint import format_checkpoint, summarize_checkpoint
 from vramfx.report.layers import layer_labels, module_paths
@@ -158,7 +158,8 @@ def run_plan(args: argparse.Namespace) -> int:
     """``vramfx plan``: every argument checked first, then load, capture, plan, and write."""
     # Imported here: torch.export and dynamo take seconds, which inspect and bad arguments skip.
     from vramfx.capture import capture
-    from vramfx.compiler import ALIGNMENT, DEFAULT_MARGIN_BYTES, link_bytes_per_s
+    from vramfx.compiler import DEFAULT_MARGIN_BYTES, link_bytes_per_s
+    from vramfx.plan.plan import ALIGNMENT
     from vramfx.plan.liveness import build_liveness
     from vramfx.plan.schedule import schedule
 
@@ -398,8 +399,8 @@ def _dtype_option(option: str, text: str | None) -> torch.dtype | None:
 
 def _precision_note(precision: Precision, keep: str) -> str:
     """The settings line on how weights are stored and computed."""
-    stored = str(precision.storage_dtype).removeprefix("torch.") if precision.storage_dtype else "the compute dtype"
-    computed = str(precision.compute_dtype).removeprefix("torch.") if precision.compute_dtype else "the model's dtypes"
+    stored = dtype_name(precision.storage_dtype) if precision.storage_dtype else "the compute dtype"
+    computed = dtype_name(precision.compute_dtype) if precision.compute_dtype else "the model's dtypes"
     kept = f", keep {keep}" if precision.storage_dtype else ""
     return f"weights stored in {stored}, computed in {computed}{kept}"
 

@@ -6,7 +6,6 @@ It behaves like the wrapped model where the ecosystem looks (call signature, out
 
 from __future__ import annotations
 
-import logging
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -20,10 +19,7 @@ from torch.utils import _pytree as pytree
 from vramfx.capture import Captured
 from vramfx.errors import CaptureError, RuntimeFailure
 from vramfx.plan.plan import Plan
-from vramfx.plan.types import Liveness
 from vramfx.runtime.engine import Engine, ResidentStore
-
-log = logging.getLogger(__name__)
 
 MAX_SIGNATURES_BEFORE_WARNING = 8
 
@@ -33,7 +29,6 @@ class CompiledGraph:
     """Everything built for one input signature."""
 
     captured: Captured
-    liveness: Liveness
     plan: Plan
     graph_module: torch.fx.GraphModule
     engine: Engine

@@ -16,9 +16,10 @@ import torch
 
 from vramfx.budget import parse_budget
 from vramfx.capture import capture
-from vramfx.compiled import CompiledGraph, CompiledModule, canonical_kwargs
+from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
+from vramfx.plan.plan import ALIGNMENT
 from vramfx.plan.schedule import schedule
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 #: temporaries, per-call bookkeeping.
 DEFAULT_MARGIN_BYTES = {"cpu": 8 * 2**20, "cuda": 64 * 2**20}
 #: Arena offsets are aligned so kernels see the alignment they would see in eager.
-ALIGNMENT = {"cpu": 64, "cuda": 256}
 #: Bytes per second a CUDA plan assumes weights reach the device at, by where they are stored.
 #: Host memory goes over PCIe from page-locked memory: 20 GB/s is what a PCIe 4 x16 link
 #: sustains (PCIe 5 about twice that). DiskMap weights are read into the staging ring first, so
@@ -170,14 +170,16 @@ def compile(
         precision=precision,
     )
 
+    renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
+
     def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore) -> CompiledGraph:
-        return build_graph(model, args, kwargs, source, options, store)
+        return build_graph(model, args, kwargs, source, renamed, options, store)
 
     compiled = CompiledModule(
         model, device, build, module_path=lambda: module_path(model, source, options), dtype=compute_dtype
     )
     if example_args is not None or example_kwargs is not None:
-        compiled.prepare(tuple(example_args or ()), canonical_kwargs(example_kwargs or {}))
+        compiled.prepare(tuple(example_args or ()), example_kwargs or {})
     return compiled
 
 
@@ -186,14 +188,14 @@ def build_graph(
     args: tuple,
     kwargs: dict[str, Any],
     source: Any,
+    renamed: Mapping[str, str],
     options: CompileOptions,
     store: ResidentStore,
 ) -> CompiledGraph:
-    """Run every stage for one input signature."""
+    """Run every stage for one input signature (``renamed``: model name → checkpoint key)."""
     precision = options.precision
     compute_dtype = precision.compute_dtype if precision is not None else None
     captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
-    renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
     storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
     refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
     stored = {name: ref.dtype for name, ref in refs.items()}
@@ -206,10 +208,11 @@ def build_graph(
         alignment=ALIGNMENT.get(options.device.type, 64),
         margin_bytes=options.margin_bytes,
     )
-    log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
+    if log.isEnabledFor(logging.INFO):
+        log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
     graph_module = rewrite(captured, plan)
     engine = make_engine(plan, refs, options, store)
-    return CompiledGraph(captured, liveness, plan, graph_module, engine)
+    return CompiledGraph(captured, plan, graph_module, engine)
 
 
 def module_path(model: torch.nn.Module, source: Any, options: CompileOptions) -> Any:

@@ -5,6 +5,8 @@ Tests and benchmarks use these; the library itself never needs them to run.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 import time
 from types import TracebackType
@@ -12,6 +14,17 @@ from types import TracebackType
 import torch
 
 from vramfx.budget import rss_anon_bytes
+
+
+def release_freed_memory() -> None:
+    """Free what is garbage and hand the heap glibc keeps after frees back to the OS, so RssAnon
+    growth measured next counts what is in use (otherwise later allocations reuse freed pages and
+    barely grow it). Elsewhere than glibc it only collects garbage: deltas are rougher."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakMemory:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vramfx.plan.types import dtype_name
+
 #: Dtypes weights may be stored in.
 STORAGE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16, torch.float32)
 #: Dtypes the graph may compute in.
@@ -89,7 +91,7 @@ def precision_from_arguments(
         and storage_dtype.itemsize > compute_dtype.itemsize
     ):
         raise ValueError(
-            f"storage_dtype {_name(storage_dtype)} is wider than compute_dtype {_name(compute_dtype)}; "
+            f"storage_dtype {dtype_name(storage_dtype)} is wider than compute_dtype {dtype_name(compute_dtype)}; "
             "storage is for holding weights in fewer bytes than they compute in"
         )
     keep = keep_items(keep_in_compute_dtype)
@@ -304,9 +306,5 @@ def _walk(
             yield from _walk(child, path + ".", owners + ((path, type(child)),))
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _names(dtypes: Sequence[torch.dtype]) -> str:
-    return ", ".join(_name(d) for d in dtypes)
+    return ", ".join(dtype_name(d) for d in dtypes)

@@ -18,7 +18,7 @@ import torch.fx
 
 from vramfx.capture import Captured
 from vramfx.plan.liveness import compute_nodes
-from vramfx.plan.plan import Plan, PlannedWeight, Transfer
+from vramfx.plan.plan import STEP_ORDER, Plan, PlannedWeight, Transfer
 from vramfx.runtime import ops
 
 ENGINE_INPUT = "vramfx_engine"
@@ -75,11 +75,10 @@ def rewrite(captured: Captured, plan: Plan) -> torch.fx.GraphModule:
 
     by_position: dict[int, list[tuple[int, str, object]]] = defaultdict(list)
     for tr in plan.transfers:
-        by_position[tr.drop].append((0, "drop", tr))
-        by_position[tr.fetch].append((1, "fetch", tr))
-        by_position[tr.wait].append((2, "wait", tr))
+        for op in ("drop", "fetch", "wait"):
+            by_position[getattr(tr, op)].append((STEP_ORDER[op], op, tr))
     for index, c in enumerate(plan.casts):
-        by_position[c.position].append((3, "cast", (index, c)))
+        by_position[c.position].append((STEP_ORDER["cast"], "cast", (index, c)))
     for pos in sorted(by_position):
         anchor = nodes[pos] if pos < len(nodes) else output_node
         for _, op, step in sorted(by_position[pos], key=lambda s: (s[0], _step_key(s[2]))):

@@ -16,10 +16,12 @@ import torch
 
 from vramfx.capture import WeightSpec
 from vramfx.errors import WeightsError
+from vramfx.plan.types import dtype_name
 from vramfx.precision import exactly_widens
-from vramfx.storage.convert import ConvertedSource
+from vramfx.storage.convert import ConvertedSource, serve_converted
+from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.host import HostSource
-from vramfx.storage.source import TensorInfo, WeightSource
+from vramfx.storage.source import WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,6 @@ class WeightRef:
 
 
 def _is_disk(source: object) -> bool:
-    from vramfx.storage.diskmap import DiskMap
-
     return isinstance(source, DiskMap)
 
 
@@ -65,8 +65,6 @@ def as_source(weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence
     if isinstance(weights, (str, os.PathLike)) or (
         isinstance(weights, (list, tuple)) and all(isinstance(w, (str, os.PathLike)) for w in weights)
     ):
-        from vramfx.storage.diskmap import DiskMap
-
         return DiskMap(weights)
     if hasattr(weights, "read_into") and hasattr(weights, "info"):
         return weights  # type: ignore[return-value]
@@ -78,22 +76,12 @@ def as_source(weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence
     )
 
 
-class _LazyHostSource:
-    """A plain ``Mapping[str, Tensor]`` served as a WeightSource, touching only keys asked for."""
+class _LazyHostSource(HostSource):
+    """A plain ``Mapping[str, Tensor]`` served as a WeightSource, touching only keys asked for
+    (``__getitem__`` gives the tensor itself, so a runtime can pin it in place or copy parts)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self._tensors = tensors
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._tensors
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        """The tensor itself, so a runtime can pin it in place or copy parts of it."""
-        return self._tensors[key]
-
-    def info(self, key: str) -> TensorInfo:
-        t = self._tensors[key]
-        return TensorInfo(tuple(t.shape), t.dtype, t.numel() * t.element_size())
+        self._tensors = tensors  # type: ignore[assignment]
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
         out.copy_(self._tensors[key].detach().contiguous().reshape(-1).view(torch.uint8))
@@ -146,13 +134,12 @@ def resolve_weights(
         held = _held_dtype(info.dtype, spec, storage)
         if tuple(info.shape) != tuple(spec.shape) or held is None:
             mismatched.append(
-                f"{key}: stored {tuple(info.shape)} {_dtype(info.dtype)}, model expects "
-                f"{tuple(spec.shape)} {_dtype(spec.dtype)}"
+                f"{key}: stored {tuple(info.shape)} {dtype_name(info.dtype)}, model expects "
+                f"{tuple(spec.shape)} {dtype_name(spec.dtype)}"
             )
             continue
         if held != info.dtype:
-            source = converted.setdefault(id(source), ConvertedSource(source, {}))
-            source.add(key, held)
+            source = serve_converted(converted, source, key, held)
             info = source.info(key)
         refs[spec.name] = WeightRef(
             spec.name, source, key, spec.shape, held, info.nbytes, requires_grad=spec.requires_grad,
@@ -188,8 +175,6 @@ def _key_in(weights: WeightSource, names: Sequence[str], renamed: Mapping[str, s
     return next((n for n in candidates if n in weights), None)
 
 
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _report(missing: list[str], mismatched: list[str], weights: object) -> str:

@@ -15,16 +15,11 @@ from collections import defaultdict
 from itertools import accumulate
 
 from vramfx.errors import PlanInvariantError
-from vramfx.plan.plan import Plan, Transfer
+from vramfx.plan.plan import Plan, Transfer, align_up
 from vramfx.plan.types import Liveness
 
 #: Relative tolerance for predicted seconds that should add up.
 _SECONDS_RTOL = 1e-6
-
-
-def _align_up(nbytes: int, alignment: int) -> int:
-    """``nbytes`` rounded up to a multiple of ``alignment``."""
-    return -(-nbytes // alignment) * alignment
 
 
 def _fail(invariant: str, detail: str) -> PlanInvariantError:
@@ -348,7 +343,7 @@ def _check_budget(plan: Plan, liveness: Liveness) -> None:
     # Difference array of live transfer bytes over [fetch, drop), then a running sum.
     delta = [0] * (plan.num_positions + 1)
     for tr in plan.transfers:
-        occupied = sum(_align_up(s, plan.alignment) for s in tr.sizes)
+        occupied = sum(align_up(s, plan.alignment) for s in tr.sizes)
         delta[tr.fetch] += occupied
         delta[min(tr.drop, plan.num_positions)] -= occupied
     fixed = plan.resident_bytes + plan.workspace_bytes + plan.upcast_bytes
@@ -374,7 +369,7 @@ def _check_summary(plan: Plan, liveness: Liveness) -> None:
     """The totals in the record agree with the parts they summarise."""
     invariant = "summary disagrees"
     nbytes = {w.name: w.nbytes for w in plan.weights}
-    resident_bytes = sum(_align_up(nbytes[name], plan.alignment) for name in plan.resident)
+    resident_bytes = sum(align_up(nbytes[name], plan.alignment) for name in plan.resident)
     if plan.resident_bytes != resident_bytes:
         raise _fail(
             invariant,
@@ -455,7 +450,7 @@ def _check_cast_slots(plan: Plan) -> None:
     invariant = "cast overlap"
     live: list[tuple[int, int, int, str]] = []  # (end position, offset, size, name)
     for c in sorted(plan.casts, key=lambda c: (c.position, c.offset)):
-        size = _align_up(c.nbytes, plan.alignment)
+        size = align_up(c.nbytes, plan.alignment)
         if c.offset % plan.alignment or c.offset < 0 or c.offset + c.nbytes > plan.upcast_bytes:
             raise _fail(
                 invariant,

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from vramfx.capture import Captured
-from vramfx.plan.types import Liveness, WeightLife
+from vramfx.plan.types import Liveness, WeightLife, dtype_name
 
 aten = torch.ops.aten
 
@@ -193,8 +193,8 @@ def build_liveness(
             uses=tuple(sorted(uses)),
             spans=_merge(weight_spans[name]),
             shape=spec.shape,
-            dtype=_dtype_name(stored),
-            compute_dtype=_dtype_name(spec.dtype) if cast else None,
+            dtype=dtype_name(stored),
+            compute_dtype=dtype_name(spec.dtype) if cast else None,
             compute_nbytes=numel * spec.dtype.itemsize if cast else 0,
         )
         for begin, _ in life.spans if cast else ():
@@ -228,10 +228,6 @@ def _profile(
         running += diff[t]
         out.append(running)
     return tuple(out)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _merge(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

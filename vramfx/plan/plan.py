@@ -17,7 +17,15 @@ from typing import Any
 
 STEP_ORDER = {"drop": 0, "fetch": 1, "wait": 2, "cast": 3}
 
+#: Arena slot alignment per device type: at least what kernels see for eager allocations.
+ALIGNMENT = {"cpu": 64, "cuda": 256}
+
 _BYTE_UNITS = (("GiB", 2**30, 2), ("MiB", 2**20, 1), ("KiB", 2**10, 1))
+
+
+def align_up(nbytes: int, alignment: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``alignment`` (how a plan counts a slot)."""
+    return -(-nbytes // alignment) * alignment
 
 
 def format_bytes(nbytes: int | float, *, round_up: bool = False) -> str:

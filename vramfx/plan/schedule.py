@@ -45,7 +45,7 @@ from typing import NamedTuple
 from vramfx.errors import BudgetError
 from vramfx.plan.check import check_plan
 from vramfx.plan.costs import CostModel
-from vramfx.plan.plan import Cast, Plan, PlannedWeight, Prediction, Transfer, format_bytes
+from vramfx.plan.plan import Cast, Plan, PlannedWeight, Prediction, Transfer, align_up, format_bytes
 from vramfx.plan.types import Liveness
 
 logger = logging.getLogger(__name__)
@@ -66,11 +66,6 @@ SPLIT_GAP_FACTOR = 2.0
 
 #: ``next_begin`` of a weight's last occurrence.
 _NO_NEXT = 2**62
-
-
-def align_up(nbytes: int, alignment: int) -> int:
-    """``nbytes`` rounded up to a multiple of ``alignment``."""
-    return -(-nbytes // alignment) * alignment
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vramfx.plan.plan import format_bytes
+from vramfx.plan.types import dtype_name
 from vramfx.report.layers import weight_layers
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.files import resolve_safetensors
@@ -89,7 +90,7 @@ def summarize_checkpoint(path: str | os.PathLike[str], *, largest: int = 10) -> 
     layout = resolve_safetensors(path)
     with DiskMap(path) as weights:
         tensors = [
-            StoredTensor(key, tuple(info.shape), str(info.dtype).removeprefix("torch."), info.nbytes,
+            StoredTensor(key, tuple(info.shape), dtype_name(info.dtype), info.nbytes,
                          Path(info.file).name if info.file else "")
             for key in weights
             for info in (weights.info(key),)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from vramfx.capture import Captured
-from vramfx.plan.liveness import compute_nodes
 from vramfx.plan.plan import Plan
 from vramfx.plan.types import Liveness
+
+if TYPE_CHECKING:  # capture and liveness load torch.export machinery and networkx: only for plan
+    from vramfx.capture import Captured
 
 #: The label of positions that belong to no module at all (a model that is one module).
 TOP_LEVEL = "(model)"
@@ -28,6 +30,8 @@ def module_paths(captured: Captured, liveness: Liveness) -> tuple[str, ...]:
     Where capture recorded no module stack, a position that reads weights takes the module of
     the first weight it reads.
     """
+    from vramfx.plan.liveness import compute_nodes
+
     paths = []
     for node in compute_nodes(captured.graph_module.graph):
         stack = node.meta.get("nn_module_stack") or {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from vramfx.plan.plan import Plan, Transfer
+from vramfx.plan.plan import Plan, Transfer, align_up
 
 
 def reserved_ranges(transfer: Transfer, alignment: int, arena_bytes: int) -> list[tuple[int, int]]:
@@ -23,7 +23,7 @@ def reserved_ranges(transfer: Transfer, alignment: int, arena_bytes: int) -> lis
     for offset, size in sorted(zip(transfer.offsets, transfer.sizes)):
         if not size:
             continue
-        end = min(-(-(offset + size) // alignment) * alignment, arena_bytes)
+        end = min(align_up(offset + size, alignment), arena_bytes)
         if ranges and ranges[-1][1] >= offset:
             ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
         else:

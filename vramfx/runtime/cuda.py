@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from vramfx.plan.plan import Plan, Transfer
+from vramfx.plan.plan import Plan, Transfer, align_up
 from vramfx.runtime.arena import reuse_predecessors
 from vramfx.runtime.chunks import Chunk, Member, Piece, Segment, plan_chunks, whole
 from vramfx.runtime.engine import Engine, ResidentStore, view_bytes
@@ -143,7 +143,7 @@ class CudaEngine(Engine):
         """The copies of one transfer, cut to the ring's slots."""
         align = self.plan.alignment
         members = [
-            Member(name, off, size, min(-(-(off + size) // align) * align, self.plan.arena_bytes))
+            Member(name, off, size, min(align_up(off + size, align), self.plan.arena_bytes))
             for name, off, size in zip(transfer.names, transfer.offsets, transfer.sizes)
         ]
         return plan_chunks(members, {m.name: self._segments(m.name, m.nbytes) for m in members}, self.slot_bytes)
@@ -166,7 +166,7 @@ class CudaEngine(Engine):
 
     def _load_resident(self, ref: WeightRef) -> torch.Tensor:
         assert self._pipeline is not None, "engine used before activate()"
-        size = -(-ref.nbytes // self.plan.alignment) * self.plan.alignment  # as the plan counts it
+        size = align_up(ref.nbytes, self.plan.alignment)  # as the plan counts it
         buffer = self.streams.device_buffer(size)
         chunks = plan_chunks([Member(ref.name, 0, ref.nbytes, size)], {ref.name: whole(ref.nbytes)}, self._pipeline.slot_bytes)
         job = self._pipeline.submit(buffer, chunks, tag=ref.name)

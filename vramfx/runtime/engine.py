@@ -64,10 +64,6 @@ class ResidentStore:
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
-
     def keep_only(self, names: set[str]) -> None:
         for name in [n for n in self._tensors if n not in names]:
             del self._tensors[name]

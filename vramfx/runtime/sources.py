@@ -11,13 +11,13 @@ import torch
 
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.host import HostSource
-from vramfx.weights import WeightRef, _LazyHostSource
+from vramfx.weights import WeightRef
 
 
 def host_bytes(ref: WeightRef) -> torch.Tensor | None:
     """The weight's bytes as a flat uint8 CPU tensor viewing its memory, when it lives in host
     memory contiguously; else None."""
-    if not isinstance(ref.source, (HostSource, _LazyHostSource)):
+    if not isinstance(ref.source, HostSource):
         return None
     tensor = ref.source[ref.key].detach()
     if tensor.device.type != "cpu" or not tensor.is_contiguous():

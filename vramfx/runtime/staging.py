@@ -78,9 +78,6 @@ class CopyJob:
         self._next = 0
         self._enqueued = threading.Event()
 
-    def done(self) -> bool:
-        return self._enqueued.is_set()
-
     def result(self) -> None:
         self._enqueued.wait()
         if self.error is not None:

@@ -28,6 +28,7 @@ from vramfx.precision import (
     kept_names,
     owners_from_name,
 )
+from vramfx.plan.types import dtype_name
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.files import PathLike, resolve_safetensors
 from vramfx.storage.safetensors_header import SAFETENSORS_DTYPES, read_header
@@ -90,6 +91,9 @@ class ConvertedSource:
             self._tensor(key)
 
     def _tensor(self, key: str) -> torch.Tensor:
+        tensor = self._converted.get(key)
+        if tensor is not None:
+            return tensor
         # The reader thread and the resident load may ask for one key at once: convert it once.
         with self._lock:
             tensor = self._converted.get(key)
@@ -97,6 +101,17 @@ class ConvertedSource:
                 tensor = _read(self._source, key).to(self._dtypes[key]).contiguous()
                 self._converted[key] = tensor
         return tensor
+
+
+def serve_converted(
+    cache: dict[int, ConvertedSource], source: WeightSource, key: str, dtype: torch.dtype
+) -> ConvertedSource:
+    """``cache``'s converted view of ``source`` (made on first use), now serving ``key`` in ``dtype``."""
+    converted = cache.get(id(source))
+    if converted is None:
+        converted = cache[id(source)] = ConvertedSource(source, {})
+    converted.add(key, dtype)
+    return converted
 
 
 def _read(source: WeightSource, key: str) -> torch.Tensor:
@@ -159,7 +174,7 @@ def convert(
     ...                       compute_dtype=torch.bfloat16)
     """
     if dtype not in STORAGE_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in STORAGE_DTYPES)
+        names = ", ".join(dtype_name(d) for d in STORAGE_DTYPES)
         raise ValueError(f"dtype must be one of {names}, got {dtype!r}")
     keep = keep_items(keep_in_compute_dtype)
     dst = Path(dst)

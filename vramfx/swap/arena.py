@@ -11,6 +11,8 @@ from bisect import bisect_left
 
 import torch
 
+from vramfx.plan.plan import align_up
+
 
 class Arena:
     """A buffer of ``nbytes`` on ``device``, handed out in aligned blocks.
@@ -37,7 +39,7 @@ class Arena:
 
     def size_of(self, nbytes: int) -> int:
         """What a block of ``nbytes`` occupies."""
-        return -(-nbytes // self.alignment) * self.alignment
+        return align_up(nbytes, self.alignment)
 
     def allocate(self, nbytes: int) -> int | None:
         """The offset of a free block of ``nbytes``, or None when no gap is large enough."""
@@ -81,4 +83,9 @@ class Arena:
 
     def owns(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` views this arena's memory."""
-        return tensor.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
+        return same_memory(tensor, self.buffer)
+
+
+def same_memory(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``tensor`` views ``buffer``'s memory."""
+    return tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()

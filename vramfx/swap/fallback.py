@@ -26,7 +26,7 @@ import torch
 from vramfx.errors import BudgetError
 from vramfx.plan.plan import format_bytes
 from vramfx.precision import Precision, kept_names
-from vramfx.storage.convert import ConvertedSource
+from vramfx.storage.convert import ConvertedSource, serve_converted
 from vramfx.swap.config import Placement
 from vramfx.swap.patch import bound_calls, swapped_forward
 from vramfx.swap.runtime import SwapRuntime, SwapStats
@@ -116,14 +116,14 @@ class ModulePath:
                 f"{format_bytes(minimum, round_up=True)} (budget_bytes >= {minimum})",
                 minimum_bytes=minimum,
             )
-        moved = materialise(loose, device, buffers, buffer_dtype=dtypes.compute_dtype)
+        materialise(loose, device, buffers, buffer_dtype=dtypes.compute_dtype)
         self._ours = [store[local] for store, local in self._places]
         self._put_back()
         self.runtime = SwapRuntime(
             device,
             limit_bytes=budget_bytes,
             calls=calls,
-            reserved_bytes=margin_bytes + moved,
+            reserved_bytes=margin_bytes + moving,
             activations_in_limit=True,
             bypass_page_cache=bypass_page_cache,
         )
@@ -214,8 +214,7 @@ class _Dtypes:
         if ref is None or rest_dtype(ref.dtype, wanted) == ref.dtype:
             return slot
         dtype = rest_dtype(ref.dtype, wanted)
-        source = self._converted.setdefault(id(ref.source), ConvertedSource(ref.source, {}))
-        source.add(ref.key, dtype)
+        source = serve_converted(self._converted, ref.source, ref.key, dtype)
         return replace(slot, ref=replace(ref, source=source, dtype=dtype, nbytes=source.info(ref.key).nbytes))
 
 

@@ -11,9 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from vramfx.plan.types import Liveness, WeightLife
+from vramfx.plan.types import Liveness, WeightLife, dtype_name
 from vramfx.swap.units import Unit
 
 
@@ -137,8 +135,8 @@ def to_liveness(
                 nbytes=nbytes,
                 uses=tuple(uses[unit_index]),
                 spans=tuple((b, e) for b, e in spans[unit_index]),
-                dtype=_name(unit.held_dtype(cast[0]) if cast else unit.slots[0].dtype),
-                compute_dtype=_name(unit.compute_dtypes[cast[0]]) if cast else None,
+                dtype=dtype_name(unit.held_dtype(cast[0]) if cast else unit.slots[0].dtype),
+                compute_dtype=dtype_name(unit.compute_dtypes[cast[0]]) if cast else None,
                 compute_nbytes=cast_bytes,
             )
         )
@@ -153,7 +151,3 @@ def to_liveness(
         workspace_bytes=max((units[u].staging_bytes() for u in set(order)), default=0),
         position_names=tuple(units[u].name for u in order),
     )
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

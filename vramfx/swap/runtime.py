@@ -38,10 +38,10 @@ from torch.utils import _pytree as pytree
 
 from vramfx.errors import BudgetError, VramfxError, WeightsError
 from vramfx.plan.costs import CostModel
-from vramfx.plan.plan import Plan, format_bytes
+from vramfx.plan.plan import ALIGNMENT, Plan, format_bytes
 from vramfx.plan.schedule import schedule
 from vramfx.runtime.engine import view_bytes
-from vramfx.swap.arena import Arena
+from vramfx.swap.arena import Arena, same_memory
 from vramfx.swap.mover import Mover
 from vramfx.swap.record import CallRecord, Recorder, to_liveness, unit_seconds
 from vramfx.swap.units import Unit
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 #: Calls a plan is optimised for, as :func:`vramfx.compile`'s default.
 PLANNED_CALLS = 10
 #: Block alignment in the arena: what kernels would see in eager.
-ALIGNMENT = {"cpu": 64, "cuda": 256}
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,6 @@ class _Transfer:
     """A plan transfer as the runtime runs it: its units' slots in the arena, its copy."""
 
     fetch: int
-    wait: int
     drop: int
     region: tuple[int, int]  # (offset, nbytes) of its members, back to back
     outs: dict[int, dict[int, torch.Tensor]]  # unit index -> slot index -> view of the arena
@@ -235,7 +233,7 @@ class SwapRuntime:
     def held_bytes(self) -> int:
         """Bytes of weights on the device now, by the runtime's own accounting."""
         arena = self._arena.nbytes if self._arena is not None else 0
-        upcast = _nbytes(self._upcast) if self._upcast is not None else 0
+        upcast = self._upcast.nbytes if self._upcast is not None else 0
         return self._kept_bytes + arena + upcast + self._loose_bytes
 
     def stats(self) -> SwapStats:
@@ -482,7 +480,7 @@ class SwapRuntime:
             outs[unit.index] = {i: view_bytes(self._arena.buffer, offset + at, lay) for i, (at, lay) in layout.items()}
         start = transfer.offsets[0]
         stop = transfer.offsets[-1] + transfer.sizes[-1]
-        return _Transfer(transfer.fetch, transfer.wait, transfer.drop, (start, stop - start), outs)
+        return _Transfer(transfer.fetch, transfer.drop, (start, stop - start), outs)
 
     # -- following the plan ---------------------------------------------------------------------
     def _claim_position(self, unit: Unit) -> int | None:
@@ -546,7 +544,7 @@ class SwapRuntime:
         jobs = [(self.units[u], outs) for u, outs in t.outs.items()]
         if ahead:
             t.future = self._mover.submit(jobs)
-            self._fetched += sum(o.numel() * o.element_size() for _, outs in jobs for o in outs.values())
+            self._fetched += sum(o.nbytes for _, outs in jobs for o in outs.values())
         else:
             for unit, outs in jobs:
                 self._load_now(unit, outs)
@@ -649,7 +647,7 @@ class SwapRuntime:
             i: torch.empty(unit.slots[i].shape, dtype=unit.compute_dtypes[i], device=self.device)
             for i in unit.copies(unit.held_dtypes())
         }
-        nbytes = sum(_nbytes(t) for t in outs.values())
+        nbytes = sum(t.nbytes for t in outs.values())
         self._loose_bytes += nbytes
         try:
             self._load_now(unit, outs)
@@ -695,12 +693,12 @@ class SwapRuntime:
             outs = {i: view_bytes(self._upcast, offset + layout[i][0], layout[i][1]) for i in cast}
         else:
             outs = {i: torch.empty(unit.slots[i].shape, dtype=dtypes[i], device=self.device) for i in cast}
-            nbytes = sum(_nbytes(t) for t in outs.values())
+            nbytes = sum(t.nbytes for t in outs.values())
             held.nbytes += nbytes
             self._loose_bytes += nbytes
         for i, out in outs.items():
             out.detach().copy_(held.tensors[i])  # runs on the compute device, after the copy it reads
-            self._cast_written += _nbytes(out)
+            self._cast_written += out.nbytes
         held.tensors = tuple(
             unit.slots[i].like_parameter(outs[i]) if i in outs else t for i, t in enumerate(held.tensors)
         )
@@ -736,7 +734,7 @@ class SwapRuntime:
         largest = max((u.stream_bytes(self.alignment) for u in self.units), default=0)
         room = 2 * largest
         if self.limit_bytes is not None:  # a unit's casts are made beside it
-            cast = max(u.cast_bytes(self.alignment) for u in self.units)
+            cast = max((u.cast_bytes(self.alignment) for u in self.units), default=0)
             room = min(room, self.limit_bytes - self.reserved_bytes - cast)
         if largest == 0 or room < largest:
             return None
@@ -759,19 +757,11 @@ class SwapRuntime:
             return output
 
         def owned(t: torch.Tensor) -> bool:
-            return any(_same_memory(t, b) for b in buffers)
+            return any(same_memory(t, b) for b in buffers)
 
         if not any(isinstance(t, torch.Tensor) and owned(t) for t in pytree.tree_leaves(output)):
             return output
         return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if owned(t) else t, output)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _same_memory(t: torch.Tensor, buffer: torch.Tensor) -> bool:
-    return t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def _memory_sampler(device: torch.device) -> Callable[[], int]:

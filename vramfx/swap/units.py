@@ -31,6 +31,7 @@ import torch
 
 from vramfx.capture import _tensor_aliases
 from vramfx.errors import WeightsError
+from vramfx.plan.plan import align_up
 from vramfx.precision import exactly_widens
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.swap.config import Placement
@@ -227,7 +228,7 @@ class Unit:
             slot = self.slots[i]
             nbytes = slot.nbytes(dtypes[i])
             offsets[i] = (at, Layout(slot.shape, dtypes[i], nbytes, slot.requires_grad))
-            at += -(-nbytes // alignment) * alignment
+            at += align_up(nbytes, alignment)
         return offsets, at
 
     # -- the model's view ----------------------------------------------------------------------
@@ -479,11 +480,6 @@ class LooseTensor:
     def store(self) -> dict[str, torch.Tensor]:
         return self.owner._parameters if self.kind == "parameter" else self.owner._buffers
 
-    def placed_on(self, device: torch.device) -> bool:
-        """Whether the tensor is already real on ``device``."""
-        tensor = self.store[self.local]
-        return not tensor.is_meta and tensor.device == device
-
 
 def loose_tensors(
     model: torch.nn.Module, builder: UnitBuilder, covered: set[int]
@@ -514,10 +510,9 @@ def materialise(
     parameter_dtype: Placement,
     *,
     buffer_dtype: torch.dtype | None = None,
-) -> int:
+) -> None:
     """Put ``loose`` tensors on ``device`` (parameters in ``parameter_dtype``'s dtype, floating
-    buffers in ``buffer_dtype`` when given); bytes allocated."""
-    allocated = 0
+    buffers in ``buffer_dtype`` when given)."""
     buffers = Placement(device, buffer_dtype)
     for t in loose:
         store = t.store
@@ -530,8 +525,6 @@ def materialise(
             new = current.detach().to(device, dtype)
         else:
             continue
-        allocated += new.numel() * new.element_size()
         if t.kind == "parameter":
             new = torch.nn.Parameter(new, requires_grad=current.requires_grad and new.is_floating_point())
         store[t.local] = new
-    return allocated
