@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import vramfx
 from vramfx.measure import PeakMemory
+from vramfx.storage import convert as convert_module
 from vramfx.storage.convert import ConvertedSource
 from vramfx.storage.host import HostSource
 
@@ -113,6 +114,16 @@ def test_bad_arguments_and_failures_leave_nothing_behind(tmp_path, monkeypatch):
         vramfx.convert(src, tmp_path / "x.safetensors", dtype=FP8)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+    with pytest.raises(ValueError, match="folder .*missing does not exist"):
+        vramfx.convert([src], tmp_path / "missing" / "out", dtype=FP8)
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    converted = []
+    monkeypatch.setattr(convert_module, "_convert_file", lambda *args: converted.append(args))
+    with pytest.raises(vramfx.WeightsError):
+        vramfx.convert([src, tmp_path / "bad.safetensors"], tmp_path / "out", dtype=FP8)
+    assert not converted, "a bad file is found before any file is converted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "model.safetensors"]
 
 
 def test_converted_source_converts_each_weight_once():

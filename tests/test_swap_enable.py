@@ -146,3 +146,16 @@ def test_unmatched_parameters_and_buffers_are_put_on_the_device_once(tmp_path):
     assert not model.scale_shift_table.is_meta and not model.patch_embedding.weight.is_meta
     assert not model.blocks[0].norm2.weight.is_meta, "a norm left unwrapped is loaded"
     assert model.blocks[0].attn1.to_q.weight.is_meta, "a wrapped Linear stays on disk"
+
+
+def test_a_map_that_matches_nothing_under_a_limit_runs_the_model_as_it_is(tmp_path):
+    arch = ARCHS["llama"]
+    eager = build_saved(arch, tmp_path)
+    with torch.no_grad():
+        expected = eager(**arch.inputs()).last_hidden_state
+    model = enable_vram_management(build_empty(arch), {torch.nn.Conv3d: AutoWrappedModule}, DISK,
+                                   vram_limit="1MiB", disk_map=vramfx.DiskMap(tmp_path))
+    assert not wrappers(model)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(expected, model(**arch.inputs()).last_hidden_state)

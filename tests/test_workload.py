@@ -108,6 +108,19 @@ def test_a_file_that_fails_to_import_names_the_file(tmp_path):
         load_workload(f"{path}:build")
 
 
+def test_a_workload_that_exits_is_an_error_not_an_exit(tmp_path):
+    """A script that parses its own argv on import, or a function that calls sys.exit, must not
+    end the CLI with the script's exit code (2 is the CLI's "budget below minimum")."""
+    on_import = tmp_path / "argv_script.py"
+    on_import.write_text("import sys\nsys.exit(2)\n")
+    with pytest.raises(TargetError, match=r"importing .*argv_script.py failed: SystemExit"):
+        load_workload(f"{on_import}:build")
+    in_call = tmp_path / "exits.py"
+    in_call.write_text("import sys\n\ndef build():\n    sys.exit(2)\n")
+    with pytest.raises(TargetError, match=r"exits.py:build raised SystemExit"):
+        load_workload(f"{in_call}:build")
+
+
 def test_as_workload_accepts_the_documented_forms_only():
     model = torch.nn.Linear(1, 1)
     assert as_workload(model) == Workload(model)

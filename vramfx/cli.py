@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -255,7 +256,7 @@ def parse_rate(text: str, unit: str) -> float:
             match = _RATE_RE.match(stripped)
             if match and match.group(3):
                 value = float(match.group(1)) * _SI[match.group(2).upper()]
-    if value is None or not value > 0:
+    if value is None or not 0 < value < math.inf:
         example = '"25GB/s", "25GiB/s" or a number of bytes per second' if unit == "B" else (
             '"100TFLOPS", "50GFLOPS" or a number of FLOP per second')
         raise ValueError(f"{text!r} is not a positive rate; expected {example}")

@@ -68,7 +68,7 @@ def load_workload(target: str) -> Workload:
     function = resolve_target(target)
     try:
         result = function()
-    except Exception as exc:  # any failure in user code is the user's to see, in one line
+    except (Exception, SystemExit) as exc:  # any failure in user code is the user's to see, in one line
         raise TargetError(f"{target} raised {type(exc).__name__}: {_one_line(exc)}") from exc
     return as_workload(result, target)
 
@@ -151,7 +151,7 @@ def _import_file(where: str) -> Any:
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a script that parses its own argv exits on import
         del sys.modules[name]
         raise TargetError(f"importing {where} failed: {type(exc).__name__}: {_one_line(exc)}") from exc
     finally:
@@ -166,7 +166,7 @@ def _import_module(where: str) -> Any:
         if exc.name and (where == exc.name or where.startswith(exc.name + ".")):
             raise TargetError(f"no module named {where!r} (is it installed, or on PYTHONPATH?)") from exc
         raise TargetError(f"importing {where} failed: {type(exc).__name__}: {_one_line(exc)}") from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise TargetError(f"importing {where} failed: {type(exc).__name__}: {_one_line(exc)}") from exc
 
 

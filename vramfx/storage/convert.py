@@ -162,8 +162,8 @@ def convert(
     Raises
     ------
     ValueError
-        If ``dtype`` is not a storage dtype, ``keep_in_compute_dtype`` is malformed, or ``dst``
-        exists.
+        If ``dtype`` is not a storage dtype, ``keep_in_compute_dtype`` is malformed, ``dst``
+        exists, or its folder does not.
     WeightsError
         If ``src`` is not readable safetensors.
 
@@ -180,14 +180,18 @@ def convert(
     dst = Path(dst)
     if dst.exists():
         raise ValueError(f"dst {dst} exists; remove it or pass another path")
+    if not dst.parent.is_dir():
+        raise ValueError(f"dst's folder {dst.parent} does not exist; create it first or pass another path")
     layout = resolve_safetensors(src)
+    with DiskMap(src):  # every header and the index checked before anything is written
+        pass
     single = layout.index is None and isinstance(src, (str, os.PathLike)) and Path(src).is_file()
     stays = _keep_rule(model, keep)
 
     if single:
         _convert_file(layout.files[0], dst, dtype, stays)
         return dst
-    dst.mkdir(parents=True)
+    dst.mkdir()
     try:
         total = 0
         for path in layout.files:
