@@ -18,6 +18,8 @@ from test_swap_models import module_map
 import vramfx
 from tiny_models import ARCHS, assert_same_output, build_empty, build_saved
 from vramfx.measure import PeakMemory, release_freed_memory
+from vramfx.precision import precision_from_arguments
+from vramfx.swap.fallback import ModulePath
 from vramfx.swap import enable_vram_management, swap_stats
 
 PAIRS = pytest.mark.parametrize(
@@ -196,3 +198,23 @@ def test_generate_with_low_precision_storage_gives_the_rounded_models_tokens(tmp
     stats = fast.module_path.stats
     assert stats.fetched_bytes > 0 and stats.held_peak_bytes <= budget - margin
     assert all(p.is_meta for p in empty.parameters())
+
+
+@pytest.mark.parametrize("arch_name", ["flux", "llama"])
+def test_the_module_path_stores_real_architectures_as_compile_does(arch_name, tmp_path):
+    """compile's fallback path on its own, on real architectures: the keep list, the storage dtype
+    and the compute dtype give exactly what a compiled graph gives."""
+    arch = ARCHS[arch_name]
+    eager = build_saved(arch, tmp_path)
+    inputs = in_dtype(arch.inputs(), torch.bfloat16)
+    with torch.no_grad():
+        expected = reference(copy.deepcopy(eager), FP8, torch.bfloat16)(**inputs)
+    margin = 2**20
+    budget = margin + 16 * 2**20
+    path = ModulePath(build_empty(arch), vramfx.DiskMap(tmp_path), device=torch.device("cpu"),
+                      budget_bytes=budget, margin_bytes=margin, calls=10,
+                      precision=precision_from_arguments(FP8, torch.bfloat16, "auto"))
+    for _ in range(2):
+        assert_same_output(expected, path(**inputs))
+    stats = path.stats
+    assert stats.cast_bytes > 0 and stats.held_peak_bytes <= budget - margin

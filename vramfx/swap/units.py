@@ -125,6 +125,8 @@ class Unit:
         self.face: list[torch.Tensor] = []
         # The dtype each parameter's values take when read from the weights source.
         self.disk_dtypes = [slot.ref.dtype if slot.ref is not None else slot.dtype for slot in slots]
+        # Dtypes and layouts derived from the homes, asked for on every call: kept until a home moves.
+        self._derived: dict[tuple, Any] = {}
         for i, slot in enumerate(slots):
             current = slot.places[0][0]._parameters[slot.places[0][1]]
             assert current is not None
@@ -154,10 +156,21 @@ class Unit:
         return self.held_dtype(i)
 
     def held_dtypes(self) -> tuple[torch.dtype, ...]:
-        return tuple(self.held_dtype(i) for i in range(len(self.slots)))
+        return self._memo(("held",), lambda: tuple(self.held_dtype(i) for i in range(len(self.slots))))
 
     def kept_dtypes(self) -> tuple[torch.dtype, ...]:
-        return tuple(self.kept_dtype(i) for i in range(len(self.slots)))
+        return self._memo(("kept",), lambda: tuple(self.kept_dtype(i) for i in range(len(self.slots))))
+
+    def set_disk_dtype(self, i: int, dtype: torch.dtype) -> None:
+        """Values of slot ``i`` read from the weights source are rounded to ``dtype``."""
+        self.disk_dtypes[i] = dtype
+        self._derived.clear()
+
+    def _memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = compute()
+        return value
 
     # -- sizes ---------------------------------------------------------------------------------
     def placed(self, i: int, dtype: torch.dtype) -> bool:
@@ -167,11 +180,14 @@ class Unit:
 
     def copies(self, dtypes: tuple[torch.dtype, ...]) -> tuple[int, ...]:
         """Slots whose home is not already on the device in ``dtypes``: they need a copy."""
-        return tuple(i for i in range(len(self.slots)) if not self.placed(i, dtypes[i]))
+        return self._memo(
+            ("copies", dtypes), lambda: tuple(i for i in range(len(self.slots)) if not self.placed(i, dtypes[i]))
+        )
 
     def layout(self, dtypes: tuple[torch.dtype, ...], alignment: int) -> tuple[dict[int, tuple[int, Layout]], int]:
-        """Offsets of the copied slots in one block, each aligned; and the block's size."""
-        return self._block(self.copies(dtypes), dtypes, alignment)
+        """Offsets of the copied slots in one block, each aligned; and the block's size (not to be
+        modified: it is kept for the next call)."""
+        return self._memo(("layout", dtypes, alignment), lambda: self._block(self.copies(dtypes), dtypes, alignment))
 
     def stream_bytes(self, alignment: int = 1) -> int:
         """Bytes a streamed copy takes on the device (the copied slots, in their held dtypes)."""
@@ -187,8 +203,9 @@ class Unit:
         return tuple(i for i, c in enumerate(self.compute_dtypes) if held[i] != c or kept[i] != c)
 
     def cast_layout(self, alignment: int) -> tuple[dict[int, tuple[int, Layout]], int]:
-        """Offsets of the cast slots' compute-dtype copies in one block, each aligned; its size."""
-        return self._block(self.cast_slots(), self.compute_dtypes, alignment)
+        """Offsets of the cast slots' compute-dtype copies in one block, each aligned; its size
+        (not to be modified: it is kept for the next call)."""
+        return self._memo(("cast", alignment), lambda: self._block(self.cast_slots(), self.compute_dtypes, alignment))
 
     def cast_bytes(self, alignment: int = 1) -> int:
         """Bytes of the compute-dtype copies a call casts into."""
@@ -256,6 +273,7 @@ class Unit:
             grad = self.slots[i].requires_grad and tensor.is_floating_point()
             tensor = torch.nn.Parameter(tensor, requires_grad=grad)
         self.home[i] = tensor
+        self._derived.clear()
         self._show(i)
 
     def _place(self, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -452,7 +470,7 @@ def move_home(unit: Unit, placement: Placement) -> None:
         home = unit.home[i]
         if placement.on_disk:
             assert slot.ref is not None, "a unit placed on disk has every weight in the disk map"
-            unit.disk_dtypes[i] = rest_dtype(slot.ref.dtype, placement.dtype)
+            unit.set_disk_dtype(i, rest_dtype(slot.ref.dtype, placement.dtype))
             if home is not None:
                 unit.set_home(i, None)
             continue
