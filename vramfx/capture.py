@@ -19,6 +19,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from vramfx.errors import CaptureError
+from vramfx.fold_masks import fold_constant_masks
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def capture(
     weights = _weight_specs(exported, aliases, originals, model)
     _refuse_weight_writes(gm, {p: w.name for w in weights for p in w.placeholders})
     _copy_outputs_that_alias_weights(gm, {p for w in weights for p in w.placeholders})
+    fold_constant_masks(gm)
     gm.recompile()
     return Captured(
         graph_module=gm,
