@@ -23,8 +23,8 @@ import torch
 import vramfx
 from vramfx.capture import capture
 from vramfx.plan.liveness import build_liveness
-from vramfx.plan.plan import format_bytes
 from vramfx.plan.schedule import schedule
+from vramfx.util import format_bytes
 from workloads import llama_config, llama_on_disk, timed
 
 

@@ -59,7 +59,7 @@ from torch.utils import _pytree as pytree
 
 import vramfx
 from vramfx.measure import PeakMemory
-from vramfx.plan.plan import format_bytes
+from vramfx.util import format_bytes
 
 RTOL, ATOL = 1.6e-2, 1e-2  # bf16: 8 bits of mantissa
 FRACTIONS = (0.50, 0.25, 0.10)

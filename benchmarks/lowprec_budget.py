@@ -24,9 +24,9 @@ from vramfx.capture import capture
 from vramfx.compiler import DEFAULT_MARGIN_BYTES
 from vramfx.measure import PeakMemory, release_freed_memory
 from vramfx.plan.liveness import build_liveness
-from vramfx.plan.plan import format_bytes
 from vramfx.plan.schedule import minimum_budget, planned_casts
 from vramfx.precision import precision_from_arguments, storage_dtypes
+from vramfx.util import format_bytes
 from workloads import llama_config
 
 FP8 = torch.float8_e4m3fn

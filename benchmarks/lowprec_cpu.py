@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import vramfx
+from vramfx.util import format_bytes
 from workloads import llama_config, timed  # the same model and timer as the compile benchmark
-from vramfx.plan.plan import format_bytes
 
 
 def main() -> None:

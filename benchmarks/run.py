@@ -40,7 +40,7 @@ import contenders as c  # noqa: E402
 import vramfx  # noqa: E402
 from vramfx.budget import rss_anon_bytes  # noqa: E402
 from vramfx.measure import PeakMemory, release_freed_memory  # noqa: E402
-from vramfx.plan.plan import format_bytes  # noqa: E402
+from vramfx.util import format_bytes  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -28,8 +28,8 @@ import torch
 
 import vramfx
 from workloads import llama_config, llama_on_disk, timed
-from vramfx.plan.plan import format_bytes
 from vramfx.swap import AutoWrappedLinear, AutoWrappedModule, enable_vram_management, swap_stats
+from vramfx.util import format_bytes
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 import vramfx
 from vramfx.measure import PeakMemory
-from vramfx.plan.plan import format_bytes
+from vramfx.util import format_bytes
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import vramfx
 from vramfx.measure import PeakMemory
-from vramfx.storage import convert as convert_module
-from vramfx.storage.convert import ConvertedSource
+from vramfx import conversion as convert_module
+from vramfx.storage.converted import ConvertedSource
 from vramfx.storage.host import HostSource
 
 FP8 = torch.float8_e4m3fn

@@ -7,8 +7,9 @@ import json
 import pytest
 from strategies import UNIT_COSTS, liveness, stored_low, weight
 
-from vramfx.plan.plan import STEP_ORDER, Plan, format_bytes, format_seconds
+from vramfx.plan.plan import STEP_ORDER, Plan
 from vramfx.plan.schedule import schedule
+from vramfx.util import format_bytes, format_seconds
 
 
 @pytest.fixture

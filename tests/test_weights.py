@@ -87,7 +87,7 @@ def test_key_map_is_empty_for_models_without_renaming_rules():
 def test_storage_dtypes_read_low_files_as_they_are_and_convert_the_rest_once(tmp_path):
     from safetensors.torch import save_file
 
-    from vramfx.storage.convert import ConvertedSource
+    from vramfx.storage.converted import ConvertedSource
 
     with vramfx.skip_model_initialization():
         model = WithBuffers()

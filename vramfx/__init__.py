@@ -16,7 +16,7 @@ from vramfx.init import skip_model_initialization
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan
 from vramfx.storage import DiskMap, load_state_dict
-from vramfx.storage.convert import convert
+from vramfx.conversion import convert
 
 if TYPE_CHECKING:
     from vramfx.compiled import CompiledModule

@@ -30,8 +30,8 @@ import torch
 from vramfx.budget import parse_budget
 from vramfx.errors import BudgetError, VramfxError
 from vramfx.plan.costs import CostModel
-from vramfx.plan.plan import Plan, format_bytes, format_seconds
-from vramfx.plan.types import Liveness, dtype_name
+from vramfx.plan.plan import Plan
+from vramfx.plan.types import Liveness
 from vramfx.precision import Precision, precision_from_arguments, storage_dtypes
 from vramfx.report.checkpoint import format_checkpoint, summarize_checkpoint
 from vramfx.report.layers import layer_labels, module_paths
@@ -40,8 +40,9 @@ from vramfx.report.progress import Progress
 from vramfx.report.table import format_table
 from vramfx.report.trace import chrome_trace
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
-from vramfx.storage.convert import ConvertedSource
+from vramfx.storage.converted import ConvertedSource
 from vramfx.storage.diskmap import DiskMap
+from vramfx.util import dtype_name, format_bytes, format_seconds
 from vramfx.weights import WeightRef, resolve_weights
 from vramfx.workload import load_workload
 
@@ -160,7 +161,7 @@ def run_plan(args: argparse.Namespace) -> int:
     # Imported here: torch.export and dynamo take seconds, which inspect and bad arguments skip.
     from vramfx.capture import capture
     from vramfx.compiler import DEFAULT_MARGIN_BYTES, link_bytes_per_s
-    from vramfx.plan.plan import ALIGNMENT
+    from vramfx.util import ALIGNMENT
     from vramfx.plan.liveness import build_liveness
     from vramfx.plan.schedule import schedule
 

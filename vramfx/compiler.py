@@ -19,12 +19,12 @@ from vramfx.capture import capture
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
-from vramfx.plan.plan import ALIGNMENT
 from vramfx.plan.schedule import schedule
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime.engine import Engine, ResidentStore
+from vramfx.util import ALIGNMENT
 from vramfx.weights import as_source, resolve_weights
 
 log = logging.getLogger(__name__)

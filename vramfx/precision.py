@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vramfx.plan.types import dtype_name
+from vramfx.util import dtype_name
 
 #: Dtypes weights may be stored in.
 STORAGE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16, torch.float32)

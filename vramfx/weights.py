@@ -10,52 +10,22 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from vramfx.capture import WeightSpec
 from vramfx.errors import WeightsError
-from vramfx.plan.types import dtype_name
 from vramfx.precision import exactly_widens
-from vramfx.storage.convert import ConvertedSource, serve_converted
+from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.host import HostSource
+from vramfx.storage.ref import WeightRef
 from vramfx.storage.source import WeightSource
+from vramfx.util import dtype_name
 
 log = logging.getLogger(__name__)
 
 _LISTED = 10
-
-
-@dataclass(frozen=True)
-class WeightRef:
-    """One graph weight bound to the source and key its bytes come from.
-
-    ``requires_grad`` is the model parameter's flag, which the runtime's copies keep. ``dtype``
-    and ``nbytes`` describe the bytes as they are stored and moved; ``compute_dtype`` is the dtype
-    the graph reads the weight in, when a cast step must turn one into the other.
-    """
-
-    name: str
-    source: WeightSource
-    key: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-    requires_grad: bool = False
-    compute_dtype: torch.dtype | None = None
-
-    def read_into(self, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
-        """Copy the stored bytes into ``out`` (contiguous uint8 of ``nbytes``)."""
-        if bypass_page_cache and _is_disk(self.source):
-            self.source.read_into(self.key, out, bypass_page_cache=True)
-        else:
-            self.source.read_into(self.key, out)
-
-
-def _is_disk(source: object) -> bool:
-    return isinstance(source, DiskMap)
 
 
 def as_source(weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence | None) -> WeightSource | None:

@@ -15,8 +15,9 @@ from collections import defaultdict
 from itertools import accumulate
 
 from vramfx.errors import PlanInvariantError
-from vramfx.plan.plan import Plan, Transfer, align_up
+from vramfx.plan.plan import Plan, Transfer
 from vramfx.plan.types import Liveness
+from vramfx.util import align_up
 
 #: Relative tolerance for predicted seconds that should add up.
 _SECONDS_RTOL = 1e-6

@@ -18,7 +18,8 @@ import torch
 import torch.fx
 
 from vramfx.capture import Captured
-from vramfx.plan.types import Liveness, WeightLife, dtype_name
+from vramfx.plan.types import Liveness, WeightLife
+from vramfx.util import dtype_name
 
 aten = torch.ops.aten
 

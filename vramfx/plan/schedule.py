@@ -45,8 +45,9 @@ from typing import NamedTuple
 from vramfx.errors import BudgetError
 from vramfx.plan.check import check_plan
 from vramfx.plan.costs import CostModel
-from vramfx.plan.plan import Cast, Plan, PlannedWeight, Prediction, Transfer, align_up, format_bytes
+from vramfx.plan.plan import Cast, Plan, PlannedWeight, Prediction, Transfer
 from vramfx.plan.types import Liveness
+from vramfx.util import align_up, format_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """How plans and messages name a dtype: ``bfloat16``, ``float8_e4m3fn``."""
-    return str(dtype).removeprefix("torch.")
+from vramfx.util import dtype_name  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

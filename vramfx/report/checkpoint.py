@@ -8,11 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vramfx.plan.plan import format_bytes
-from vramfx.plan.types import dtype_name
 from vramfx.report.layers import weight_layers
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.files import resolve_safetensors
+from vramfx.util import dtype_name, format_bytes
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from vramfx.plan.plan import Plan, format_bytes, format_seconds
+from vramfx.plan.plan import Plan
 from vramfx.plan.types import Liveness
 from vramfx.report.layers import schedule_blocks
 from vramfx.report.timeline import memory_profile, predict_timeline
+from vramfx.util import format_bytes, format_seconds
 
 INSTALL_HINT = "pip install 'vramfx[plot]' (or pip install matplotlib)"
 #: At most this many layer starts are labelled on the time axis, so labels do not overlap.

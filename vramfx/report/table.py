@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vramfx.plan.plan import Plan, format_bytes, format_seconds
+from vramfx.plan.plan import Plan
 from vramfx.plan.types import Liveness
 from vramfx.report.layers import Block, schedule_blocks, weight_layers
 from vramfx.report.timeline import Timeline, predict_timeline
+from vramfx.util import format_bytes, format_seconds
 
 #: Layers named in one fetch or drop cell before the rest are counted.
 _NAMED_LAYERS = 2

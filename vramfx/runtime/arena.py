@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from vramfx.plan.plan import Plan, Transfer, align_up
+from vramfx.plan.plan import Plan, Transfer
+from vramfx.util import align_up
 
 
 def reserved_ranges(transfer: Transfer, alignment: int, arena_bytes: int) -> list[tuple[int, int]]:

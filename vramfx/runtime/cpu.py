@@ -14,7 +14,7 @@ import torch
 
 from vramfx.plan.plan import Plan, Transfer
 from vramfx.runtime.engine import Engine, ResidentStore, view_bytes
-from vramfx.weights import WeightRef
+from vramfx.storage.ref import WeightRef
 
 
 class CpuEngine(Engine):

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from vramfx.plan.plan import Plan, Transfer, align_up
+from vramfx.plan.plan import Plan, Transfer
 from vramfx.runtime.arena import reuse_predecessors
 from vramfx.runtime.chunks import Chunk, Member, Piece, Segment, plan_chunks, whole
 from vramfx.runtime.engine import Engine, ResidentStore, view_bytes
@@ -37,7 +37,8 @@ from vramfx.runtime.pinned import CudaHostPinner, PinnedHostMemory
 from vramfx.runtime.sources import host_bytes, read_range
 from vramfx.runtime.staging import READERS, SLOT_BYTES, SLOTS, CopyJob, StagingPipeline
 from vramfx.runtime.streams import CudaStreams, Streams
-from vramfx.weights import WeightRef
+from vramfx.util import align_up
+from vramfx.storage.ref import WeightRef
 
 #: The smallest staging slot worth allocating, even for a model of tiny weights.
 MIN_SLOT_BYTES = 64 * 2**10

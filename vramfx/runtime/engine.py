@@ -20,7 +20,7 @@ import torch
 
 from vramfx.errors import VramfxError, WeightsError
 from vramfx.plan.plan import Plan, Transfer
-from vramfx.weights import WeightRef
+from vramfx.storage.ref import WeightRef
 
 log = logging.getLogger(__name__)
 

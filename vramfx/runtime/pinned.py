@@ -20,8 +20,8 @@ from typing import Protocol
 
 import torch
 
-from vramfx.plan.plan import format_bytes
 from vramfx.runtime.chunks import Segment, whole
+from vramfx.util import format_bytes
 
 log = logging.getLogger(__name__)
 

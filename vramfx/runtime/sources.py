@@ -11,7 +11,7 @@ import torch
 
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.host import HostSource
-from vramfx.weights import WeightRef
+from vramfx.storage.ref import WeightRef
 
 
 def host_bytes(ref: WeightRef) -> torch.Tensor | None:

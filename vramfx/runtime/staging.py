@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from vramfx.plan.plan import format_bytes
 from vramfx.runtime.chunks import Chunk, Piece
 from vramfx.runtime.streams import Streams
+from vramfx.util import format_bytes
 
 log = logging.getLogger(__name__)
 

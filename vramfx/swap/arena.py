@@ -11,7 +11,7 @@ from bisect import bisect_left
 
 import torch
 
-from vramfx.plan.plan import align_up
+from vramfx.util import align_up
 
 
 class Arena:

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from vramfx.errors import BudgetError
-from vramfx.plan.plan import format_bytes
 from vramfx.precision import Precision, kept_names
-from vramfx.storage.convert import ConvertedSource, serve_converted
+from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.swap.config import Placement
 from vramfx.swap.patch import bound_calls, swapped_forward
 from vramfx.swap.runtime import SwapRuntime, SwapStats
 from vramfx.swap.units import Slot, Unit, UnitBuilder, loose_tensors, materialise, rest_dtype
+from vramfx.util import format_bytes
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from vramfx.plan.types import Liveness, WeightLife, dtype_name
+from vramfx.plan.types import Liveness, WeightLife
 from vramfx.swap.units import Unit
+from vramfx.util import dtype_name
 
 
 @dataclass

@@ -38,13 +38,14 @@ from torch.utils import _pytree as pytree
 
 from vramfx.errors import BudgetError, VramfxError, WeightsError
 from vramfx.plan.costs import CostModel
-from vramfx.plan.plan import ALIGNMENT, Plan, format_bytes
+from vramfx.plan.plan import Plan
 from vramfx.plan.schedule import schedule
 from vramfx.runtime.engine import view_bytes
 from vramfx.swap.arena import Arena, same_memory
 from vramfx.swap.mover import Mover
 from vramfx.swap.record import CallRecord, Recorder, to_liveness, unit_seconds
 from vramfx.swap.units import Unit
+from vramfx.util import ALIGNMENT, format_bytes
 
 log = logging.getLogger(__name__)
 

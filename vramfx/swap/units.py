@@ -31,10 +31,10 @@ import torch
 
 from vramfx.capture import _tensor_aliases
 from vramfx.errors import WeightsError
-from vramfx.plan.plan import align_up
 from vramfx.precision import exactly_widens
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.swap.config import Placement
+from vramfx.util import align_up
 from vramfx.weights import WeightRef
 
 _LISTED = 10

@@ -1,9 +1,7 @@
-"""Weights in another dtype than their source holds: converted once, on disk or in host memory.
+"""``vramfx.convert``: a safetensors checkpoint rewritten in a storage dtype, tensor by tensor.
 
-:func:`convert` writes a safetensors checkpoint in a storage dtype, tensor by tensor, so a model
-can be streamed from disk already small. :class:`ConvertedSource` does the same in host memory,
-lazily, for a source whose file is not in the storage dtype: each weight is read and converted the
-first time the runtime asks for it, and its converted bytes are kept for every later read.
+A model can then be streamed from disk already small. The keep list decides which tensors stay in
+their dtype, exactly as ``compile``'s ``keep_in_compute_dtype`` does.
 """
 
 from __future__ import annotations
@@ -12,8 +10,7 @@ import json
 import logging
 import math
 import os
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,98 +25,17 @@ from vramfx.precision import (
     kept_names,
     owners_from_name,
 )
-from vramfx.plan.types import dtype_name
+from vramfx.storage.converted import read_stored
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.files import PathLike, resolve_safetensors
 from vramfx.storage.safetensors_header import SAFETENSORS_DTYPES, read_header
-from vramfx.storage.source import TensorInfo, WeightSource
+from vramfx.util import dtype_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConvertedSource", "convert"]
+__all__ = ["convert"]
 
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-class ConvertedSource:
-    """A weight source whose tensors are converted to other dtypes once, and then kept in host memory.
-
-    Parameters
-    ----------
-    source:
-        Where the original bytes come from (a DiskMap, host tensors).
-    dtypes:
-        Key to the dtype it is served in; keys it omits are not served.
-
-    Examples
-    --------
-    >>> from vramfx.storage.host import HostSource
-    >>> src = ConvertedSource(HostSource({"w": torch.ones(4)}), {"w": torch.bfloat16})
-    >>> src.info("w").nbytes
-    8
-    """
-
-    def __init__(self, source: WeightSource, dtypes: Mapping[str, torch.dtype]) -> None:
-        self._source = source
-        self._dtypes = dict(dtypes)
-        self._converted: dict[str, torch.Tensor] = {}
-        self._lock = threading.Lock()
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._dtypes
-
-    @property
-    def source(self) -> WeightSource:
-        """Where the original bytes come from."""
-        return self._source
-
-    def add(self, key: str, dtype: torch.dtype) -> None:
-        """Serve ``key`` in ``dtype`` too."""
-        self._dtypes[key] = dtype
-
-    def info(self, key: str) -> TensorInfo:
-        stored = self._source.info(key)
-        dtype = self._dtypes[key]
-        return TensorInfo(tuple(stored.shape), dtype, math.prod(stored.shape) * dtype.itemsize)
-
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        out.copy_(self._tensor(key).reshape(-1).view(torch.uint8))
-
-    def convert_all(self) -> None:
-        """Convert every tensor served now, so no later read pays for it (or grows memory)."""
-        for key in self._dtypes:
-            self._tensor(key)
-
-    def _tensor(self, key: str) -> torch.Tensor:
-        tensor = self._converted.get(key)
-        if tensor is not None:
-            return tensor
-        # The reader thread and the resident load may ask for one key at once: convert it once.
-        with self._lock:
-            tensor = self._converted.get(key)
-            if tensor is None:
-                tensor = _read(self._source, key).to(self._dtypes[key]).contiguous()
-                self._converted[key] = tensor
-        return tensor
-
-
-def serve_converted(
-    cache: dict[int, ConvertedSource], source: WeightSource, key: str, dtype: torch.dtype
-) -> ConvertedSource:
-    """``cache``'s converted view of ``source`` (made on first use), now serving ``key`` in ``dtype``."""
-    converted = cache.get(id(source))
-    if converted is None:
-        converted = cache[id(source)] = ConvertedSource(source, {})
-    converted.add(key, dtype)
-    return converted
-
-
-def _read(source: WeightSource, key: str) -> torch.Tensor:
-    """The stored tensor ``key``, read whole through ``read_into``."""
-    info = source.info(key)
-    raw = torch.empty(info.nbytes, dtype=torch.uint8)
-    source.read_into(key, raw)
-    return raw.view(info.dtype).reshape(info.shape)
 
 
 def convert(
@@ -259,7 +175,7 @@ def _convert_file(src: Path, dst: Path, dtype: torch.dtype, stays: Callable[[str
             out.write(len(encoded).to_bytes(8, "little"))
             out.write(encoded)
             for name in order:
-                tensor = _read(source, name)
+                tensor = read_stored(source, name)
                 if tensor.dtype != target[name]:
                     tensor = tensor.to(target[name])
                 out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
