@@ -1,4 +1,4 @@
-"""Small helpers every layer shares: alignment, byte and time formatting, dtype names.
+"""Small helpers every layer shares: alignment, a free-list, byte and time formatting, dtype names.
 
 The bottom of the package: it imports nothing from vramfx, so storage, the runtime, the planner
 and the front ends can all use it without reaching up or across.
@@ -7,6 +7,7 @@ and the front ends can all use it without reaching up or across.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -79,3 +80,62 @@ def format_seconds(seconds: float) -> str:
 def dtype_name(dtype: "torch.dtype") -> str:
     """How plans and messages name a dtype: ``bfloat16``, ``float8_e4m3fn``."""
     return str(dtype).removeprefix("torch.")
+
+
+class FreeList:
+    """The free gaps of ``[0, capacity)``, sorted and merged, handed out first fit.
+
+    Blocks are half-open ``[start, start + size)``. The scheduler places transfers in the arena
+    with it, and an engine places loads made off the plan in the same arena with it.
+
+    Examples
+    --------
+    >>> free = FreeList(256)
+    >>> a, b = free.allocate(128), free.allocate(64)
+    >>> a, b, free.allocate(128)
+    (0, 128, None)
+    >>> free.release(a, 128); free.allocate(128)
+    0
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._starts: list[int] = [0] if capacity > 0 else []
+        self._ends: list[int] = [capacity] if capacity > 0 else []
+
+    def allocate(self, size: int) -> int | None:
+        """The start of the first gap of at least ``size`` bytes, now taken; None if none fits."""
+        for k, (start, end) in enumerate(zip(self._starts, self._ends)):
+            if end - start >= size:
+                if end - start == size:
+                    del self._starts[k], self._ends[k]
+                else:
+                    self._starts[k] = start + size
+                return start
+        return None
+
+    def release(self, start: int, size: int) -> None:
+        """Give back ``[start, start + size)``, merging it with the gaps it touches."""
+        stop = start + size
+        k = bisect_left(self._starts, start)
+        merge_prev = k > 0 and self._ends[k - 1] == start
+        merge_next = k < len(self._starts) and self._starts[k] == stop
+        if merge_prev and merge_next:
+            self._ends[k - 1] = self._ends[k]
+            del self._starts[k], self._ends[k]
+        elif merge_prev:
+            self._ends[k - 1] = stop
+        elif merge_next:
+            self._starts[k] = start
+        else:
+            self._starts.insert(k, start)
+            self._ends.insert(k, stop)
+
+    def reserve(self, start: int, size: int) -> None:
+        """Take ``[start, start + size)``, which must lie inside one gap."""
+        stop = start + size
+        k = bisect_right(self._starts, start) - 1
+        assert k >= 0 and self._ends[k] >= stop, f"[{start}, {stop}) is not free"
+        pieces = [(a, b) for a, b in ((self._starts[k], start), (stop, self._ends[k])) if b > a]
+        self._starts[k : k + 1] = [a for a, _ in pieces]
+        self._ends[k : k + 1] = [b for _, b in pieces]

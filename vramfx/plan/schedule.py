@@ -46,8 +46,9 @@ from vramfx.errors import BudgetError
 from vramfx.plan.check import check_plan
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Cast, Plan, PlannedWeight, Prediction, Transfer
+from vramfx.plan.simulate import simulate_copies
 from vramfx.plan.types import Liveness
-from vramfx.util import align_up, format_bytes
+from vramfx.util import FreeList, align_up, format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -590,57 +591,28 @@ def _place(groups: tuple[_Group, ...], capacity: int) -> _Placement | None:
     group with ``drop <= p`` is freed, a free block of its size exists. Returns None when a
     group cannot be fetched by its ``wait`` (the capacity is infeasible).
     """
-    # Free gaps as two sorted parallel lists; few gaps even when many blocks are live.
-    gap_start: list[int] = [0]
-    gap_end: list[int] = [capacity]
+    gaps = FreeList(capacity)
     live: list[tuple[int, int, int]] = []  # heap of (drop, offset, size)
     fetch: list[int] = []
     offset: list[int] = []
     position = 0
     arena_bytes = 0
 
-    def free(start: int, stop: int) -> None:
-        k = bisect_left(gap_start, start)
-        merge_prev = k > 0 and gap_end[k - 1] == start
-        merge_next = k < len(gap_start) and gap_start[k] == stop
-        if merge_prev and merge_next:
-            gap_end[k - 1] = gap_end[k]
-            del gap_start[k], gap_end[k]
-        elif merge_prev:
-            gap_end[k - 1] = stop
-        elif merge_next:
-            gap_start[k] = start
-        else:
-            gap_start.insert(k, start)
-            gap_end.insert(k, stop)
-
     def release(upto: int) -> None:
         while live and live[0][0] <= upto:
             _, start, size = heapq.heappop(live)
-            free(start, start + size)
+            gaps.release(start, size)
 
     for group in groups:
         if group.size > capacity:
             return None
         release(position)
-        while True:
-            slot = -1
-            for k in range(len(gap_start)):
-                if gap_end[k] - gap_start[k] >= group.size:
-                    slot = k
-                    break
-            if slot >= 0:
-                break
+        while (start := gaps.allocate(group.size)) is None:
             assert live, "an empty arena of at least the group's size has room for it"
             position = live[0][0]
             if position > group.wait:
                 return None
             release(position)
-        start = gap_start[slot]
-        if gap_end[slot] - start == group.size:
-            del gap_start[slot], gap_end[slot]
-        else:
-            gap_start[slot] = start + group.size
         heapq.heappush(live, (group.drop, start, group.size))
         fetch.append(position)
         offset.append(start)
@@ -688,42 +660,17 @@ def _simulate(
     prefix: list[float],
     cost_model: CostModel,
 ) -> _Timing:
-    """Two resources, compute and one FIFO copy engine, over one steady-state call.
+    """One steady-state call of ``groups`` placed so (:func:`~vramfx.plan.simulate.simulate_copies`).
 
-    A fetch at position ``p`` happens when compute reaches ``p`` (node ``p - 1`` finished);
-    its copy starts once the engine is free. Node ``p`` starts after every group whose
-    ``wait == p`` has arrived; the wait is stall, attributed to that group. Compute also loses
-    ``copy_interference`` seconds per second of copying (counted as stall of that group).
+    Compute also loses ``copy_interference`` seconds per second of copying, counted as stall of
+    the group whose copy it is.
     """
-    n = len(groups)
     copy = [cost_model.transfer_seconds(g.nbytes) for g in groups]
-    arrive = [0.0] * n
-    stall = [0.0] * n
-    now = 0.0
-    position = 0
-    engine_free = 0.0
-    next_fetch = 0
-    for i in range(n):
-        wait = groups[i].wait
-        # Fetches at a position run before the waits there.
-        while next_fetch < n and placement.fetch[next_fetch] <= wait:
-            p = placement.fetch[next_fetch]
-            now += prefix[p] - prefix[position]
-            position = p
-            engine_free = max(engine_free, now) + copy[next_fetch]
-            arrive[next_fetch] = engine_free
-            next_fetch += 1
-        now += prefix[wait] - prefix[position]
-        position = wait
-        if arrive[i] > now:
-            stall[i] = arrive[i] - now
-            now = arrive[i]
-    now += prefix[-1] - prefix[position]
+    times = simulate_copies(placement.fetch, [g.wait for g in groups], copy, prefix)
     interference = [cost_model.copy_interference * c for c in copy]
-    stall = [s + i for s, i in zip(stall, interference)]
-    now += sum(interference)
+    stall = [s + i for s, i in zip(times.stall, interference)]
     return _Timing(
-        seconds=now,
+        seconds=times.compute_end + sum(interference),
         stall_seconds=sum(stall),
         copy_seconds=sum(copy),
         group_stall=tuple(stall),

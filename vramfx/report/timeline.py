@@ -2,18 +2,19 @@
 
 The scheduler predicts a call with a two-resource model (compute, and one copy engine that takes
 transfers in order); a Plan keeps only the totals. Traces and plots need the detail, so this
-module replays the plan with the cost model it was made with and the per-node FLOPs and bytes
-of its liveness. The replay follows the scheduler's model, so its total equals
-``plan.predicted.seconds_per_call``.
+module replays the plan through the scheduler's own simulation
+(:func:`vramfx.plan.simulate.simulate_copies`) with the cost model the plan was made with and the
+per-node FLOPs and bytes of its liveness: its total equals ``plan.predicted.seconds_per_call``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from itertools import accumulate
 from dataclasses import dataclass
 
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan
+from vramfx.plan.simulate import simulate_copies
 from vramfx.plan.types import Liveness
 
 
@@ -103,28 +104,23 @@ def predict_timeline(plan: Plan, liveness: Liveness) -> Timeline:
     cost_model = CostModel.from_dict(plan.cost_model)
     node_seconds = [cost_model.node_seconds(f, m) for f, m in zip(liveness.flops, liveness.memory_bytes)]
     copy_seconds = [cost_model.transfer_seconds(t.nbytes) for t in plan.transfers]
-    fetched_at: dict[int, list[int]] = defaultdict(list)
-    waited_at: dict[int, list[int]] = defaultdict(list)
-    for i, transfer in enumerate(plan.transfers):
-        fetched_at[transfer.fetch].append(i)
-        waited_at[transfer.wait].append(i)
-
-    num_positions = liveness.num_positions
-    node_start = [0.0] * num_positions
-    stall = [0.0] * num_positions
+    transfers = sorted(range(len(plan.transfers)), key=lambda i: (plan.transfers[i].fetch, i))
+    times = simulate_copies(
+        [plan.transfers[i].fetch for i in transfers],
+        [plan.transfers[i].wait for i in transfers],
+        [copy_seconds[i] for i in transfers],
+        [0.0, *accumulate(node_seconds)],
+    )
+    stall = [0.0] * liveness.num_positions
     copy_start = [0.0] * len(plan.transfers)
-    arrive = [0.0] * len(plan.transfers)
-    now = engine_free = 0.0
-    for position in range(num_positions):
-        for i in fetched_at.get(position, ()):
-            copy_start[i] = max(engine_free, now)
-            engine_free = arrive[i] = copy_start[i] + copy_seconds[i]
-        ready = max((arrive[i] for i in waited_at.get(position, ())), default=now)
-        if ready > now:
-            stall[position] = ready - now
-            now = ready
-        node_start[position] = now
-        now += node_seconds[position]
+    for k, i in enumerate(transfers):
+        stall[plan.transfers[i].wait] += times.stall[k]
+        copy_start[i] = times.start[k]
+    node_start, now = [], 0.0
+    for position, seconds in enumerate(node_seconds):
+        now += stall[position]
+        node_start.append(now)
+        now += seconds
     interference = cost_model.copy_interference * sum(copy_seconds)
     return Timeline(
         node_start=tuple(node_start),
@@ -133,7 +129,7 @@ def predict_timeline(plan: Plan, liveness: Liveness) -> Timeline:
         copy_start=tuple(copy_start),
         copy_seconds=tuple(copy_seconds),
         interference_seconds=interference,
-        seconds=now + interference,
+        seconds=times.compute_end + interference,
     )
 
 
