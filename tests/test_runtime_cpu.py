@@ -118,25 +118,39 @@ def test_a_reader_error_of_any_type_is_forgotten_by_abort(monkeypatch):
     engine.deactivate()
 
 
-def test_a_failed_resident_load_names_the_weight_and_frees_the_arena(monkeypatch):
+def test_a_failed_resident_load_names_the_weight_and_frees_the_arena(monkeypatch, tmp_path):
     captured, plan = planned(budget_extra=10**6)
     assert plan.resident
     threads = threading.active_count()
-    engine = engine_for(captured, plan)
-    ref_type = type(engine.refs[plan.resident[0]])
-    real_read = ref_type.read_into
+    # Weights read from a file: host tensors on the CPU would be used where they lie, unread.
+    refs = resolve_weights(captured.weights, None)
+    save_file({n: r.source[r.key].contiguous() for n, r in refs.items()}, tmp_path / "w.safetensors")
+    disk = vramfx.DiskMap(tmp_path / "w.safetensors")
+    engine = CpuEngine(plan, {n: dataclasses.replace(r, source=disk, key=n) for n, r in refs.items()}, torch.device("cpu"),
+                       ResidentStore())
+    real_read = vramfx.DiskMap.read_into
 
-    def broken(self, out, **kwargs):
+    def broken(self, key, out, **kwargs):
         raise OSError(5, "Input/output error (injected)")
 
-    monkeypatch.setattr(ref_type, "read_into", broken)
+    monkeypatch.setattr(vramfx.DiskMap, "read_into", broken)
     with pytest.raises(vramfx.WeightsError, match=rf"reading resident weight {plan.resident[0]} failed: .*injected"):
         engine.activate()
     assert not engine.active, "a failed activation keeps no arena"
     assert threading.active_count() == threads
-    monkeypatch.setattr(ref_type, "read_into", real_read)
+    monkeypatch.setattr(vramfx.DiskMap, "read_into", real_read)
     engine.activate()
     assert all(name in engine.store for name in plan.resident)
+    engine.deactivate()
+
+
+def test_host_weights_on_the_cpu_are_kept_where_they_lie():
+    captured, plan = planned(budget_extra=10**6)
+    engine = engine_for(captured, plan)
+    engine.activate()
+    for name in plan.resident:
+        kept, own = engine.resident(name), engine.refs[name].source[engine.refs[name].key]
+        assert kept.untyped_storage().data_ptr() == own.untyped_storage().data_ptr(), "no copy"
     engine.deactivate()
 
 

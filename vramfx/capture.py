@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from vramfx.errors import CaptureError
 from vramfx.fold_masks import fold_constant_masks
+from vramfx.storage.checkpoint_keys import tensor_aliases
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def capture(
     """
     device = torch.device(device)
     kwargs = dict(kwargs or {})
-    aliases = _tensor_aliases(model)
+    aliases = tensor_aliases(model)
     originals = _original_tensors(model)
     meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, _to_meta, (tuple(args), kwargs))
     with _meta_state(model, dtype), torch.no_grad():
@@ -158,16 +159,6 @@ def _capture_reason(model: torch.nn.Module, exc: BaseException) -> str:
         f"torch.export could not capture {type(model).__name__} as one graph: "
         f"{type(exc).__name__}: {reason}"
     )
-
-
-def _tensor_aliases(model: torch.nn.Module) -> dict[int, tuple[str, ...]]:
-    """Every state-dict name of each parameter and buffer, grouped by tensor identity."""
-    names: dict[int, list[str]] = {}
-    for name, t in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(t), []).append(name)
-    for name, t in model.named_buffers(remove_duplicate=False):
-        names.setdefault(id(t), []).append(name)
-    return {k: tuple(v) for k, v in names.items()}
 
 
 def _original_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ Each stage is a function of the previous stage's output; this module only passes
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,8 @@ from vramfx.plan.schedule import schedule
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
-from vramfx.runtime.engine import Engine, ResidentStore
+from vramfx.runtime import make_engine
+from vramfx.runtime.engine import ResidentStore
 from vramfx.util import ALIGNMENT
 from vramfx.weights import as_source, resolve_weights
 
@@ -92,9 +92,11 @@ def compile(
         How many calls the plan is optimised for (a diffusion loop calls 20–50 times): weights
         kept resident are loaded once, streamed ones on every call.
     cost_model:
-        Link bandwidth and compute throughput the schedule assumes; by default compute is
-        measured once per process on ``device``, and the link is the device's default (on CUDA,
-        :data:`CUDA_LINK_BYTES_PER_S` by where the weights are stored).
+        Link bandwidth and compute throughput the schedule assumes. By default the device type's
+        fixed figures (:meth:`CostModel.for_device`; on CUDA the link is
+        :data:`CUDA_LINK_BYTES_PER_S` by where the weights are stored), so the same model,
+        inputs and budget give the same plan on every machine;
+        ``CostModel.calibrate(device, link_bytes_per_s=...)`` measures this one instead.
     margin_bytes:
         Memory the plan keeps free beyond activations and kernel workspace.
     bypass_page_cache:
@@ -164,7 +166,7 @@ def compile(
         budget_bytes=budget_bytes,
         device=device,
         calls=calls,
-        cost_model=cost_model or calibrated_cost_model(device, link_bytes_per_s(device, source)),
+        cost_model=cost_model or CostModel.for_device(device, link_bytes_per_s=link_bytes_per_s(device, source)),
         margin_bytes=DEFAULT_MARGIN_BYTES.get(device.type, 0) if margin_bytes is None else margin_bytes,
         bypass_page_cache=bypass_page_cache,
         precision=precision,
@@ -211,7 +213,7 @@ def build_graph(
     if log.isEnabledFor(logging.INFO):
         log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
     graph_module = rewrite(captured, plan)
-    engine = make_engine(plan, refs, options, store)
+    engine = make_engine(plan, refs, options.device, store, bypass_page_cache=options.bypass_page_cache)
     return CompiledGraph(captured, plan, graph_module, engine)
 
 
@@ -231,12 +233,6 @@ def module_path(model: torch.nn.Module, source: Any, options: CompileOptions) ->
     )
 
 
-@functools.lru_cache(maxsize=None)
-def calibrated_cost_model(device: torch.device, link_bytes_per_s: float | None = None) -> CostModel:
-    """This machine's compute throughput, measured once per process, device and link (~0.1 s)."""
-    return CostModel.calibrate(device, link_bytes_per_s=link_bytes_per_s)
-
-
 def link_bytes_per_s(device: torch.device, source: Any) -> float | None:
     """The link bandwidth a plan assumes for weights from ``source``; None keeps the device's
     default (CPU: the reader's copy from the page cache)."""
@@ -246,19 +242,6 @@ def link_bytes_per_s(device: torch.device, source: Any) -> float | None:
 
     pcie = CUDA_LINK_BYTES_PER_S["host"]
     return min(pcie, CUDA_LINK_BYTES_PER_S["disk"]) if isinstance(source, DiskMap) else pcie
-
-
-def make_engine(plan, refs, options: CompileOptions, store: ResidentStore) -> Engine:
-    """The transfer engine for the compute device."""
-    if options.device.type == "cpu":
-        from vramfx.runtime.cpu import CpuEngine
-
-        return CpuEngine(plan, refs, options.device, store, bypass_page_cache=options.bypass_page_cache)
-    if options.device.type == "cuda":
-        from vramfx.runtime.cuda import CudaEngine
-
-        return CudaEngine(plan, refs, options.device, store, bypass_page_cache=options.bypass_page_cache)
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {options.device}")
 
 
 def _resolve_device(device: torch.device | str | None) -> torch.device:

@@ -144,16 +144,19 @@ def _pattern(mask: torch.Tensor, queries: int | None, keys: int | None) -> str |
 def _erase_unused(node: torch.fx.Node) -> None:
     """Erase ``node`` and the nodes only it used, once nothing else reads them."""
     graph = node.graph
+    erased: set[torch.fx.Node] = set()
     stack = [node]
     while stack:
         current = stack.pop()
-        if current.op != "call_function" or current.graph is not graph:
+        if current.op != "call_function" or current in erased:
             continue
         for user in list(current.users):
             if user.op == "call_function" and user.target in _CHECKS and not user.users:
                 graph.erase_node(user)
+                erased.add(user)
         if current.users:
             continue
         inputs = current.all_input_nodes
         graph.erase_node(current)
+        erased.add(current)
         stack.extend(inputs)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from vramfx.capture import WeightSpec
 from vramfx.errors import WeightsError
 from vramfx.precision import exactly_widens
 from vramfx.storage.converted import ConvertedSource, serve_converted
@@ -22,6 +22,9 @@ from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef
 from vramfx.storage.source import WeightSource
 from vramfx.util import dtype_name
+
+if TYPE_CHECKING:
+    from vramfx.capture import WeightSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def resolve_weights(
     mismatched: list[str] = []
     converted: dict[int, ConvertedSource] = {}
     for spec in specs:
-        key = _key_in(weights, spec.aliases, renamed or {}) if weights is not None else None
+        key = find_key(weights, spec.aliases, renamed or {}) if weights is not None else None
         from_module = spec.value is not None and not (spec.kind == "buffer" and spec.persistent and key)
         if from_module:
             source, key = host, spec.name
@@ -140,7 +143,9 @@ def _held_dtype(
     return stored if exactly_widens(stored, wanted) else wanted
 
 
-def _key_in(weights: WeightSource, names: Sequence[str], renamed: Mapping[str, str]) -> str | None:
+def find_key(weights: WeightSource, names: Sequence[str], renamed: Mapping[str, str]) -> str | None:
+    """The key ``weights`` holds a tensor under: any of its ``names`` (tied twins), or the checkpoint
+    key ``renamed`` maps one of them to. Both front ends bind weights with it."""
     candidates = [*names, *(renamed[n] for n in names if n in renamed)]
     return next((n for n in candidates if n in weights), None)
 

@@ -7,8 +7,8 @@ is still in flight.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Mapping
 
 import torch
 
@@ -51,7 +51,8 @@ class CpuEngine(Engine):
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         # The CPU allocator aligns to 64 bytes, which the plan's offsets keep for every slot.
-        return torch.empty(nbytes, dtype=torch.uint8)
+        # Touched at once: the budget counts the buffer whole, and so then does RssAnon.
+        return torch.zeros(nbytes, dtype=torch.uint8)
 
     def _load_resident(self, ref: WeightRef) -> torch.Tensor:
         buffer = torch.empty(ref.nbytes, dtype=torch.uint8)
@@ -65,6 +66,10 @@ class CpuEngine(Engine):
             for name, off, size in zip(transfer.names, transfer.offsets, transfer.sizes)
         ]
         return self._reader.submit(self._read, jobs)
+
+    def _copy_now(self, buffer: torch.Tensor, members: Sequence[tuple[WeightRef, int]]) -> None:
+        # The reader thread only writes bytes reserved for transfers in flight, never these.
+        self._read([(ref, buffer[offset : offset + ref.nbytes]) for ref, offset in members])
 
     def _read(self, jobs: list[tuple[WeightRef, torch.Tensor]]) -> None:
         for ref, raw in jobs:

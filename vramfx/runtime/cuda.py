@@ -24,7 +24,7 @@ allocator never hands out memory a copy may still write.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -103,6 +103,7 @@ class CudaEngine(Engine):
         self.readers = readers
         self._reuse = reuse_predecessors(plan)
         self._dropped: dict[int, Any] = {}  # transfer id -> event at its latest drop
+        self._fenced: Any = None  # event: the compute stream when a load off the plan was unloaded
         self._chunks: dict[int, tuple[Chunk, ...]] = {}
         self._host: dict[str, torch.Tensor] = {}
         self._pipeline: StagingPipeline | None = None
@@ -122,7 +123,8 @@ class CudaEngine(Engine):
             self.pinned.pin(self._host)
         self._chunks = {t.id: self._plan_transfer(t) for t in self.plan.transfers}
         staged = [c.nbytes for cs in self._chunks.values() for c in cs if c.staged]
-        staged += [self.refs[name].nbytes for name in self.plan.resident]
+        # Residents, and weights a front end may load off the plan, go through the ring too.
+        staged += [ref.nbytes for name, ref in self.refs.items() if name not in self._host]
         slot_bytes = min(self.slot_bytes, max([MIN_SLOT_BYTES, *staged]))
         self._pipeline = StagingPipeline(
             self.streams, self._read_piece, self._host_view, slot_bytes=slot_bytes, slots=self.slots, readers=self.readers
@@ -180,7 +182,26 @@ class CudaEngine(Engine):
         assert self._pipeline is not None and self._arena is not None, "engine used before activate()"
         # Events are snapshotted now: a later drop records a new event, never re-records this one.
         wait_for = [self._dropped[p] for p in self._reuse[transfer.id] if p in self._dropped]
+        if self._fenced is not None:  # a load off the plan may have used these bytes
+            wait_for.append(self._fenced)
         return self._pipeline.submit(self._arena, self._chunks[transfer.id], wait_for, tag=transfer.id)
+
+    def _copy_now(self, buffer: torch.Tensor, members: Sequence[tuple[WeightRef, int]]) -> None:
+        assert self._pipeline is not None, "engine used before activate()"
+        align = self.plan.alignment
+        placed = [Member(ref.name, offset, ref.nbytes, align_up(offset + ref.nbytes, align)) for ref, offset in members]
+        chunks = plan_chunks(placed, {m.name: self._segments(m.name, m.nbytes) for m in placed}, self._pipeline.slot_bytes)
+        # Free bytes may still be read by kernels queued before now (a dropped transfer, an
+        # unloaded block): the copies wait for the compute stream to pass this point.
+        now = self.streams.new_event()
+        self.streams.record(now, self.streams.compute_stream())
+        job = self._pipeline.submit(buffer, chunks, [now], tag="load")
+        self._finish(job)
+
+    def _fence(self) -> None:
+        event = self.streams.new_event()
+        self.streams.record(event, self.streams.compute_stream())
+        self._fenced = event
 
     def _finish(self, job: CopyJob) -> None:
         job.result()
@@ -203,3 +224,4 @@ class CudaEngine(Engine):
             self.streams.synchronize_stream(self.streams.copy_stream)
             self.streams.synchronize_stream(self.streams.compute_stream())
         self._dropped.clear()
+        self._fenced = None

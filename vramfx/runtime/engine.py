@@ -3,9 +3,13 @@
 An engine owns one plan's arena — a single allocation of ``plan.arena_bytes`` on the compute
 device in which every streamed weight has a static, aligned offset, viewed in the dtype it is
 stored in — and its upcast region, where each cast of a weight stored in a low dtype has a static
-slot in the compute dtype. It serves the graph's ``fetch``/``wait``/``drop``/``resident``/``cast``
-calls. Subclasses provide the copying; the bookkeeping, the views and the error handling live here
-so every device behaves the same.
+slot in the compute dtype. It serves the ``fetch``/``wait``/``drop``/``resident``/``cast`` steps of
+both front ends: a compiled graph's nodes, and the module front end (layer swap) at each module's
+position in its recorded order. Weights a front end needs off the plan (a module called out of
+the recorded order, the call that records it) are loaded by :meth:`Engine.load_now` into free
+arena bytes, first fit, or into memory of their own when the arena has no room. Subclasses provide
+the copying; the bookkeeping, the views and the error handling live here so every device behaves
+the same.
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from vramfx.errors import VramfxError, WeightsError
 from vramfx.plan.plan import Plan, Transfer
+from vramfx.runtime.arena import reserved_ranges
+from vramfx.runtime.sources import on_device
 from vramfx.storage.ref import WeightRef
+from vramfx.util import FreeList, align_up
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,45 @@ def _compute_views(buffer: torch.Tensor, offset: int, ref: WeightRef) -> tuple[t
     return written, written.detach().requires_grad_() if ref.requires_grad else written
 
 
+@dataclass
+class Loaded:
+    """Weights :meth:`Engine.load_now` copied off the plan, until :meth:`Engine.unload`.
+
+    ``tensors`` are what the op reads, one per name asked for (cast to its compute dtype where it
+    has one). They view ``block`` = ``(offset, nbytes)`` of the arena, or ``own``, memory of their
+    own when the arena had no room.
+    """
+
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+    nbytes: int
+    stored_bytes: int
+    block: tuple[int, int] | None = None
+    own: torch.Tensor | None = None
+
+
+def layout(
+    refs: Sequence[WeightRef], alignment: int, copied: Sequence[bool] | None = None
+) -> tuple[list[int], list[int], int]:
+    """Offsets in one block of each copied weight's stored bytes, then of each cast's compute-dtype
+    bytes (``-1`` where there is none), every offset aligned; and the block's size. ``copied``
+    says which weights need their stored bytes copied (all by default)."""
+    stored, cast, at = [], [], 0
+    for k, ref in enumerate(refs):
+        if copied is None or copied[k]:
+            stored.append(at)
+            at += align_up(ref.nbytes, alignment)
+        else:
+            stored.append(-1)
+    for ref in refs:
+        if ref.compute_dtype is not None and ref.compute_dtype != ref.dtype:
+            cast.append(at)
+            at += align_up(math.prod(ref.shape) * ref.compute_dtype.itemsize, alignment)
+        else:
+            cast.append(-1)
+    return stored, cast, at
+
+
 class ResidentStore:
     """Weights kept on the device across calls, shared by the plans of one compiled module.
 
@@ -70,6 +117,9 @@ class ResidentStore:
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         self._tensors[name] = tensor
+
+    def drop(self, name: str) -> None:
+        self._tensors.pop(name, None)
 
     def clear(self) -> None:
         self._tensors.clear()
@@ -101,11 +151,19 @@ class Engine(ABC):
         self._upcast: torch.Tensor | None = None
         self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         self._pending: dict[int, Any] = {}
+        self._waited: set[int] = set()  # pending transfers whose copy has been waited for
+        self._loaded: list[Loaded] = []  # loads off the plan not yet unloaded
+        self._active = False
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        return self._arena is not None
+        return self._active
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        """Transfers fetched and not yet dropped."""
+        return tuple(self._pending)
 
     def activate(self) -> None:
         """Allocate the arena and make the resident set present; idempotent.
@@ -113,17 +171,19 @@ class Engine(ABC):
         If a resident weight cannot be read, an arena allocated by this call is freed again, so
         a failed activation holds nothing until it is retried.
         """
-        fresh = self._arena is None
+        fresh = not self._active
         if fresh:
             self._start_workers()
+            if self.plan.casts:
+                self._upcast = self._allocate(self.plan.upcast_bytes)
+                self._cast_views = tuple(_compute_views(self._upcast, c.offset, self.refs[c.name]) for c in self.plan.casts)
+            self._active = True
+        if self._arena is None:
             self._arena = self._allocate(self.plan.arena_bytes)
             self._views = {
                 t.id: tuple(view_bytes(self._arena, off, self.refs[name]) for name, off in zip(t.names, t.offsets))
                 for t in self.plan.transfers
             }
-            if self.plan.casts:
-                self._upcast = self._allocate(self.plan.upcast_bytes)
-                self._cast_views = tuple(_compute_views(self._upcast, c.offset, self.refs[c.name]) for c in self.plan.casts)
         keep = set(self.plan.resident)
         self.store.keep_only(keep)
         try:
@@ -136,20 +196,36 @@ class Engine(ABC):
             raise
 
     def _load_resident_named(self, name: str) -> torch.Tensor:
-        """``_load_resident`` for one weight, an I/O error naming it."""
+        """``_load_resident`` for one weight, an I/O error naming it; a weight already on the device
+        is used where it lies."""
+        ref = self.refs[name]
+        there = on_device(ref, self.device)
+        if there is not None:
+            return view_bytes(there.reshape(-1).view(torch.uint8), 0, ref)
         try:
-            return self._load_resident(self.refs[name])
+            return self._load_resident(ref)
         except OSError as exc:
             raise WeightsError(f"reading resident weight {name} failed: {exc}") from exc
 
     def deactivate(self) -> None:
         """Free the arena and stop workers; residents stay in the shared store."""
         self.abort()
+        self._loaded.clear()
         self._views = {}
         self._arena = None
         self._cast_views = ()
         self._upcast = None
+        self._active = False
         self._stop_workers()
+
+    def release_arena(self) -> bool:
+        """Free the arena while nothing is in it (no transfer pending, no load in it), so a load off
+        the plan that does not fit can have its memory; the next :meth:`activate` allocates it
+        again. False, freeing nothing, when something is in it."""
+        if self._arena is None or self._pending or any(x.block is not None for x in self._loaded):
+            return False
+        self._arena, self._views = None, {}
+        return True
 
     def begin_call(self) -> None:
         if self._pending:
@@ -168,6 +244,7 @@ class Engine(ABC):
                 self._drain(handle)
         finally:
             self._pending.clear()
+            self._waited.clear()
 
     # -- steps -----------------------------------------------------------------------------
     def fetch(self, transfer: int) -> None:
@@ -182,10 +259,14 @@ class Engine(ABC):
         except OSError as exc:
             names = ", ".join(self._transfers[transfer].names)
             raise WeightsError(f"reading weights {names} failed: {exc}") from exc
+        self._waited.add(transfer)
         return self._views[transfer]
 
     def drop(self, transfer: int) -> None:
         handle = self._pending.pop(transfer)
+        if transfer not in self._waited:  # fetched and never read: its copy must stop writing first
+            self._drain(handle)
+        self._waited.discard(transfer)
         self._release(handle)
 
     def resident(self, name: str) -> torch.Tensor:
@@ -197,7 +278,100 @@ class Engine(ABC):
         self._convert(stored, written)
         return read
 
+    # -- what it holds ----------------------------------------------------------------------
+    @property
+    def held_bytes(self) -> int:
+        """Device bytes held now, as the plan counts them: the arena, the upcast region, the plan's
+        resident weights present, and loads off the plan in memory of their own."""
+        if not self.active:
+            return 0
+        planned = self.plan.name_to_weight
+        resident = sum(align_up(planned[n].nbytes, self.plan.alignment) for n in self.plan.resident if n in self.store)
+        own = sum(loaded.nbytes for loaded in self._loaded if loaded.own is not None)
+        arena = self.plan.arena_bytes if self._arena is not None else 0
+        return arena + self.plan.upcast_bytes + resident + own
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` views memory this engine reuses: the arena, the upcast region, or a load's."""
+        buffers = [self._arena, self._upcast, *(loaded.own for loaded in self._loaded)]
+        address = tensor.untyped_storage().data_ptr()
+        return any(b is not None and b.untyped_storage().data_ptr() == address for b in buffers)
+
+    # -- loads off the plan -----------------------------------------------------------------
+    def load_bytes(self, names: Sequence[str]) -> int:
+        """Device bytes :meth:`load_now` of ``names`` takes: stored bytes and casts, aligned."""
+        refs = [self.refs[n] for n in names]
+        return layout(refs, self.plan.alignment, [self._present(r) is None for r in refs])[2]
+
+    def _present(self, ref: WeightRef) -> torch.Tensor | None:
+        """``ref``'s stored bytes where they already are on the device: resident, or where they lie."""
+        if ref.name in self.store:
+            return self.store[ref.name]
+        return on_device(ref, self.device)
+
+    def load_now(self, names: Sequence[str], *, own_memory: bool = True) -> Loaded | None:
+        """Copy ``names`` to the device now, off the plan; cast those with a compute dtype.
+
+        The block goes into arena bytes that no transfer in flight or in use and no other load
+        holds (first fit), else — when ``own_memory`` — into memory of its own; None when it may
+        not. Nothing the plan's steps hold is touched. A weight already on the device (resident,
+        or kept there by the model) is read where it lies: only its cast takes room.
+        """
+        assert self.active, "engine used before activate()"
+        refs = [self.refs[n] for n in names]
+        there = [self._present(r) for r in refs]
+        stored, cast, size = layout(refs, self.plan.alignment, [t is None for t in there])
+        offset = self._free_arena_bytes().allocate(size) if size else None
+        own = None
+        if offset is None:
+            if not own_memory:
+                return None
+            own = self._allocate(size)
+            buffer, offset = own, 0
+        else:
+            buffer = self._arena
+        copies = [(ref, offset + at) for ref, at, t in zip(refs, stored, there) if t is None]
+        loaded = Loaded(tuple(names), (), size, sum(r.nbytes for r, _ in copies), None if own is not None else (offset, size), own)
+        try:
+            self._copy_now(buffer, copies)
+        except OSError as exc:
+            raise WeightsError(f"reading weights {', '.join(names)} failed: {exc}") from exc
+        tensors = []
+        for ref, at, cast_at, t in zip(refs, stored, cast, there):
+            there_bytes = buffer if t is None else t.detach().reshape(-1).view(torch.uint8)
+            source = view_bytes(there_bytes, offset + at if t is None else 0, ref)
+            if cast_at >= 0:
+                written, view = _compute_views(buffer, offset + cast_at, ref)
+                self._convert(source.detach(), written)
+                source = view
+            tensors.append(source)
+        loaded.tensors = tuple(tensors)
+        self._loaded.append(loaded)
+        return loaded
+
+    def unload(self, loaded: Loaded) -> None:
+        """The op is done with a load: its block may be reused once the compute side has passed here."""
+        self._loaded = [x for x in self._loaded if x is not loaded]
+        self._fence()
+
+    def _free_arena_bytes(self) -> FreeList:
+        """The arena bytes no transfer in flight or in use and no load holds."""
+        free = FreeList(self.plan.arena_bytes if self._arena is not None else 0)
+        taken = [r for t in self._pending for r in reserved_ranges(self._transfers[t], self.plan.alignment, self.plan.arena_bytes)]
+        taken += [(o, o + n) for o, n in (x.block for x in self._loaded if x.block is not None)]
+        for start, end in sorted(taken):
+            free.reserve(start, end - start)
+        return free
+
     # -- device specifics ------------------------------------------------------------------
+    @abstractmethod
+    def _copy_now(self, buffer: torch.Tensor, members: Sequence[tuple[WeightRef, int]]) -> None:
+        """Copy each ``(ref, offset)`` into ``buffer`` at ``offset``; the compute side may read them
+        once this returns."""
+
+    def _fence(self) -> None:
+        """Copies started from here on must not overwrite what the compute side has not read yet."""
+
     @abstractmethod
     def _allocate(self, nbytes: int) -> torch.Tensor:
         """One uint8 buffer of ``nbytes`` on the device, aligned to ``plan.alignment`` or better."""

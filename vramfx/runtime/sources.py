@@ -25,6 +25,17 @@ def host_bytes(ref: WeightRef) -> torch.Tensor | None:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def on_device(ref: WeightRef, device: torch.device) -> torch.Tensor | None:
+    """The weight's stored tensor when it already lies on ``device`` as stored (a home the model
+    keeps there): used where it lies, never copied. None otherwise."""
+    if not isinstance(ref.source, HostSource):
+        return None
+    tensor = ref.source[ref.key].detach()
+    if tensor.device != device or tensor.dtype != ref.dtype or not tensor.is_contiguous():
+        return None
+    return tensor
+
+
 def read_range(ref: WeightRef, start: int, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
     """Copy bytes ``[start, start + out.numel())`` of ``ref``'s stored data into ``out``.
 
@@ -49,6 +60,8 @@ def read_range(ref: WeightRef, start: int, out: torch.Tensor, *, bypass_page_cac
         out.copy_(data[start : start + out.numel()])
     elif isinstance(ref.source, DiskMap):
         ref.source.read_range_into(ref.key, start, out, bypass_page_cache=bypass_page_cache)
+    elif hasattr(ref.source, "read_range_into"):  # a source that reads ranges itself (converted)
+        ref.source.read_range_into(ref.key, start, out)
     elif start == 0 and out.numel() == ref.nbytes:
         ref.read_into(out, bypass_page_cache=bypass_page_cache)
     else:

@@ -1,4 +1,4 @@
-"""Checkpoint key names → model state-dict names, for checkpoints saved in an older layout.
+"""Which stored key holds each of a model's tensors: tied names, and checkpoints saved in an older layout.
 
 transformers 5 renamed many modules (ViT's ``attention.attention.query`` became
 ``attention.q_proj``) but still saves and loads hub checkpoints in their original names, renaming
@@ -82,3 +82,13 @@ def _fix_prefix(key: str, prefix: str, model_keys: dict[str, bool]) -> str:
     if f"{prefix}.{key}" in model_keys:
         return f"{prefix}.{key}"
     return key
+
+
+def tensor_aliases(model: torch.nn.Module) -> dict[int, tuple[str, ...]]:
+    """Every state-dict name of each parameter and buffer, grouped by tensor identity."""
+    names: dict[int, list[str]] = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(t), []).append(name)
+    for name, t in model.named_buffers(remove_duplicate=False):
+        names.setdefault(id(t), []).append(name)
+    return {k: tuple(v) for k, v in names.items()}

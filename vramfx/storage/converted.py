@@ -1,14 +1,18 @@
-"""A weight source served in other dtypes than it holds: each tensor converted once, in host memory.
+"""A weight source served in other dtypes than it holds: the one place stored values are rounded.
 
-For a source whose file is not in the storage dtype, each weight is read and converted the first
-time the runtime asks for it, and its converted bytes are kept for every later read.
+Both front ends read weights through it when their source holds another dtype than they store in:
+compiled graphs with a ``storage_dtype`` (converted once, then kept in host memory: every call
+reads the converted bytes), and the layer-swap path, whose weights rest in their offload state
+and are rounded on every read (no second copy of the model in host memory). A tensor may pass
+through several dtypes (an fp32 file offloaded to fp16 and moved as bf16); each step is a plain
+``Tensor.to``, so the values are those of eager doing the same conversions.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -16,16 +20,22 @@ from vramfx.storage.source import TensorInfo, WeightSource
 
 __all__ = ["ConvertedSource", "read_stored", "serve_converted"]
 
+Dtypes = torch.dtype | Sequence[torch.dtype]
+
 
 class ConvertedSource:
-    """A weight source whose tensors are converted to other dtypes once, and then kept in host memory.
+    """A weight source whose tensors are served converted to other dtypes.
 
     Parameters
     ----------
     source:
         Where the original bytes come from (a DiskMap, host tensors).
     dtypes:
-        Key to the dtype it is served in; keys it omits are not served.
+        Key to the dtype it is served in (or the dtypes it is converted through, in order); keys
+        it omits are not served.
+    keep:
+        Convert each tensor once and keep it in host memory (True), or convert on every read,
+        holding nothing (False).
 
     Examples
     --------
@@ -33,11 +43,17 @@ class ConvertedSource:
     >>> src = ConvertedSource(HostSource({"w": torch.ones(4)}), {"w": torch.bfloat16})
     >>> src.info("w").nbytes
     8
+    >>> rounded = ConvertedSource(HostSource({"w": torch.full((2,), 1 / 3)}), {"w": (torch.float16, torch.bfloat16)}, keep=False)
+    >>> out = torch.empty(4, dtype=torch.uint8); rounded.read_into("w", out); out.view(torch.bfloat16)
+    tensor([0.3340, 0.3340], dtype=torch.bfloat16)
     """
 
-    def __init__(self, source: WeightSource, dtypes: Mapping[str, torch.dtype]) -> None:
+    def __init__(self, source: WeightSource, dtypes: Mapping[str, Dtypes], *, keep: bool = True) -> None:
         self._source = source
-        self._dtypes = dict(dtypes)
+        self._dtypes: dict[str, tuple[torch.dtype, ...]] = {}
+        for key, chain in dtypes.items():
+            self.add(key, chain)
+        self.keep = keep
         self._converted: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -49,24 +65,47 @@ class ConvertedSource:
         """Where the original bytes come from."""
         return self._source
 
-    def add(self, key: str, dtype: torch.dtype) -> None:
-        """Serve ``key`` in ``dtype`` too."""
-        self._dtypes[key] = dtype
+    def add(self, key: str, dtypes: Dtypes) -> None:
+        """Serve ``key`` converted to ``dtypes`` (one dtype, or several in order) too."""
+        chain = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
+        assert chain, "a conversion needs at least one dtype"
+        self._dtypes[key] = chain
 
     def info(self, key: str) -> TensorInfo:
         stored = self._source.info(key)
-        dtype = self._dtypes[key]
+        dtype = self._dtypes[key][-1]
         return TensorInfo(tuple(stored.shape), dtype, math.prod(stored.shape) * dtype.itemsize)
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
         out.copy_(self._tensor(key).reshape(-1).view(torch.uint8))
 
+    def read_range_into(self, key: str, start: int, out: torch.Tensor, **_: object) -> None:
+        """Bytes ``[start, start + out.numel())`` of ``key`` as served; without ``keep``, only the
+        elements they cover are read and converted."""
+        itemsize = self._dtypes[key][-1].itemsize
+        if self.keep or start % itemsize or out.numel() % itemsize:
+            out.copy_(self._tensor(key).reshape(-1).view(torch.uint8)[start : start + out.numel()])
+            return
+        first, count = start // itemsize, out.numel() // itemsize
+        stored = self._source.info(key)
+        size = stored.dtype.itemsize
+        raw = torch.empty(count * size, dtype=torch.uint8)
+        read_range = getattr(self._source, "read_range_into", None)
+        if read_range is not None:
+            read_range(key, first * size, raw)
+        else:
+            raw.copy_(read_stored(self._source, key).reshape(-1).view(torch.uint8)[first * size : (first + count) * size])
+        out.view(self._dtypes[key][-1]).copy_(_through(raw.view(stored.dtype), self._dtypes[key]))
+
     def convert_all(self) -> None:
         """Convert every tensor served now, so no later read pays for it (or grows memory)."""
-        for key in self._dtypes:
-            self._tensor(key)
+        if self.keep:
+            for key in self._dtypes:
+                self._tensor(key)
 
     def _tensor(self, key: str) -> torch.Tensor:
+        if not self.keep:
+            return _through(read_stored(self._source, key), self._dtypes[key])
         tensor = self._converted.get(key)
         if tensor is not None:
             return tensor
@@ -74,19 +113,25 @@ class ConvertedSource:
         with self._lock:
             tensor = self._converted.get(key)
             if tensor is None:
-                tensor = read_stored(self._source, key).to(self._dtypes[key]).contiguous()
+                tensor = _through(read_stored(self._source, key), self._dtypes[key])
                 self._converted[key] = tensor
         return tensor
 
 
+def _through(tensor: torch.Tensor, dtypes: Sequence[torch.dtype]) -> torch.Tensor:
+    for dtype in dtypes:
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()
+
+
 def serve_converted(
-    cache: dict[int, ConvertedSource], source: WeightSource, key: str, dtype: torch.dtype
+    cache: dict[int, ConvertedSource], source: WeightSource, key: str, dtypes: Dtypes, *, keep: bool = True
 ) -> ConvertedSource:
-    """``cache``'s converted view of ``source`` (made on first use), now serving ``key`` in ``dtype``."""
+    """``cache``'s converted view of ``source`` (made on first use), now serving ``key`` in ``dtypes``."""
     converted = cache.get(id(source))
     if converted is None:
-        converted = cache[id(source)] = ConvertedSource(source, {})
-    converted.add(key, dtype)
+        converted = cache[id(source)] = ConvertedSource(source, {}, keep=keep)
+    converted.add(key, dtypes)
     return converted
 
 

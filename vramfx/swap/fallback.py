@@ -25,12 +25,13 @@ import torch
 
 from vramfx.errors import BudgetError
 from vramfx.precision import Precision, kept_names
+from vramfx.runtime.engine import layout
 from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.swap.config import Placement
 from vramfx.swap.patch import bound_calls, swapped_forward
-from vramfx.swap.runtime import SwapRuntime, SwapStats
+from vramfx.swap.runtime import SwapRuntime, SwapStats, bind
 from vramfx.swap.units import Slot, Unit, UnitBuilder, loose_tensors, materialise, rest_dtype
-from vramfx.util import format_bytes
+from vramfx.util import ALIGNMENT, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class ModulePath:
         dtypes = _Dtypes(model, precision)
         units = [dtypes.unit(name or type(module).__name__, unit_slots, device) for (name, module), unit_slots in zip(owners, slots)]
         dtypes.convert_now()
-        largest = max((u.stream_bytes() + u.cast_bytes() for u in units), default=0)
+        largest = max((layout(bind(u), ALIGNMENT.get(device.type, 64))[2] for u in units), default=0)
         buffers = Placement(device, dtypes.compute_dtype)
         moving = sum(_moved_bytes(t.store[t.local], buffers) for t in loose)
         minimum = margin_bytes + moving + largest

@@ -3,62 +3,97 @@
 Positions are unit calls in execution order. A unit's weights are in use from its call to its
 return, so a unit whose forward calls other units (a block owning a parameter of its own) spans
 their positions too. Every interval is half-open, ``[begin, end)``.
+
+Each position's cost is the FLOPs its unit ran itself (callees excluded), counted by torch's
+FLOP formulas on the recorded call: the same model and inputs give the same plan on any machine,
+however loaded, as compiled graphs' plans do.
 """
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from vramfx.plan.types import Liveness, WeightLife
-from vramfx.swap.units import Unit
+from vramfx.runtime.sources import on_device
+from vramfx.storage.ref import WeightRef
 from vramfx.util import dtype_name
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of every op run while active, by torch's own formulas (matmuls, convolutions,
+    attention); ops without one count nothing. No module hooks: model code runs as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0.0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += float(formula(*args, **kwargs, out_val=out))
+        return out
 
 
 @dataclass
 class CallRecord:
     """The units one call used: ``order[p]`` is the unit at position ``p``; it returned when
-    ``ends[p]`` positions had begun. ``seconds[p]`` is its own compute time (without the units
-    it called or the weights it waited for), when timed."""
+    ``ends[p]`` positions had begun. ``flops[p]`` is what it computed itself, when counted."""
 
     order: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
     activation_peak_bytes: int = 0
 
 
 class Recorder:
-    """Records one call's unit order; optionally its compute times and memory.
+    """Records one call's unit order; optionally its FLOPs and memory.
 
     Parameters
     ----------
-    timed:
-        Measure each unit's own compute seconds (the first call streams synchronously, so its
-        times are clean of overlapping copies).
+    count_flops:
+        Count each unit's own FLOPs (between :meth:`start` and :meth:`stop`).
     memory:
         Reads the device's memory in use (RssAnon on CPU); the activation peak is what it grew
         by beyond the weights the runtime holds, sampled at every unit's entry and exit.
+    held_bytes:
+        What the runtime holds when the call starts (``memory`` already counts it).
     """
 
-    def __init__(self, *, timed: bool = False, memory: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self, *, count_flops: bool = False, memory: Callable[[], int] | None = None, held_bytes: int = 0
+    ) -> None:
         self.record = CallRecord()
-        self._timed = timed
         self._memory = memory
-        self._baseline = memory() if memory is not None else 0
-        self._open: list[list[float]] = []  # per unit in progress: [start, seconds of its callees]
+        self._baseline = memory() - held_bytes if memory is not None else 0
+        self._counter = FlopCount() if count_flops else None
+        self._open: list[list[float]] = []  # per unit in progress: [FLOPs when it began, its callees']
 
-    def enter(self, unit_index: int, held_bytes: int, wait_seconds: float = 0.0) -> int:
+    def start(self) -> None:
+        if self._counter is not None:
+            self._counter.__enter__()
+
+    def stop(self) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
+    def enter(self, unit_index: int, held_bytes: int) -> int:
         """A unit's forward starts (its weights are ready); returns its position."""
         record = self.record
         position = len(record.order)
         record.order.append(unit_index)
         record.ends.append(position + 1)
-        record.seconds.append(0.0)
-        if self._timed:
-            if self._open:  # the caller's clock ran while this unit's weights were read
-                self._open[-1][1] += wait_seconds
-            self._open.append([time.perf_counter(), 0.0])
+        record.flops.append(0.0)
+        self._open.append([self._flops(), 0.0])
         self._sample(held_bytes)
         return position
 
@@ -67,12 +102,15 @@ class Recorder:
         record = self.record
         record.ends[position] = len(record.order)
         self._sample(held_bytes)
-        if self._timed and self._open:
-            start, callees = self._open.pop()
-            inclusive = time.perf_counter() - start
-            record.seconds[position] = max(0.0, inclusive - callees)
+        if self._open:
+            began, callees = self._open.pop()
+            inclusive = self._flops() - began
+            record.flops[position] = max(0.0, inclusive - callees)
             if self._open:
                 self._open[-1][1] += inclusive
+
+    def _flops(self) -> float:
+        return self._counter.flops if self._counter is not None else 0.0
 
     def _sample(self, held_bytes: int) -> None:
         if self._memory is not None:
@@ -80,39 +118,41 @@ class Recorder:
             self.record.activation_peak_bytes = max(self.record.activation_peak_bytes, grown)
 
 
-def unit_seconds(record: CallRecord) -> dict[int, float]:
-    """Each unit's mean compute seconds per call of it, from a timed record."""
-    total: dict[int, float] = {}
-    count: dict[int, int] = {}
-    for unit, seconds in zip(record.order, record.seconds):
-        total[unit] = total.get(unit, 0.0) + seconds
-        count[unit] = count.get(unit, 0) + 1
-    return {u: total[u] / count[u] for u in total}
-
-
 def to_liveness(
-    order: Sequence[int],
-    ends: Sequence[int],
-    units: Sequence[Unit],
+    record: CallRecord,
+    weights: Mapping[int, Sequence[WeightRef]],
+    names: Sequence[str],
     *,
-    seconds: Mapping[int, float],
-    alignment: int,
     activation_peak_bytes: int,
-    flops_per_s: float,
+    workspace_bytes: int,
+    device: torch.device,
 ) -> Liveness:
-    """The planner's view of a recorded call: one weight per unit that copies or casts anything.
+    """The planner's view of a recorded call: one weight per tensor a unit copies or casts.
 
-    A unit's bytes are the larger of its streamed and its kept size (both in aligned slots, in
-    the dtypes they are held in). A unit that computes in another dtype than it is held in gets
-    a compute dtype and the bytes of its casts, so the plan gives each span of its use a static
-    slot in the upcast region. Activations are the measured peak at every position. A unit's
-    compute seconds become FLOPs at ``flops_per_s``, so the cost model gives back the measured
-    time.
+    A tensor is in use over its unit's spans; one already on the device (a home kept there, in
+    another dtype than it computes in) takes no bytes to keep, only its casts. A tensor held in another dtype than it computes in
+    gets that compute dtype and its bytes in it, so the plan gives each span a static slot in the
+    upcast region. Activations are the measured peak at every position; each position costs its
+    unit's own FLOPs and the bytes of its weights.
+
+    Parameters
+    ----------
+    record:
+        The recorded call (order, ends, FLOPs).
+    weights:
+        Per unit index, the weights it copies to the device.
+    names:
+        Per unit index, its name.
+    activation_peak_bytes, workspace_bytes:
+        Measured activations (0 when the limit does not cover them), and the largest transient
+        a read takes on the device.
+    device:
+        The compute device.
     """
-    n = len(order)
+    n = len(record.order)
     uses: dict[int, list[int]] = {}
     spans: dict[int, list[list[int]]] = {}
-    for position, (unit, end) in enumerate(zip(order, ends)):
+    for position, (unit, end) in enumerate(zip(record.order, record.ends)):
         uses.setdefault(unit, []).append(position)
         end = max(end, position + 1)
         merged = spans.setdefault(unit, [])
@@ -120,35 +160,29 @@ def to_liveness(
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([position, end])
-    known = list(seconds.values())
-    default_seconds = sum(known) / len(known) if known else 0.0
-    weights = []
-    for unit_index in sorted(uses, key=lambda u: uses[u][0]):
-        unit = units[unit_index]
-        nbytes = max(unit.stream_bytes(alignment), unit.prepared_bytes(alignment))
-        cast_bytes = unit.cast_bytes(alignment)
-        if nbytes == 0 and cast_bytes == 0:
-            continue
-        cast = unit.cast_slots()
-        weights.append(
-            WeightLife(
-                name=unit.name,
-                nbytes=nbytes,
-                uses=tuple(uses[unit_index]),
-                spans=tuple((b, e) for b, e in spans[unit_index]),
-                dtype=dtype_name(unit.held_dtype(cast[0]) if cast else unit.slots[0].dtype),
-                compute_dtype=dtype_name(unit.compute_dtypes[cast[0]]) if cast else None,
-                compute_nbytes=cast_bytes,
+    lives = []
+    for unit in sorted(uses, key=lambda u: uses[u][0]):
+        for ref in weights.get(unit, ()):
+            cast = ref.compute_dtype is not None and ref.compute_dtype != ref.dtype
+            lives.append(
+                WeightLife(
+                    name=ref.name,
+                    nbytes=0 if on_device(ref, device) is not None else ref.nbytes,
+                    uses=tuple(uses[unit]),
+                    spans=tuple((b, e) for b, e in spans[unit]),
+                    shape=tuple(ref.shape),
+                    dtype=dtype_name(ref.dtype),
+                    compute_dtype=dtype_name(ref.compute_dtype) if cast else None,
+                    compute_nbytes=math.prod(ref.shape) * ref.compute_dtype.itemsize if cast else 0,  # type: ignore[union-attr]
+                )
             )
-        )
-    activation = (activation_peak_bytes,) * n
-    flops = tuple(seconds.get(u, default_seconds) * flops_per_s for u in order)
+    flops = tuple(record.flops) if len(record.flops) == n else (0.0,) * n
     return Liveness(
         num_positions=n,
-        weights=tuple(weights),
-        activation_bytes=activation,
+        weights=tuple(lives),
+        activation_bytes=(activation_peak_bytes,) * n,
         flops=flops,
-        memory_bytes=(0,) * n,
-        workspace_bytes=max((units[u].staging_bytes() for u in set(order)), default=0),
-        position_names=tuple(units[u].name for u in order),
+        memory_bytes=tuple(sum(r.nbytes for r in weights.get(u, ())) for u in record.order),
+        workspace_bytes=workspace_bytes,
+        position_names=tuple(names[u] for u in record.order),
     )

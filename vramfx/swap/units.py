@@ -1,20 +1,18 @@
 """Units: the parameters one wrapped module moves together, and where each of them rests.
 
 A unit's *home* tensors are what the model holds between calls: real tensors (host or device
-memory), or meta tensors whose bytes a weights source (a DiskMap) holds. For a call, the unit's
-parameters are put in the computation dtype on the computation device and swapped into the
-modules that own them; afterwards the home tensors are swapped back.
+memory), or nothing when the weights source (a DiskMap) holds the bytes. For a call, the engine
+puts each parameter on the computation device in the computation dtype and the unit swaps it into
+the modules that own it; afterwards the model's stand-ins (*faces*) are swapped back.
 
-Each floating-point parameter has four dtypes:
+Each floating-point parameter has three dtypes:
 
-- *stored*: what its values rest in (the home's dtype, or for the disk map the offload dtype,
-  or the file's own when that converts into it exactly). It decides the values the op sees:
-  ``w.to(stored).to(compute)``, whatever the limit keeps or streams;
-- *held*: what a streamed copy is moved and held in on the device — the stored dtype when it
-  is narrower than the compute dtype (it is upcast there, per call), else the compute dtype
-  (narrowed before it moves);
-- *kept*: what a copy the plan keeps on the device is held in — the preparing dtype when it
-  holds the stored values exactly (or is the compute dtype), else the held dtype;
+- *stored*: what its values rest in (the home's dtype; on disk, the offload dtype, or the file's
+  own when that converts into it exactly). It decides the values the op sees:
+  ``w.to(stored).to(compute)``, whatever is kept or streamed;
+- *held*: what it is moved and held in on the device, kept or streamed — the stored dtype when
+  it is narrower than the compute dtype (cast up there, per call), else the compute dtype
+  (narrowed as it is read);
 - *compute*: what the op reads.
 
 Integer tensors keep their own dtype in every state.
@@ -23,30 +21,22 @@ Integer tensors keep their own dtype in every state.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from vramfx.capture import _tensor_aliases
 from vramfx.errors import WeightsError
 from vramfx.precision import exactly_widens
-from vramfx.storage.checkpoint_keys import checkpoint_key_map
+from vramfx.storage.checkpoint_keys import checkpoint_key_map, tensor_aliases
+from vramfx.storage.converted import read_stored
+from vramfx.storage.ref import WeightRef
 from vramfx.swap.config import Placement
-from vramfx.util import align_up
-from vramfx.weights import WeightRef
+from vramfx.weights import find_key
 
 _LISTED = 10
-
-
-class Layout(NamedTuple):
-    """How a tensor lies in a byte buffer (what :func:`vramfx.runtime.engine.view_bytes` reads)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-    requires_grad: bool  # as the model's parameter, so kernels take eager's path
 
 
 @dataclass(frozen=True)
@@ -66,21 +56,6 @@ class Slot:
     ref: WeightRef | None
     requires_grad: bool = False
 
-    def like_parameter(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` requiring grad where the parameter does (a view: copies fill ``tensor``)."""
-        if self.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
-            return tensor.detach().requires_grad_()
-        return tensor
-
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    def nbytes(self, dtype: torch.dtype) -> int:
-        return self.numel() * dtype.itemsize
-
 
 class Unit:
     """The parameters of one wrapped module, moved and kept together.
@@ -89,8 +64,7 @@ class Unit:
     bytes are read from the weights source), and a *face*, what the model holds between calls:
     the home itself when it is already on the computation device in the computation dtype,
     else a meta tensor of the computation dtype. Model code that reads a parameter's dtype
-    (``model.dtype``, "cast the input to my weight's dtype") so sees the dtype the op runs
-    in, not a low-precision storage dtype.
+    (``model.dtype``, "cast the input to my weight's dtype") so sees the dtype the op runs in.
 
     Parameters
     ----------
@@ -102,9 +76,6 @@ class Unit:
         The computation device.
     compute_dtypes:
         Per slot, the dtype the op runs in.
-    prepared_dtypes:
-        Per slot, the dtype asked for a kept copy (the preparing dtype); None, or one that
-        would change the stored values, holds it as a streamed copy is held.
     """
 
     def __init__(
@@ -114,19 +85,15 @@ class Unit:
         *,
         device: torch.device,
         compute_dtypes: tuple[torch.dtype, ...],
-        prepared_dtypes: tuple[torch.dtype | None, ...] | None = None,
     ) -> None:
         self.name = name
         self.slots = slots
         self.device = device
         self.compute_dtypes = compute_dtypes
-        self.prepared_dtypes = prepared_dtypes or (None,) * len(slots)
         self.home: list[torch.Tensor | None] = []
         self.face: list[torch.Tensor] = []
         # The dtype each parameter's values take when read from the weights source.
         self.disk_dtypes = [slot.ref.dtype if slot.ref is not None else slot.dtype for slot in slots]
-        # Dtypes and layouts derived from the homes, asked for on every call: kept until a home moves.
-        self._derived: dict[tuple, Any] = {}
         for i, slot in enumerate(slots):
             current = slot.places[0][0]._parameters[slot.places[0][1]]
             assert current is not None
@@ -138,115 +105,23 @@ class Unit:
     def __repr__(self) -> str:
         return f"Unit({self.name!r}, {len(self.slots)} parameters)"
 
-    # -- dtypes (see the module docstring) -----------------------------------------------------
     def stored_dtype(self, i: int) -> torch.dtype:
         """The dtype slot ``i``'s values rest in."""
         home = self.home[i]
         return home.dtype if home is not None else self.disk_dtypes[i]
 
     def held_dtype(self, i: int) -> torch.dtype:
-        """The dtype a streamed copy of slot ``i`` is moved and held in on the device."""
+        """The dtype slot ``i`` is moved and held in on the device."""
         return moved_dtype(self.stored_dtype(i), self.compute_dtypes[i])
-
-    def kept_dtype(self, i: int) -> torch.dtype:
-        """The dtype a kept copy of slot ``i`` is held in: never one that changes its values."""
-        asked, stored = self.prepared_dtypes[i], self.stored_dtype(i)
-        if asked is not None and (asked == self.compute_dtypes[i] or exactly_widens(stored, asked)):
-            return asked
-        return self.held_dtype(i)
-
-    def held_dtypes(self) -> tuple[torch.dtype, ...]:
-        return self._memo(("held",), lambda: tuple(self.held_dtype(i) for i in range(len(self.slots))))
-
-    def kept_dtypes(self) -> tuple[torch.dtype, ...]:
-        return self._memo(("kept",), lambda: tuple(self.kept_dtype(i) for i in range(len(self.slots))))
 
     def set_disk_dtype(self, i: int, dtype: torch.dtype) -> None:
         """Values of slot ``i`` read from the weights source are rounded to ``dtype``."""
         self.disk_dtypes[i] = dtype
-        self._derived.clear()
 
-    def _memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        value = self._derived.get(key)
-        if value is None:
-            value = self._derived[key] = compute()
-        return value
-
-    # -- sizes ---------------------------------------------------------------------------------
-    def placed(self, i: int, dtype: torch.dtype) -> bool:
-        """Whether slot ``i``'s home is already on the computation device in ``dtype``."""
+    def placed(self, i: int) -> bool:
+        """Whether slot ``i``'s home is on the computation device already: no copy is made."""
         home = self.home[i]
-        return home is not None and home.device == self.device and home.dtype == dtype
-
-    def copies(self, dtypes: tuple[torch.dtype, ...]) -> tuple[int, ...]:
-        """Slots whose home is not already on the device in ``dtypes``: they need a copy."""
-        return self._memo(
-            ("copies", dtypes), lambda: tuple(i for i in range(len(self.slots)) if not self.placed(i, dtypes[i]))
-        )
-
-    def layout(self, dtypes: tuple[torch.dtype, ...], alignment: int) -> tuple[dict[int, tuple[int, Layout]], int]:
-        """Offsets of the copied slots in one block, each aligned; and the block's size (not to be
-        modified: it is kept for the next call)."""
-        return self._memo(("layout", dtypes, alignment), lambda: self._block(self.copies(dtypes), dtypes, alignment))
-
-    def stream_bytes(self, alignment: int = 1) -> int:
-        """Bytes a streamed copy takes on the device (the copied slots, in their held dtypes)."""
-        return self.layout(self.held_dtypes(), alignment)[1]
-
-    def prepared_bytes(self, alignment: int = 1) -> int:
-        """Bytes a kept copy takes on the device (the copied slots, in their kept dtypes)."""
-        return self.layout(self.kept_dtypes(), alignment)[1]
-
-    def cast_slots(self) -> tuple[int, ...]:
-        """Slots a call upcasts on the device: held or kept in another dtype than they compute in."""
-        held, kept = self.held_dtypes(), self.kept_dtypes()
-        return tuple(i for i, c in enumerate(self.compute_dtypes) if held[i] != c or kept[i] != c)
-
-    def cast_layout(self, alignment: int) -> tuple[dict[int, tuple[int, Layout]], int]:
-        """Offsets of the cast slots' compute-dtype copies in one block, each aligned; its size
-        (not to be modified: it is kept for the next call)."""
-        return self._memo(("cast", alignment), lambda: self._block(self.cast_slots(), self.compute_dtypes, alignment))
-
-    def cast_bytes(self, alignment: int = 1) -> int:
-        """Bytes of the compute-dtype copies a call casts into."""
-        return self.cast_layout(alignment)[1]
-
-    def staging_bytes(self) -> int:
-        """The largest transient one copy makes: file bytes staged, rounded, or moved before a cast."""
-        largest = 0
-        for dtypes in (self.held_dtypes(), self.kept_dtypes()):
-            for i in self.copies(dtypes):
-                largest = max(largest, self._transient_bytes(i, dtypes[i]))
-        return largest
-
-    def _transient_bytes(self, i: int, out_dtype: torch.dtype) -> int:
-        """What :func:`fill` allocates beside ``out`` for slot ``i``."""
-        slot, home, stored = self.slots[i], self.home[i], self.stored_dtype(i)
-        total = 0
-        if home is None:
-            assert slot.ref is not None
-            if not (self.device.type == "cpu" and out_dtype == slot.ref.dtype == stored):
-                total += slot.ref.nbytes  # the staging buffer
-            if stored != slot.ref.dtype:
-                total += slot.nbytes(stored)  # rounded to the stored dtype
-            source = torch.device("cpu")
-        else:
-            source = home.device
-        if source != self.device and stored != out_dtype:
-            total += slot.nbytes(moved_dtype(stored, out_dtype))  # narrowed, or moved before the upcast
-        return total
-
-    def _block(
-        self, indices: tuple[int, ...], dtypes: tuple[torch.dtype, ...], alignment: int
-    ) -> tuple[dict[int, tuple[int, Layout]], int]:
-        offsets: dict[int, tuple[int, Layout]] = {}
-        at = 0
-        for i in indices:
-            slot = self.slots[i]
-            nbytes = slot.nbytes(dtypes[i])
-            offsets[i] = (at, Layout(slot.shape, dtypes[i], nbytes, slot.requires_grad))
-            at += align_up(nbytes, alignment)
-        return offsets, at
+        return home is not None and home.device == self.device
 
     # -- the model's view ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -273,7 +148,6 @@ class Unit:
             grad = self.slots[i].requires_grad and tensor.is_floating_point()
             tensor = torch.nn.Parameter(tensor, requires_grad=grad)
         self.home[i] = tensor
-        self._derived.clear()
         self._show(i)
 
     def _place(self, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -284,14 +158,14 @@ class Unit:
     def _show(self, i: int) -> None:
         """Give the model slot ``i``'s face: the home when usable as is, else a meta stand-in."""
         slot, old, dtype = self.slots[i], self.face[i], self.compute_dtypes[i]
-        if self.placed(i, dtype):
-            face = self.home[i]
+        home = self.home[i]
+        if self.placed(i) and home is not None and home.dtype == dtype:
+            face = home
         elif old.is_meta and old.dtype == dtype:
             face = old
         else:
             meta = torch.empty(slot.shape, dtype=dtype, device="meta")
             face = torch.nn.Parameter(meta, requires_grad=slot.requires_grad and meta.is_floating_point())
-        assert face is not None
         self.face[i] = face
         for module, local in slot.places:
             module._parameters[local] = face
@@ -325,69 +199,24 @@ def rest_dtype(dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
 
 
 @torch.no_grad()
-def fill(
-    out: torch.Tensor,
-    home: torch.Tensor | None,
-    ref: WeightRef | None,
-    stored: torch.dtype | None = None,
-    *,
-    bypass_page_cache: bool = False,
-    non_blocking: bool = False,
-) -> None:
-    """Copy one parameter into ``out`` (any dtype, on the computation device) from its home.
-
-    With no home it is read from ``ref``: straight into ``out`` when that is host memory of the
-    stored dtype, else through a staging buffer (pinned for CUDA), rounded there to ``stored``
-    when the source holds another dtype. The bytes cross to ``out``'s device in the narrower of
-    their dtype and ``out``'s, so an upcast runs on the compute device.
-    """
-    out = out.detach()  # a view that requires grad is written through its detached twin
-    if home is not None:
-        _move(out, home, non_blocking)
-        return
-    assert ref is not None, "a parameter without a home or stored bytes passed the unit checks"
-    stored = stored or ref.dtype
-    if out.device.type == "cpu" and out.dtype == ref.dtype == stored and out.is_contiguous():
-        ref.read_into(out.reshape(-1).view(torch.uint8), bypass_page_cache=bypass_page_cache)
-        return
-    # A pinned staging buffer must outlive a non-blocking copy: the caller synchronises.
-    staging = torch.empty(ref.nbytes, dtype=torch.uint8, pin_memory=out.device.type == "cuda")
-    ref.read_into(staging, bypass_page_cache=bypass_page_cache)
-    source = staging.view(ref.dtype).view(ref.shape)
-    _move(out, source if stored == ref.dtype else source.to(stored), non_blocking)
-
-
-def _move(out: torch.Tensor, source: torch.Tensor, non_blocking: bool) -> None:
-    """``out.copy_(source)``, converting on whichever side of the link keeps the bytes moved fewer."""
-    if source.device == out.device or source.dtype == out.dtype:
-        out.copy_(source, non_blocking=non_blocking)
-    elif out.dtype.itemsize <= source.dtype.itemsize:
-        out.copy_(source.to(out.dtype), non_blocking=non_blocking)
-    else:
-        moved = torch.empty(source.shape, dtype=source.dtype, device=out.device)
-        moved.copy_(source, non_blocking=non_blocking)
-        out.copy_(moved)  # the upcast, on the compute device (the same stream as the copy)
-
-
-@torch.no_grad()
 def read_tensor(ref: WeightRef, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A new tensor on ``device`` in ``dtype`` holding ``ref``'s stored values (rounded once)."""
-    out = torch.empty(ref.shape, dtype=dtype, device=device)
-    fill(out, None, ref, dtype)
-    return out
+    return read_stored(ref.source, ref.key).to(device=device, dtype=dtype)
 
 
 class UnitBuilder:
     """Builds the units of one model: finds each parameter's stored bytes and checks them.
 
     A parameter is found in ``source`` under its own name, any tied twin's name, or the
-    checkpoint name transformers would load it from. Problems are collected, not raised one at a
-    time, so :meth:`raise_problems` lists them all before anything is changed.
+    checkpoint name transformers would load it from (:func:`vramfx.weights.find_key`, as compiled
+    graphs find theirs). Problems are collected, not raised one at a time, so
+    :meth:`raise_problems` lists them all before anything is changed.
     """
 
     def __init__(self, model: torch.nn.Module, source: object | None) -> None:
         self.source = source
-        self.aliases = _aliases(model)
+        groups = tensor_aliases(model).values()
+        self.aliases = {name: (name, *(n for n in names if n != name)) for names in groups for name in names}
         self.renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
         self.missing: list[str] = []
         self.mismatched: list[str] = []
@@ -395,9 +224,7 @@ class UnitBuilder:
     def ref(self, name: str, shape: tuple[int, ...], *, required: bool) -> WeightRef | None:
         """``name``'s stored bytes, or None; a missing one is a problem when ``required``."""
         source = self.source
-        names = self.aliases.get(name, (name,))
-        candidates = [*names, *(self.renamed[n] for n in names if n in self.renamed)]
-        key = next((k for k in candidates if source is not None and k in source), None)
+        key = find_key(source, self.aliases.get(name, (name,)), self.renamed) if source is not None else None
         if key is None:
             if required:
                 self.missing.append(name)
@@ -448,12 +275,6 @@ class UnitBuilder:
             raise WeightsError(" ".join(lines))
 
 
-def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Every state-dict name of each parameter and buffer, by each of its names."""
-    groups = _tensor_aliases(model).values()
-    return {name: (name, *(n for n in names if n != name)) for names in groups for name in names}
-
-
 def _listed(items: list[str]) -> str:
     shown = ", ".join(items[:_LISTED])
     return shown + (f", … ({len(items)} in all)" if len(items) > _LISTED else "")
@@ -499,9 +320,7 @@ class LooseTensor:
         return self.owner._parameters if self.kind == "parameter" else self.owner._buffers
 
 
-def loose_tensors(
-    model: torch.nn.Module, builder: UnitBuilder, covered: set[int]
-) -> list[LooseTensor]:
+def loose_tensors(model: torch.nn.Module, builder: UnitBuilder, covered: set[int]) -> list[LooseTensor]:
     """Every buffer, and the parameters of modules not in ``covered`` (ids of modules units move).
 
     Meta ones must be in the weights source; a missing one is recorded in ``builder``.
@@ -546,3 +365,8 @@ def materialise(
         if t.kind == "parameter":
             new = torch.nn.Parameter(new, requires_grad=current.requires_grad and new.is_floating_point())
         store[t.local] = new
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of ``shape`` in ``dtype``."""
+    return math.prod(shape) * dtype.itemsize

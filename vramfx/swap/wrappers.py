@@ -63,22 +63,21 @@ class Binding:
         """The unit of ``root``'s parameters (all of its submodules'), resting in the offload state."""
         slots = self.builder.slots(root, name, recursive=True, required=self.on_disk)
         self.builder.raise_problems(name or type(root).__name__)
-        preparing = self.config.preparing.dtype
         unit = Unit(
             name or type(root).__name__,
             slots,
             device=self.config.device,
             compute_dtypes=tuple(self.config.computation.dtype_for(s.dtype) for s in slots),
-            prepared_dtypes=tuple(preparing if s.dtype.is_floating_point else None for s in slots),
         )
         move_home(unit, self.config.offload)
+        preparing = self.config.preparing.dtype
         if preparing is not None and any(
-            s.dtype.is_floating_point and unit.kept_dtype(i) != preparing for i, s in enumerate(slots)
+            s.dtype.is_floating_point and unit.held_dtype(i) != preparing for i, s in enumerate(slots)
         ):
             log.info(
-                "%s: preparing_dtype %s would change values stored in %s; kept copies are held as "
-                "streamed ones are, so every module computes on the same values",
-                unit.name, preparing, sorted({str(unit.stored_dtype(i)) for i in range(len(slots))}),
+                "%s: kept weights are held as streamed ones are (%s), not in preparing_dtype %s, so "
+                "every module computes on the same values",
+                unit.name, sorted({str(unit.held_dtype(i)) for i in range(len(slots))}), preparing,
             )
         return self.runtime.add(unit)
 
