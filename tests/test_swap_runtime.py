@@ -269,3 +269,33 @@ def test_calls_from_several_threads_are_serialised_and_each_equals_eager(saved):
     assert not failures, failures
     stats = swap_stats(model)
     assert stats.calls == 80 and stats.held_peak_bytes <= 3 * UNIT_BYTES
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_the_layer_swap_path_keeps_cuda_ordering_on_the_cuda_engine(saved, monkeypatch, prefetch):
+    """The CUDA engine on host-thread streams whose copies lag: prefetch, off-plan loads into freed
+    arena bytes and the next call's early fetches must each wait for what they overwrite."""
+    from fake_streams import ThreadStreams
+
+    from vramfx.runtime.cuda import CudaEngine
+    from vramfx.swap import runtime as runtime_module
+
+    eager, path = saved
+    streams = ThreadStreams(copy_delay_s=0.0005)
+
+    def cuda_engine(plan, refs, device, store, **kwargs):
+        return CudaEngine(plan, refs, device, store, streams=streams, pin_host=False, slot_bytes=4096, slots=3,
+                          readers=2)
+
+    monkeypatch.setattr(runtime_module, "make_engine", cuda_engine)
+    model = streamed_stack(path, 2 * UNIT_BYTES, prefetch=prefetch)
+    try:
+        with torch.no_grad():
+            for skip in (set(), set(), {1, 2}, {1, 2}, set(), {4}, set()):
+                eager.skip = model.skip = skip
+                assert torch.equal(eager(X), model(X))
+    finally:
+        eager.skip = set()
+    assert swap_stats(model).held_peak_bytes <= 2 * UNIT_BYTES
+    model.__dict__["_vramfx_swap"].runtime.release()
+    streams.close()

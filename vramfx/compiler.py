@@ -144,15 +144,22 @@ def compile(
 
     Examples
     --------
+    A model built empty, its weights from a mapping (a DiskMap of a checkpoint works the same):
+
+    >>> import vramfx
     >>> with vramfx.skip_model_initialization():
-    ...     model = MyTransformer(config)
-    >>> fast = vramfx.compile(model, budget="8GB", weights=vramfx.DiskMap("model/"))
-    >>> out = fast(**inputs)
+    ...     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    >>> weights = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    >>> fast = vramfx.compile(model, budget="12MiB", weights=weights, device="cpu")
+    >>> fast(torch.randn(2, 64)).shape
+    torch.Size([2, 64])
 
     Weights stored in fp8, computed in bf16 (inputs in bf16 too):
 
-    >>> fast = vramfx.compile(model, budget="8GB", weights="model/", storage_dtype=torch.float8_e4m3fn,
-    ...                       compute_dtype=torch.bfloat16)
+    >>> fast = vramfx.compile(model, budget="12MiB", weights=weights, device="cpu",
+    ...                       storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    >>> fast(torch.randn(2, 64, dtype=torch.bfloat16)).dtype
+    torch.bfloat16
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -85,9 +85,14 @@ def convert(
 
     Examples
     --------
-    >>> fp8 = vramfx.convert("flux/transformer/", "flux-fp8/", dtype=torch.float8_e4m3fn)
-    >>> fast = vramfx.compile(model, "8GB", weights=fp8, storage_dtype=torch.float8_e4m3fn,
-    ...                       compute_dtype=torch.bfloat16)
+    >>> import tempfile, pathlib, safetensors.torch, vramfx
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> layer = {"proj.weight": torch.randn(256, 256), "proj.bias": torch.randn(256)}
+    >>> safetensors.torch.save_file(layer, folder / "model.safetensors")
+    >>> fp8 = vramfx.convert(folder / "model.safetensors", folder / "fp8.safetensors", dtype=torch.float8_e4m3fn)
+    >>> with vramfx.DiskMap(fp8) as stored:
+    ...     stored.info("proj.weight").dtype, stored.info("proj.bias").dtype  # a bias stays as it is ("auto")
+    (torch.float8_e4m3fn, torch.float32)
     """
     if dtype not in STORAGE_DTYPES:
         names = ", ".join(dtype_name(d) for d in STORAGE_DTYPES)

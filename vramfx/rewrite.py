@@ -41,8 +41,8 @@ def rewrite(captured: Captured, plan: Plan) -> torch.fx.GraphModule:
 
     Examples
     --------
-    >>> gm = rewrite(captured, plan)
-    >>> outputs = gm(engine, *pytree.tree_leaves((args, kwargs)))
+    >>> gm = rewrite(captured, plan)  # doctest: +SKIP
+    >>> outputs = gm(engine, *pytree.tree_leaves((args, kwargs)))  # doctest: +SKIP
     """
     graph = torch.fx.Graph()
     value_map: dict[torch.fx.Node, torch.fx.Node] = {}

@@ -114,7 +114,7 @@ def build_liveness(
     >>> from vramfx.capture import capture
     >>> live = build_liveness(capture(torch.nn.Linear(2, 3), (torch.randn(1, 2),)))
     >>> [(w.name, w.uses) for w in live.weights]
-    [('weight', (0,)), ('bias', (0,))]
+    [('bias', (0,)), ('weight', (0,))]
     """
     device = torch.device(device if device is not None else captured.device)
     graph = captured.graph_module.graph

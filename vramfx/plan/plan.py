@@ -175,10 +175,10 @@ class Plan:
         """
         b, sec = format_bytes, format_seconds
         p = self.predicted
-        share = f" ({100.0 * self.peak_bytes / self.budget_bytes:.1f}% of budget)"
+        share = f" ({100.0 * self.peak_bytes / self.budget_bytes:.1f}% of budget)" if self.budget_bytes else ""
         lines = [
             f"budget        {b(self.budget_bytes)}",
-            f"planned peak  {b(self.peak_bytes)}{share if self.budget_bytes else ''}",
+            f"planned peak  {b(self.peak_bytes)}{share}",
             f"  resident    {b(self.resident_bytes)} in {len(self.resident)} weights",
             f"  arena       {b(self.arena_bytes)}",
             *([f"  upcasts     {b(self.upcast_bytes)} (cast buffers)"] if self.casts else []),
