@@ -454,6 +454,19 @@ def check_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, folde
                 rows.append(row)
                 log(f"  {storage} {fraction:.0%}: {row.seconds or 0:.3f} s/call, growth "
                     f"{format_bytes(row.peak_growth_bytes or 0)} of {format_bytes(row.budget_bytes)}, exact={row.bit_exact}")
+            # The layer-swap path on the same engine, at the middle fraction.
+            fraction = sorted(fractions)[len(fractions) // 2]
+            row = Row(spec.name, "vramfx layer swap", storage, fraction, link_bytes_per_s=link)
+            run_layer_swap(row, spec, dtype, buffers, path, storage, device, inputs, expected, calls, fraction,
+                           non_weight)
+            if row.seconds:
+                row.vs_all_gpu = row.seconds / all_gpu.seconds
+                row.vs_swap = row.seconds / swap_row.seconds
+                row.vs_prefetch = row.seconds / prefetch_row.seconds
+                row.overlap = max(all_gpu.seconds, (row.streamed_bytes or 0) / link) / row.seconds
+            rows.append(row)
+            log(f"  layer swap {storage} {fraction:.0%}: {row.seconds or 0:.3f} s/call, growth "
+                f"{format_bytes(row.peak_growth_bytes or 0)} of {format_bytes(row.budget_bytes or 0)}, exact={row.bit_exact}")
         disk.close()
     for row in rows:
         row.extra["weight_bytes"] = weight_bytes
@@ -497,6 +510,43 @@ def run_vramfx(row: Row, empty: nn.Module, weights: Any, device: torch.device, i
     row.extra["pinned_bytes"] = pinned.pinned_bytes if pinned is not None else None
     fast.release()
     del fast, actual
+    cleanup(device)
+
+
+def run_layer_swap(row: Row, spec: ModelSpec, dtype: torch.dtype, buffers: dict[str, torch.Tensor], path: Path,
+                   storage: str, device: torch.device, inputs: dict[str, Any], expected: torch.Tensor, calls: int,
+                   fraction: float, non_weight: int) -> None:
+    """``enable_vram_management`` on the empty model: its Linear layers streamed under a limit of
+    ``fraction`` of their bytes, from the file or from host memory (``onload``); norms and
+    embeddings put on the device once. The budget is the limit, the rest of the weights, and the
+    compiled plan's activations and workspace."""
+    from vramfx.swap import AutoWrappedLinear, enable_vram_management, onload, swap_stats
+
+    model = empty_model(spec, dtype, buffers)
+    linear = sum(m.weight.numel() * dtype.itemsize + (m.bias.numel() * dtype.itemsize if m.bias is not None else 0)
+                 for m in model.modules() if isinstance(m, nn.Linear))
+    other = sum(p.numel() * p.element_size() for p in model.parameters()) - linear
+    limit = int(fraction * linear)
+    row.budget_bytes = limit + other + non_weight
+    config = dict(offload_dtype="disk", offload_device="disk", onload_dtype=dtype, onload_device="cpu",
+                  computation_dtype=dtype, computation_device=str(device))
+    with PeakMemory(device) as peak:
+        enable_vram_management(model, {nn.Linear: AutoWrappedLinear}, config, vram_limit=f"{limit}B",
+                               disk_map=vramfx.DiskMap(path))
+        if storage == "host":
+            onload(model)  # host memory, page-locked where it lies by the engine
+        model(**inputs)
+        actual = output_tensor(model(**inputs))
+    row.peak_growth_bytes = peak.growth_bytes
+    row.budget_ok = peak.growth_bytes <= row.budget_bytes
+    compare(row, expected, actual)
+    row.seconds = seconds_per_call(lambda: model(**inputs), calls, device)
+    stats = swap_stats(model)
+    row.streamed_bytes, row.resident_bytes, row.arena_bytes = stats.fetched_bytes, stats.resident_bytes, stats.arena_bytes
+    row.extra.update(prefetched=stats.prefetched, synchronous=stats.synchronous, wait_seconds=stats.wait_seconds,
+                     held_peak_bytes=stats.held_peak_bytes, limit_bytes=limit)
+    model.__dict__["_vramfx_swap"].runtime.release()
+    del model, actual
     cleanup(device)
 
 

@@ -1,6 +1,7 @@
 """Measuring memory the way the budget is defined: RssAnon on CPU, max_memory_allocated on CUDA.
 
-Tests and benchmarks use these; the library itself never needs them to run.
+Tests and benchmarks use these; the library itself only reads :func:`memory_in_use`, where a first
+call measures its activations.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from types import TracebackType
 import torch
 
 from vramfx.budget import rss_anon_bytes
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Memory in use on ``device`` now, as the budget counts it: RssAnon on CPU, allocated on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return rss_anon_bytes()
 
 
 def release_freed_memory() -> None:

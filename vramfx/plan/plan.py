@@ -131,6 +131,22 @@ class Plan:
     def name_to_weight(self) -> dict[str, PlannedWeight]:
         return {w.name: w for w in self.weights}
 
+    @classmethod
+    def empty(cls, arena_bytes: int = 0, *, alignment: int, budget_bytes: int = 0) -> "Plan":
+        """A plan that fetches, keeps and casts nothing: an engine for loads off the plan only.
+
+        Examples
+        --------
+        >>> Plan.empty(4096, alignment=64).steps
+        ()
+        """
+        return cls(
+            budget_bytes=budget_bytes, peak_bytes=arena_bytes, resident_bytes=0, streamed_bytes=0, weight_bytes=0,
+            activation_peak_bytes=0, workspace_bytes=0, arena_bytes=arena_bytes, alignment=alignment,
+            num_positions=0, calls=1, resident=(), transfers=(), weights=(),
+            predicted=Prediction(0.0, 0.0, 0.0, 0.0, 0.0),
+        )
+
     @property
     def cast_bytes(self) -> int:
         """Bytes the casts of one call write in compute dtypes."""

@@ -71,6 +71,7 @@ class Loaded:
     stored_bytes: int
     block: tuple[int, int] | None = None
     own: torch.Tensor | None = None
+    cast_bytes: int = 0
 
 
 def layout(
@@ -336,6 +337,7 @@ class Engine(ABC):
             self._copy_now(buffer, copies)
         except OSError as exc:
             raise WeightsError(f"reading weights {', '.join(names)} failed: {exc}") from exc
+        loaded.cast_bytes = sum(math.prod(r.shape) * r.compute_dtype.itemsize for r, c in zip(refs, cast) if c >= 0)  # type: ignore[union-attr]
         tensors = []
         for ref, at, cast_at, t in zip(refs, stored, cast, there):
             there_bytes = buffer if t is None else t.detach().reshape(-1).view(torch.uint8)

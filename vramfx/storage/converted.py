@@ -65,6 +65,10 @@ class ConvertedSource:
         """Where the original bytes come from."""
         return self._source
 
+    def dtypes(self, key: str) -> tuple[torch.dtype, ...]:
+        """The dtypes ``key`` is converted through, in order."""
+        return self._dtypes[key]
+
     def add(self, key: str, dtypes: Dtypes) -> None:
         """Serve ``key`` converted to ``dtypes`` (one dtype, or several in order) too."""
         chain = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)

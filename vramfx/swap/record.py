@@ -118,6 +118,17 @@ class Recorder:
             self.record.activation_peak_bytes = max(self.record.activation_peak_bytes, grown)
 
 
+def flops_per_unit(record: CallRecord) -> dict[int, float]:
+    """Each unit's mean FLOPs per call of it, from a counted record: a later order's positions
+    cost what their units did when first counted."""
+    total: dict[int, float] = {}
+    count: dict[int, int] = {}
+    for unit, flops in zip(record.order, record.flops):
+        total[unit] = total.get(unit, 0.0) + flops
+        count[unit] = count.get(unit, 0) + 1
+    return {u: total[u] / count[u] for u in total}
+
+
 def to_liveness(
     record: CallRecord,
     weights: Mapping[int, Sequence[WeightRef]],

@@ -1,29 +1,26 @@
 """The layer-swap runtime: the module front end of the engine compiled graphs run on.
 
-One runtime serves every unit (wrapped module) of one model, through one
+One runtime serves every unit (wrapped module) of one model through one
 :class:`~vramfx.runtime.engine.Engine` (a reader thread on CPU, a copy stream and staging ring on
-CUDA). Per call of the model:
+CUDA), driven by a :class:`~vramfx.runtime.follow.Follower`. The front end owns only what it must:
+binding the engine's views into the modules, and recording the order they run in.
 
-- **The first call** records the order units run in, with each one's FLOPs: every unit's weights
-  are loaded synchronously (:meth:`Engine.load_now`) into a small scratch arena.
+- **The first call** records the order units run in and each one's FLOPs; every unit's weights
+  are loaded synchronously into a small scratch arena.
 - **After it**, the planner (:func:`vramfx.plan.schedule.schedule`, over a Liveness whose
   positions are unit calls and whose weights are the units' tensors) chooses the weights kept on
-  the device under the limit, and for the others transfers with fetch, wait and drop positions
-  and static arena offsets: a Plan, checked like every plan.
-- **Later calls** follow the plan while units run in the recorded order: when a unit is called at
-  position ``p``, the plan's steps up to ``p`` run on the engine (drops, fetches ahead, waits,
-  casts), exactly as a compiled graph's nodes run them, and the unit gets the views they return.
-  At the end of a call the next call's first transfers are fetched.
-- **A unit not where the order predicts** leaves the plan for the rest of the call: copies not
-  in use are dropped, and it and the units after it are loaded synchronously into free arena
-  bytes (or memory of their own) — slower, never a wrong result. The call's order then becomes
-  the recorded one, planned anew.
+  the device under the limit, and transfers for the others: a Plan, checked like every plan.
+- **Later calls** follow it: a unit called at position ``p`` gets what the plan's steps up to
+  ``p`` provide, exactly as a compiled graph's nodes would run them, and the next call's first
+  transfers are fetched when a call ends.
+- **A unit not where the order predicts** leaves the plan for the rest of the call (it and the
+  units after it are loaded synchronously: slower, never a wrong result), and the call's order
+  then becomes the recorded one, planned anew.
 
 The limit covers what the engine holds: kept weights, the arena, the upcast region (weights
-held in a narrower dtype than they compute in are cast there per call) and loads made off the
-plan. A limit below what the units need at once (``0`` included) loads every unit synchronously,
-one at a time, into memory of its own: the least any limit can take. Calls are serialised: one
-thread at a time runs the model.
+held in a narrower dtype than they compute in are cast there per call) and loads off the plan.
+A limit below what the units need at once (``0`` included) loads every unit synchronously, one
+at a time, into memory of its own. Calls are serialised: one thread at a time runs the model.
 """
 
 from __future__ import annotations
@@ -31,24 +28,24 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from vramfx.errors import BudgetError, VramfxError
+from vramfx.measure import memory_in_use
 from vramfx.plan.costs import CostModel
-from vramfx.plan.plan import Plan, Prediction, Step
+from vramfx.plan.plan import Plan
 from vramfx.plan.schedule import schedule
 from vramfx.runtime import make_engine
-from vramfx.runtime.engine import Engine, Loaded, ResidentStore, layout
+from vramfx.runtime.engine import ResidentStore, layout
+from vramfx.runtime.follow import CallCounts, Follower, Hold
 from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef
-from vramfx.swap.record import CallRecord, Recorder, to_liveness
+from vramfx.swap.record import CallRecord, Recorder, flops_per_unit, to_liveness
 from vramfx.swap.units import Unit
 from vramfx.util import ALIGNMENT, format_bytes
 
@@ -70,34 +67,30 @@ class SwapStats:
         The limit over the weights it holds on the device (None: no limit).
     resident:
         Units whose weights the plan keeps on the device, in order of first use.
-    resident_bytes, arena_bytes:
-        Bytes of the kept weights, and of the planned arena the others stream through.
-    streamed_bytes:
-        Bytes the plan fetches on every call (the weights it does not keep).
+    resident_bytes, arena_bytes, streamed_bytes:
+        Bytes of the kept weights, of the planned arena the others stream through, and of what
+        the plan fetches on every call.
     calls:
         Calls served so far.
-    fetched_bytes:
-        Bytes copied to the device during the latest call (in the dtypes they are held in).
+    fetched_bytes, cast_bytes:
+        Bytes the latest call copied to the device (in the dtypes they are held in), and the
+        bytes its casts wrote in compute dtypes.
     prefetched, synchronous:
-        Units of the latest call whose weights were fetched ahead, and units the call waited
-        on from the start (the first call's, a mispredicted unit's, every one without prefetch
-        or when nothing can be held ahead).
+        Units of the latest call whose weights were fetched ahead, and units it waited on from
+        the start (the first call's, a mispredicted unit's, every one without prefetch or when
+        nothing can be held ahead).
     wait_seconds:
-        Seconds the latest call spent waiting for weights: synchronous loads, and copies made
-        ahead that had not landed yet when their unit was called.
+        Seconds the latest call spent waiting for weights.
     held_bytes, held_peak_bytes:
-        Bytes the runtime holds on the device now (kept weights, the arena, the upcast region,
-        loads off the plan), and the most it has held at once, by its own accounting.
+        Bytes the runtime holds on the device now, and the most it has held at once, by its own
+        accounting.
     activation_peak_bytes:
         Activations measured on the first call, when the limit covers them (compile's
         fallback); else 0.
     order:
         The recorded order of units (their names), empty before the first call.
     upcast_bytes:
-        Bytes of the planned upcast region, where weights held in a narrower dtype than they
-        compute in are cast for each call.
-    cast_bytes:
-        Bytes the latest call's casts wrote (in compute dtypes), on the device.
+        Bytes of the planned upcast region.
     """
 
     limit_bytes: int | None
@@ -120,52 +113,20 @@ class SwapStats:
 
 @dataclass
 class _Planned:
-    """One engine and the plan it runs: for the recorded order, or (no order yet) the recording."""
+    """One plan, its engine and follower, and the weights each unit reads through them."""
 
-    engine: Engine
-    weights: dict[int, tuple[WeightRef, ...]]  # unit index -> the weights it copies
-    plan: Plan | None = None  # None: recording, or nothing fits and every unit loads synchronously
-    steps: tuple[Step, ...] = ()
-    transfer_bytes: dict[int, int] = field(default_factory=dict)  # transfer id -> bytes it copies
-    casts: dict[tuple[str, int], int] = field(default_factory=dict)  # (name, position) -> cast index
-
-
-@dataclass
-class _Held:
-    """One unit's tensors while it runs, and what they hold of the engine."""
-
-    unit: Unit
-    tensors: tuple[torch.Tensor, ...]
-    transfers: frozenset[int] = frozenset()
-    cast_end: int | None = None  # its casts' upcast slots are planned free from this position
-    loaded: Loaded | None = None
-    position: int = -1
+    follower: Follower
+    weights: dict[int, tuple[WeightRef, ...]]  # unit index -> the weights it copies or casts
+    plan: Plan | None  # None: recording, or nothing fits and every unit loads synchronously
 
 
 @dataclass
 class _Call:
-    """The call in progress: how far it followed the plan, and what the steps provide."""
+    """The call in progress: its recording, and how far along the recorded order it is."""
 
     recorder: Recorder
-    on_plan: bool
-    position: int = 0  # the next position of the recorded order
-    next_step: int = 0
-    stored: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # name -> (view, transfer)
-    cast: dict[str, tuple[torch.Tensor, int, int]] = field(default_factory=dict)  # name -> (view, end, transfer)
-    in_use: list[_Held] = field(default_factory=list)
-
-
-@dataclass
-class _Counts:
-    """What the latest call did, and what the runtime held at most."""
-
-    calls: int = 0
-    fetched: int = 0
-    prefetched: int = 0
-    synchronous: int = 0
-    waited: float = 0.0
-    cast: int = 0
-    held_peak: int = 0
+    position: int = 0
+    holds: list[tuple[Unit, Hold, int]] = field(default_factory=list)  # (unit, hold, position recorded)
 
 
 class SwapRuntime:
@@ -221,15 +182,15 @@ class SwapRuntime:
         self._lock = threading.RLock()
         self._store = ResidentStore()
         self._record: CallRecord | None = None  # the recorded order, once a call completed
+        self._unit_flops: dict[int, float] = {}  # per unit, FLOPs of one call of it, as first recorded
         self._planned: _Planned | None = None
         self._stale = True  # units or their homes changed: bind and plan again before the next call
-        self._carried: set[int] = set()  # transfers the previous call fetched for the next one
         self._call: _Call | None = None
-        self._outside: list[_Held] = []  # units running outside any call of the model
-        self._fetched_now: set[int] = set()  # transfers this call fetched at their wait, not ahead
-        self._unit_flops: dict[int, float] = {}  # per unit, FLOPs of one call of it, as first recorded
+        self._outside: list[tuple[Unit, Hold, int]] = []  # units running outside any call of the model
         self._depth = 0
-        self._counts = _Counts()
+        self._calls = 0
+        self._counts = CallCounts()  # the latest call's
+        self._held_peak = 0
 
     def add(self, unit: Unit) -> Unit:
         """Serve ``unit`` from now on."""
@@ -243,56 +204,50 @@ class SwapRuntime:
     @property
     def held_bytes(self) -> int:
         """Bytes of weights on the device now, by the runtime's own accounting."""
-        return self._planned.engine.held_bytes if self._planned is not None else 0
+        return self._planned.follower.engine.held_bytes if self._planned is not None else 0
 
     def stats(self) -> SwapStats:
         """What is held, and what the latest call did."""
         record, planned, counts = self._record, self._planned, self._counts
         plan = planned.plan if planned is not None else None
-        order = tuple(dict.fromkeys(record.order)) if record is not None else ()
         kept = set(plan.resident) if plan is not None else set()
         resident = tuple(
-            self.units[u].name for u in order
-            if planned is not None and planned.weights.get(u) and all(r.name in kept for r in planned.weights[u])
+            self.units[u].name for u in dict.fromkeys(record.order if record is not None else ())
+            if planned is not None and planned.weights[u] and all(r.name in kept for r in planned.weights[u])
         )
         return SwapStats(
             limit_bytes=self.limit_bytes,
             resident=resident,
             resident_bytes=plan.resident_bytes if plan is not None else 0,
             arena_bytes=plan.arena_bytes if plan is not None else 0,
-            calls=counts.calls,
-            fetched_bytes=counts.fetched,
+            calls=self._calls,
+            fetched_bytes=counts.fetched_bytes,
             prefetched=counts.prefetched,
             synchronous=counts.synchronous,
-            wait_seconds=counts.waited,
+            wait_seconds=counts.wait_seconds,
             held_bytes=self.held_bytes,
-            held_peak_bytes=counts.held_peak,
+            held_peak_bytes=self._held_peak,
             activation_peak_bytes=record.activation_peak_bytes if record is not None else 0,
             order=tuple(self.units[u].name for u in record.order) if record is not None else (),
             upcast_bytes=plan.upcast_bytes if plan is not None else 0,
-            cast_bytes=counts.cast,
+            cast_bytes=counts.cast_bytes,
             streamed_bytes=plan.streamed_bytes if plan is not None else 0,
         )
 
     def release(self) -> None:
         """Free everything held on the device: kept weights, the arena, copies in flight."""
         with self._lock:
-            if self._call is not None and self._call.in_use:
+            if self._call is not None and self._call.holds or self._outside:
                 raise VramfxError("cannot release the layer-swap runtime while a module is running")
             if self._planned is not None:
-                self._planned.engine.deactivate()
+                self._planned.follower.engine.deactivate()
             self._store.clear()
-            self._carried.clear()
 
     def homes_changed(self) -> None:
-        """Units' homes moved (offload/onload): bind and plan again before the next call."""
+        """Units' homes moved (offload/onload): free what is held, bind and plan again."""
         with self._lock:
             self.release()
             self._stale = True
-
-    def forget(self, unit: Unit) -> None:
-        """``unit``'s home moved: drop what is kept of it, and bind and plan again."""
-        self.homes_changed()
 
     # -- call boundaries -------------------------------------------------------------------------
     @torch.compiler.disable  # copies and threads run as written under torch.compile
@@ -304,14 +259,12 @@ class SwapRuntime:
             return
         try:
             planned = self._ready()
-            self._counts = _Counts(calls=self._counts.calls + 1, held_peak=self._counts.held_peak)
-            self._counts.fetched = sum(planned.transfer_bytes[t] for t in self._carried)
+            planned.follower.begin_call(on_plan=planned.plan is not None)
+            self._calls += 1
             recording = self._record is None
-            memory = _memory_sampler(self.device) if recording and self.activations_in_limit else None
-            recorder = Recorder(count_flops=recording, memory=memory, held_bytes=self.held_bytes)
-            self._call = _Call(recorder, on_plan=planned.plan is not None)
-            self._fetched_now = set()
-            recorder.start()
+            memory = (lambda: memory_in_use(self.device)) if recording and self.activations_in_limit else None
+            self._call = _Call(Recorder(count_flops=recording, memory=memory, held_bytes=self.held_bytes))
+            self._call.recorder.start()
         except BaseException:
             self._depth -= 1
             self._lock.release()
@@ -321,43 +274,31 @@ class SwapRuntime:
     def end_call(self, *, failed: bool = False) -> None:
         """The model's forward returned (or raised, when ``failed``)."""
         self._depth -= 1
-        if self._depth > 0:
-            self._lock.release()
-            return
-        call, self._call = self._call, None
         try:
-            if call is None:
-                return
-            call.recorder.stop()
-            self._finish(call, failed)
+            if self._depth == 0 and self._call is not None:
+                call, self._call = self._call, None
+                call.recorder.stop()
+                self._finish(call.recorder.record, failed)
         finally:
             self._lock.release()
 
-    def _finish(self, call: _Call, failed: bool) -> None:
+    def _finish(self, record: CallRecord, failed: bool) -> None:
         """Drop what the call left fetched; on success adopt its order and fetch the next call's first."""
         planned = self._planned
         assert planned is not None
-        engine = planned.engine
+        planned.follower.end_call(failed=failed)
+        self._counts = planned.follower.counts
         if failed:
-            engine.abort()  # its copies are waited out; the next call starts clean
-            self._carried.clear()
             return
-        if call.on_plan and planned.plan is not None:
-            self._advance(call, planned.plan.num_positions)
-        for t in list(engine.pending):
-            engine.drop(t)
-        record = call.recorder.record
-        if record.order and (
-            self._record is None or (record.order, record.ends) != (self._record.order, self._record.ends)
-        ):
+        if record.order and (self._record is None or (record.order, record.ends) != (self._record.order, self._record.ends)):
             if self._record is None:
-                self._unit_flops = _flops_per_unit(record)
+                self._unit_flops = flops_per_unit(record)
             else:
                 log.debug("the module order changed (%d -> %d calls); planning again", len(self._record.order),
                           len(record.order))
                 record.flops = [self._unit_flops.get(u, 0.0) for u in record.order]
             self._adopt(record)
-        self._fetch_ahead_for_next_call()
+        self._planned.follower.fetch_for_next_call()  # type: ignore[union-attr]
 
     # -- serving units ------------------------------------------------------------------------
     def run(self, unit: Unit, fn: Callable[[tuple[torch.Tensor, ...]], Any]) -> Any:
@@ -381,18 +322,21 @@ class SwapRuntime:
             call = self._call
             planned = self._planned if call is not None else self._ready()  # a call made it ready
             assert planned is not None
-            position = self._claim(call, unit) if call is not None else None
-            if position is not None:
-                held = self._from_plan(call, unit, position)  # type: ignore[arg-type]
-            else:
-                held = self._load(unit)
+            follower, record = planned.follower, self._record
+            position = None
+            if call is not None and follower.on_plan and record is not None:
+                p = call.position
+                position = p if p < len(record.order) and record.order[p] == unit.index else None
+            hold = follower.take([r.name for r in planned.weights[unit.index]], position)
+            if position is not None and follower.on_plan:
+                call.position += 1  # type: ignore[union-attr]
+            tensors = tuple(hold.tensors.get(s.name, unit.home[i]) for i, s in enumerate(unit.slots))
             if call is not None:
-                held.position = call.recorder.enter(unit.index, self.held_bytes)
-                call.in_use.append(held)
+                call.holds.append((unit, hold, call.recorder.enter(unit.index, self.held_bytes)))
             else:
-                self._outside.append(held)
-            self._counts.held_peak = max(self._counts.held_peak, planned.engine.held_bytes)
-            return held.tensors
+                self._outside.append((unit, hold, -1))
+            self._held_peak = max(self._held_peak, self.held_bytes)
+            return tensors  # type: ignore[return-value]
         except BaseException:
             self._lock.release()
             raise
@@ -405,38 +349,26 @@ class SwapRuntime:
         bytes are about to be reused).
         """
         try:
-            call = self._call
-            in_use = call.in_use if call is not None else self._outside
-            k = next((k for k in range(len(in_use) - 1, -1, -1) if in_use[k].unit is unit), None)
+            holds = self._call.holds if self._call is not None else self._outside
+            k = next((k for k in range(len(holds) - 1, -1, -1) if holds[k][0] is unit), None)
             if k is None:
                 raise VramfxError(f"unit {unit.name!r} was released without being acquired")
-            held = in_use.pop(k)
-            if call is not None and held.position >= 0:
-                call.recorder.exit(held.position, self.held_bytes)
-            planned = self._planned
-            assert planned is not None
-            engine = planned.engine
-            if held.loaded is not None or held.transfers or held.cast_end is not None:
-                output = _copy_out(output, engine)
-            if held.loaded is not None:
-                engine.unload(held.loaded)
-            if call is not None and not call.on_plan:
-                for t in held.transfers:
-                    if t in engine.pending and not any(t in h.transfers for h in call.in_use):
-                        self._drop(call, t)
-            return output
+            _, hold, position = holds.pop(k)
+            if self._call is not None and position >= 0:
+                self._call.recorder.exit(position, self.held_bytes)
+            return self._planned.follower.give_back(hold, output)  # type: ignore[union-attr]
         finally:
             self._lock.release()
 
     # -- planning -----------------------------------------------------------------------------
     def _ready(self) -> _Planned:
-        """The engine for the next call, bound and planned if anything changed, and active."""
+        """The plan for the next call, bound and planned again if anything changed, active."""
         if self._stale or self._planned is None:
             self._stale = False
             self._replan()
         planned = self._planned
         assert planned is not None
-        planned.engine.activate()
+        planned.follower.engine.activate()
         return planned
 
     def _adopt(self, record: CallRecord) -> None:
@@ -451,21 +383,18 @@ class SwapRuntime:
             raise
 
     def _replan(self) -> None:
-        """Bind every unit's weights and plan them for the recorded order (or the recording)."""
+        """Bind every unit's weights and plan them for the recorded order (or for the recording)."""
         if self._planned is not None:
-            self._planned.engine.deactivate()
-        self._carried.clear()
+            self._planned.follower.engine.deactivate()
         weights = {u.index: bind(u) for u in self.units}
         refs = {ref.name: ref for unit_refs in weights.values() for ref in unit_refs}
         plan = self._schedule(weights) if self._record is not None else None
-        engine_plan = plan if plan is not None else self._scratch_plan(weights)
-        engine = make_engine(engine_plan, refs, self.device, self._store, bypass_page_cache=self.bypass_page_cache)
-        planned = _Planned(engine, weights, plan)
-        if plan is not None:
-            planned.steps = plan.steps
-            planned.casts = {(c.name, c.position): k for k, c in enumerate(plan.casts)}
-            planned.transfer_bytes = {t.id: t.nbytes for t in plan.transfers}
-        self._planned = planned
+        engine = make_engine(
+            plan if plan is not None else self._scratch_plan(weights), refs, self.device, self._store,
+            bypass_page_cache=self.bypass_page_cache,
+        )
+        room = self.limit_bytes - self.reserved_bytes if self.limit_bytes is not None else None
+        self._planned = _Planned(Follower(engine, prefetch=self.prefetch, room_bytes=room), weights, plan)
 
     def _schedule(self, weights: dict[int, tuple[WeightRef, ...]]) -> Plan | None:
         """The planner's plan for the recorded order; None when nothing but synchronous loads fit."""
@@ -514,198 +443,20 @@ class SwapRuntime:
         return plan
 
     def _scratch_plan(self, weights: dict[int, tuple[WeightRef, ...]]) -> Plan:
-        """No transfers, and an arena for the loads of the recording call: two of the largest
-        units (so its loads do not churn the allocator), within the limit; none without room."""
+        """No steps, and an arena for the loads of the recording call: two of the largest units (so
+        its loads do not churn the allocator) within the limit. None when nothing is planned ahead
+        (each unit then in memory of its own, one at a time)."""
         largest = max((layout(refs, self.alignment)[2] for refs in weights.values()), default=0)
         room = 2 * largest
         if self.limit_bytes is not None:
             room = min(room, self.limit_bytes - self.reserved_bytes)
         if self._record is not None or room < largest:
-            room = 0  # nothing fits ahead: each unit in memory of its own, one at a time
-        return empty_plan(max(0, room), self.alignment, self.limit_bytes or 0)
-
-    # -- following the plan ---------------------------------------------------------------------
-    def _claim(self, call: _Call, unit: Unit) -> int | None:
-        """``unit``'s position when the call still follows the plan; else the plan is left."""
-        record = self._record
-        if not call.on_plan or record is None:
-            return None
-        p = call.position
-        if p < len(record.order) and record.order[p] == unit.index and self._advance(call, p):
-            call.position += 1
-            return p
-        self._leave_plan(call)
-        return None
-
-    def _advance(self, call: _Call, position: int) -> bool:
-        """Run the plan's steps up to ``position``, in the plan's order (drops, fetches, waits, casts).
-
-        False, doing nothing more, when a step would reuse memory still in use: the call nests
-        its modules otherwise than the recorded one (a transfer due to be dropped, or an upcast
-        slot due to be reused, is still held by a running unit).
-        """
-        planned = self._planned
-        assert planned is not None and planned.plan is not None
-        engine, steps = planned.engine, planned.steps
-        if any(h.cast_end is not None and h.cast_end <= position for h in call.in_use):
-            return False
-        while call.next_step < len(steps) and steps[call.next_step].position <= position:
-            step = steps[call.next_step]
-            if step.op == "drop":
-                if any(step.transfer in h.transfers for h in call.in_use):
-                    return False
-                if step.transfer in engine.pending:
-                    self._drop(call, step.transfer)
-            elif step.op == "fetch":
-                if self.prefetch and step.transfer not in engine.pending:
-                    self._fetch(step.transfer, ahead=True)
-            elif step.op == "wait":
-                if step.transfer not in engine.pending:
-                    self._fetch(step.transfer, ahead=False)
-                start = time.perf_counter()
-                views = engine.wait(step.transfer)
-                self._counts.waited += time.perf_counter() - start
-                for name, view in zip(step.names, views):
-                    call.stored[name] = (view, step.transfer)
-            else:
-                (name,) = step.names
-                index = planned.casts[(name, step.position)]
-                stored = call.stored[name][0] if step.transfer >= 0 else engine.resident(name)
-                call.cast[name] = (engine.cast(index, stored), planned.plan.casts[index].end, step.transfer)
-                self._counts.cast += step.nbytes
-            call.next_step += 1
-        return True
-
-    def _from_plan(self, call: _Call, unit: Unit, position: int) -> _Held:
-        """The unit's tensors from what the plan's steps provided."""
-        planned = self._planned
-        assert planned is not None and planned.plan is not None
-        engine = planned.engine
-        provided: dict[str, torch.Tensor] = {}
-        transfers: set[int] = set()  # what the unit reads in the arena while it runs
-        fetched: set[int] = set()  # what its weights came through, cast or not
-        cast_end = None
-        for ref in planned.weights[unit.index]:
-            cast = call.cast.get(ref.name)
-            if cast is not None and cast[1] > position:
-                provided[ref.name] = cast[0]
-                cast_end = cast[1] if cast_end is None else max(cast_end, cast[1])
-                fetched.add(cast[2])
-            elif ref.name in call.stored:
-                provided[ref.name], t = call.stored[ref.name]
-                transfers.add(t)
-                fetched.add(t)
-            else:
-                provided[ref.name] = engine.resident(ref.name)
-        fetched.discard(-1)  # a cast of a kept weight
-        if fetched & self._fetched_now:
-            self._counts.synchronous += 1
-        elif fetched:
-            self._counts.prefetched += 1
-        return self._held(unit, provided, transfers=frozenset(transfers), cast_end=cast_end)
-
-    def _fetch(self, transfer: int, *, ahead: bool) -> None:
-        planned = self._planned
-        assert planned is not None and planned.plan is not None
-        planned.engine.fetch(transfer)
-        self._counts.fetched += planned.transfer_bytes[transfer]
-        if ahead:
-            self._fetched_now.discard(transfer)
-        else:
-            self._fetched_now.add(transfer)
-
-    def _drop(self, call: _Call, transfer: int) -> None:
-        planned = self._planned
-        assert planned is not None
-        planned.engine.drop(transfer)
-        for name in [n for n, (_, t) in call.stored.items() if t == transfer]:
-            del call.stored[name]
-
-    def _leave_plan(self, call: _Call) -> None:
-        """The call left the recorded order: copies no running unit holds are dropped."""
-        call.on_plan = False
-        planned = self._planned
-        assert planned is not None
-        for t in list(planned.engine.pending):
-            if not any(t in h.transfers for h in call.in_use):
-                self._drop(call, t)
-
-    def _fetch_ahead_for_next_call(self) -> None:
-        """Start the next call's first transfers now: nothing holds the arena between calls."""
-        planned = self._planned
-        self._fetched_now = set()
-        if not self.prefetch or planned is None or planned.plan is None:
-            return
-        planned.engine.activate()
-        for step in planned.steps:
-            if step.position > 0:
-                break
-            if step.op == "fetch":
-                planned.engine.fetch(step.transfer)
-                self._carried.add(step.transfer)
-
-    # -- loading off the plan -------------------------------------------------------------------
-    def _load(self, unit: Unit) -> _Held:
-        """Load ``unit`` now, off the plan: into free arena bytes, else memory of its own.
-
-        Kept weights no running unit uses make room for it when the limit would be passed (they
-        are loaded again when the next call activates the plan).
-        """
-        planned = self._planned
-        assert planned is not None
-        engine = planned.engine
-        names = [ref.name for ref in planned.weights[unit.index]]
-        if not names:
-            return self._held(unit, {})
-        start = time.perf_counter()
-        loaded = engine.load_now(names, own_memory=False)
-        if loaded is None:
-            need = engine.load_bytes(names)
-            if self.limit_bytes is not None and engine.held_bytes + need > self.limit_bytes - self.reserved_bytes:
-                engine.release_arena()  # off the plan and empty: its memory goes to this load
-            self._make_room(engine, need, keep=set(names))
-            loaded = engine.load_now(names)
-        self._counts.waited += time.perf_counter() - start
-        assert loaded is not None
-        self._counts.fetched += loaded.stored_bytes
-        self._counts.cast += sum(
-            math.prod(r.shape) * r.compute_dtype.itemsize for r in planned.weights[unit.index] if r.compute_dtype
-        )
-        self._counts.synchronous += 1
-        return self._held(unit, dict(zip(names, loaded.tensors)), loaded=loaded)
-
-    def _make_room(self, engine: Engine, nbytes: int, *, keep: set[str]) -> None:
-        """Drop kept weights (last kept first) that no running unit uses and ``keep`` does not name,
-        until a load of ``nbytes`` of memory of its own fits the limit."""
-        if self.limit_bytes is None:
-            return
-        room = self.limit_bytes - self.reserved_bytes - nbytes
-        planned = self._planned
-        assert planned is not None
-        keep = keep | {ref.name for h in self._all_in_use() for ref in planned.weights[h.unit.index]}
-        for name in reversed(engine.plan.resident):
-            if engine.held_bytes <= room:
-                break
-            if name not in keep:
-                self._store.drop(name)
-
-    def _all_in_use(self) -> list[_Held]:
-        return (self._call.in_use if self._call is not None else []) + self._outside
-
-    def _held(self, unit: Unit, provided: dict[str, torch.Tensor], **engine_parts: Any) -> _Held:
-        """The op's tensors: what the engine provided, else the homes on the device, as they are."""
-        tensors = []
-        for i, slot in enumerate(unit.slots):
-            tensor = provided.get(slot.name)
-            if tensor is None:
-                tensor = unit.home[i]
-                assert tensor is not None and tensor.device == self.device, f"{slot.name} has no copy on the device"
-            tensors.append(tensor)
-        return _Held(unit, tuple(tensors), **engine_parts)
+            room = 0
+        return Plan.empty(max(0, room), alignment=self.alignment, budget_bytes=self.limit_bytes or 0)
 
 
 def bind(unit: Unit) -> tuple[WeightRef, ...]:
-    """The weights ``unit`` copies to the device, each bound to where its stored bytes are.
+    """The weights ``unit`` copies or casts on the device, each bound to where its stored bytes are.
 
     A parameter whose home is on the computation device in the computation dtype is used there and
     not bound; in another dtype it is bound where it lies, for its casts. The others read from their
@@ -741,15 +492,6 @@ def bind(unit: Unit) -> tuple[WeightRef, ...]:
     return tuple(refs)
 
 
-def empty_plan(arena_bytes: int, alignment: int, budget_bytes: int) -> Plan:
-    """A plan with nothing to fetch, keep or cast: an engine for loads off the plan only."""
-    return Plan(
-        budget_bytes=budget_bytes, peak_bytes=arena_bytes, resident_bytes=0, streamed_bytes=0, weight_bytes=0,
-        activation_peak_bytes=0, workspace_bytes=0, arena_bytes=arena_bytes, alignment=alignment, num_positions=0,
-        calls=1, resident=(), transfers=(), weights=(), predicted=Prediction(0.0, 0.0, 0.0, 0.0, 0.0),
-    )
-
-
 def _transient_bytes(ref: WeightRef, device: torch.device) -> int:
     """Device memory a read of ``ref`` takes besides its destination: on CPU, a converted read's
     source bytes and each conversion's result."""
@@ -757,32 +499,4 @@ def _transient_bytes(ref: WeightRef, device: torch.device) -> int:
     if device.type != "cpu" or not isinstance(source, ConvertedSource) or source.keep:
         return 0
     numel = math.prod(ref.shape)
-    chain = source._dtypes[ref.key]
-    return source.source.info(ref.key).nbytes + sum(numel * d.itemsize for d in chain)
-
-
-def _flops_per_unit(record: CallRecord) -> dict[int, float]:
-    """Each unit's mean FLOPs per call of it, from a counted record."""
-    total: dict[int, float] = {}
-    count: dict[int, int] = {}
-    for unit, flops in zip(record.order, record.flops):
-        total[unit] = total.get(unit, 0.0) + flops
-        count[unit] = count.get(unit, 0) + 1
-    return {u: total[u] / count[u] for u in total}
-
-
-def _copy_out(output: Any, engine: Engine) -> Any:
-    """Outputs that view the engine's memory (a module returning its weight) get their own."""
-    leaves = pytree.tree_leaves(output)
-    if not any(isinstance(t, torch.Tensor) and engine.owns(t) for t in leaves):
-        return output
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if engine.owns(t) else t, output)
-
-
-def _memory_sampler(device: torch.device) -> Callable[[], int]:
-    """Memory in use on ``device``, as the budget counts it."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.memory_allocated(device)
-    from vramfx.budget import rss_anon_bytes
-
-    return rss_anon_bytes
+    return source.source.info(ref.key).nbytes + sum(numel * d.itemsize for d in source.dtypes(ref.key))

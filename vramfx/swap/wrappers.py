@@ -91,12 +91,12 @@ class SwapSwitches:
     def offload(self) -> None:
         """Move this module's weights to their offload state (and drop a kept copy)."""
         move_home(self._vramfx_unit, self._vramfx_binding.config.offload)
-        self._vramfx_binding.runtime.forget(self._vramfx_unit)
+        self._vramfx_binding.runtime.homes_changed()
 
     def onload(self) -> None:
         """Move this module's weights to their onload state."""
         move_home(self._vramfx_unit, self._vramfx_binding.config.onload)
-        self._vramfx_binding.runtime.forget(self._vramfx_unit)
+        self._vramfx_binding.runtime.homes_changed()
 
     def _vramfx_bind(self, root: torch.nn.Module, name: str, binding: Binding | None, **standalone: Any) -> None:
         """Join ``binding``'s runtime, or (used on its own) make a runtime of its own."""
