@@ -39,26 +39,27 @@ def enable_vram_management(
         computation device once (floating parameters in the computation dtype) and stay there.
     vram_config:
         ``offload_dtype/offload_device`` (where weights rest), ``onload_dtype/onload_device``
-        (where they wait after :func:`onload`), ``preparing_dtype/preparing_device`` (how the
-        weights the plan keeps on the compute device are held), and
+        (where they wait after :func:`onload`), ``preparing_dtype/preparing_device`` (where the
+        plan keeps weights: the computation device; they are held, kept or streamed, in the
+        narrower of their resting and computation dtypes), and
         ``computation_dtype/computation_device`` (what the op runs in). An omitted dtype or
         device is the computation one; ``"disk"`` means read from ``disk_map`` on demand, with
         the parameters left meta. A floating dtype only applies to floating tensors.
     vram_limit:
         Bytes of wrapped weights vramfx may hold on the computation device at once — kept
-        modules, the arena the others stream through, staging and per-call casts, by its own
-        count (not the device's free memory, which other processes change). A number is GB as
-        the original counts them (2**30 bytes); a string is any :func:`vramfx.parse_budget`
-        form (``"6GiB"``, ``"90%"``). ``None``: no limit, every module is kept after its first
-        use. A limit below what one module needs (``0`` included) streams every module
-        synchronously, one at a time: the least memory possible.
+        weights, the arena the others stream through and per-call casts, by its own count (not
+        the device's free memory, which other processes change). A number is GB as the original
+        counts them (2**30 bytes); a string is any :func:`vramfx.parse_budget` form (``"6GiB"``,
+        ``"90%"``). ``None``: no limit, every weight is kept after the first call. A limit below
+        what the modules need at once (``0`` included) loads every module synchronously, one at
+        a time: the least memory possible.
     disk_map:
         A :class:`vramfx.DiskMap` (or path) holding the weights, by the model's state-dict
         names (or the checkpoint names transformers would load them from).
     prefetch:
-        Fetch the next modules' weights ahead along the recorded order (a reader thread on
-        CPU, a copy stream on CUDA). ``False`` fetches each when it is called, as the original
-        does.
+        Fetch the next modules' weights ahead along the recorded order, on the engine compiled
+        graphs use (a reader thread on CPU, a copy stream on CUDA). ``False`` fetches each when
+        it is called, as the original does.
     bypass_page_cache:
         Read ``disk_map`` with ``O_DIRECT``, for models larger than RAM (and to measure cold
         reads honestly).
