@@ -332,12 +332,15 @@ class Engine(ABC):
         else:
             buffer = self._arena
         copies = [(ref, offset + at) for ref, at, t in zip(refs, stored, there) if t is None]
-        loaded = Loaded(tuple(names), (), size, sum(r.nbytes for r, _ in copies), None if own is not None else (offset, size), own)
+        block = None if own is not None else (offset, size)
+        loaded = Loaded(tuple(names), (), size, sum(r.nbytes for r, _ in copies), block, own)
         try:
             self._copy_now(buffer, copies)
         except OSError as exc:
             raise WeightsError(f"reading weights {', '.join(names)} failed: {exc}") from exc
-        loaded.cast_bytes = sum(math.prod(r.shape) * r.compute_dtype.itemsize for r, c in zip(refs, cast) if c >= 0)  # type: ignore[union-attr]
+        loaded.cast_bytes = sum(
+            math.prod(r.shape) * r.compute_dtype.itemsize for r, c in zip(refs, cast) if c >= 0  # type: ignore[union-attr]
+        )
         tensors = []
         for ref, at, cast_at, t in zip(refs, stored, cast, there):
             there_bytes = buffer if t is None else t.detach().reshape(-1).view(torch.uint8)
@@ -358,8 +361,9 @@ class Engine(ABC):
 
     def _free_arena_bytes(self) -> FreeList:
         """The arena bytes no transfer in flight or in use and no load holds."""
-        free = FreeList(self.plan.arena_bytes if self._arena is not None else 0)
-        taken = [r for t in self._pending for r in reserved_ranges(self._transfers[t], self.plan.alignment, self.plan.arena_bytes)]
+        plan = self.plan
+        free = FreeList(plan.arena_bytes if self._arena is not None else 0)
+        taken = [r for t in self._pending for r in reserved_ranges(self._transfers[t], plan.alignment, plan.arena_bytes)]
         taken += [(o, o + n) for o, n in (x.block for x in self._loaded if x.block is not None)]
         for start, end in sorted(taken):
             free.reserve(start, end - start)

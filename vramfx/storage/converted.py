@@ -43,7 +43,8 @@ class ConvertedSource:
     >>> src = ConvertedSource(HostSource({"w": torch.ones(4)}), {"w": torch.bfloat16})
     >>> src.info("w").nbytes
     8
-    >>> rounded = ConvertedSource(HostSource({"w": torch.full((2,), 1 / 3)}), {"w": (torch.float16, torch.bfloat16)}, keep=False)
+    >>> third = HostSource({"w": torch.full((2,), 1 / 3)})
+    >>> rounded = ConvertedSource(third, {"w": (torch.float16, torch.bfloat16)}, keep=False)  # per read
     >>> out = torch.empty(4, dtype=torch.uint8); rounded.read_into("w", out); out.view(torch.bfloat16)
     tensor([0.3340, 0.3340], dtype=torch.bfloat16)
     """

@@ -21,7 +21,6 @@ Integer tensors keep their own dtype in every state.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -365,8 +364,3 @@ def materialise(
         if t.kind == "parameter":
             new = torch.nn.Parameter(new, requires_grad=current.requires_grad and new.is_floating_point())
         store[t.local] = new
-
-
-def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Bytes of a tensor of ``shape`` in ``dtype``."""
-    return math.prod(shape) * dtype.itemsize
