@@ -25,7 +25,7 @@ from vramfx.precision import KeepSpec, Precision, precision_from_arguments, stor
 from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime.engine import Engine, ResidentStore
-from vramfx.weights import as_source, resolve_weights
+from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,9 @@ def build_graph(
     storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
     refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
     stored = {name: ref.dtype for name, ref in refs.items()}
-    liveness = build_liveness(captured, device=options.device, storage_dtypes=stored)
+    liveness = build_liveness(
+        captured, device=options.device, storage_dtypes=stored, stored_formats=stored_formats(refs, options.device)
+    )
     plan = schedule(
         liveness,
         options.budget_bytes,
@@ -242,10 +244,8 @@ def link_bytes_per_s(device: torch.device, source: Any) -> float | None:
     default (CPU: the reader's copy from the page cache)."""
     if device.type != "cuda":
         return None
-    from vramfx.storage.diskmap import DiskMap
-
     pcie = CUDA_LINK_BYTES_PER_S["host"]
-    return min(pcie, CUDA_LINK_BYTES_PER_S["disk"]) if isinstance(source, DiskMap) else pcie
+    return min(pcie, CUDA_LINK_BYTES_PER_S["disk"]) if is_disk_source(source) else pcie
 
 
 def make_engine(plan, refs, options: CompileOptions, store: ResidentStore) -> Engine:

@@ -16,10 +16,12 @@ import torch
 
 from vramfx.capture import WeightSpec
 from vramfx.errors import WeightsError
-from vramfx.plan.types import dtype_name
+from vramfx.plan.types import StoredFormat, dtype_name
 from vramfx.precision import exactly_widens
+from vramfx.quant.decoders import Decoder
 from vramfx.storage.convert import ConvertedSource, serve_converted
 from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.formats import interpret, open_weights
 from vramfx.storage.host import HostSource
 from vramfx.storage.source import WeightSource
 
@@ -35,6 +37,11 @@ class WeightRef:
     ``requires_grad`` is the model parameter's flag, which the runtime's copies keep. ``dtype``
     and ``nbytes`` describe the bytes as they are stored and moved; ``compute_dtype`` is the dtype
     the graph reads the weight in, when a cast step must turn one into the other.
+
+    A weight with a ``decoder`` (GGUF blocks, scaled fp8, reordered rows) is stored as a flat
+    run of ``nbytes`` in ``dtype`` (``decoder.stored_dtype``) and moved and held so; its values,
+    of ``shape``, come from ``decoder.decode_into(stored, out)`` into a buffer of
+    ``compute_dtype`` — what any engine's cast step calls, :meth:`convert_into`.
     """
 
     name: str
@@ -45,31 +52,48 @@ class WeightRef:
     nbytes: int
     requires_grad: bool = False
     compute_dtype: torch.dtype | None = None
+    decoder: Decoder | None = None
 
     def read_into(self, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
         """Copy the stored bytes into ``out`` (contiguous uint8 of ``nbytes``)."""
-        if bypass_page_cache and _is_disk(self.source):
+        if bypass_page_cache and is_disk_source(self.source):
             self.source.read_into(self.key, out, bypass_page_cache=True)
         else:
             self.source.read_into(self.key, out)
 
+    def convert_into(self, stored: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the values of ``stored`` (the weight as it is held) into ``out``, in ``out``'s
+        dtype: decoded by the weight's decoder, else cast as ``stored.to(out.dtype)``."""
+        if self.decoder is not None:
+            self.decoder.decode_into(stored, out)
+        else:
+            out.copy_(stored)
 
-def _is_disk(source: object) -> bool:
-    return isinstance(source, DiskMap)
+
+def is_disk_source(source: object) -> bool:
+    """Whether ``source`` reads weight files, so ``O_DIRECT`` and disk bandwidth apply."""
+    return isinstance(source, DiskMap) or bool(getattr(source, "from_disk", False))
+
+
+def decoder_of(source: object, key: str) -> Decoder | None:
+    """How ``source``'s stored bytes of ``key`` become values; ``None`` for plain tensors."""
+    decoder = getattr(source, "decoder", None)
+    return decoder(key) if callable(decoder) else None
 
 
 def as_source(weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence | None) -> WeightSource | None:
-    """Turn what a user may pass as ``weights`` into a WeightSource (a path becomes a DiskMap)."""
+    """Turn what a user may pass as ``weights`` into a WeightSource: a path becomes a DiskMap or a
+    GGUFMap; a scaled-fp8 checkpoint (by its names) is read with its scales."""
     if weights is None:
         return None
     if isinstance(weights, (str, os.PathLike)) or (
         isinstance(weights, (list, tuple)) and all(isinstance(w, (str, os.PathLike)) for w in weights)
     ):
-        return DiskMap(weights)
+        return open_weights(weights)
     if hasattr(weights, "read_into") and hasattr(weights, "info"):
-        return weights  # type: ignore[return-value]
+        return interpret(weights)  # type: ignore[return-value]
     if isinstance(weights, Mapping):
-        return _LazyHostSource(weights)
+        return interpret(_LazyHostSource(weights))
     raise ValueError(
         f"weights must be a DiskMap, a path to safetensors weights, or a Mapping of name to "
         f"tensor; got {type(weights).__name__}"
@@ -108,7 +132,12 @@ def resolve_weights(
         stored in the graph's dtype. When given, a floating-point weight whose source holds
         another dtype is read as it is if that dtype converts exactly into the storage dtype (an
         fp8 file for bf16 storage), else converted once, into host memory. Without it, the
-        source must hold the graph's dtype.
+        source must hold the graph's dtype — except that a source with
+        ``casts_plain_tensors`` (GGUF, scaled fp8) may hold any floating dtype, cast where read.
+
+    A weight the source decodes (``source.decoder(key)``: GGUF blocks, scaled fp8) is held as
+    stored, whatever ``storage`` says, and its decoder must give the model's shape; the graph
+    reads it in its own dtype.
 
     Raises
     ------
@@ -131,7 +160,20 @@ def resolve_weights(
             missing.append(spec.name)
             continue
         info = source.info(key)
-        held = _held_dtype(info.dtype, spec, storage)
+        decoder = decoder_of(source, key)
+        if decoder is not None:
+            if tuple(decoder.shape) != tuple(spec.shape) or not spec.dtype.is_floating_point:
+                mismatched.append(
+                    f"{key}: stored {tuple(decoder.shape)} {decoder.format}, model expects "
+                    f"{tuple(spec.shape)} {dtype_name(spec.dtype)}"
+                )
+                continue
+            refs[spec.name] = WeightRef(
+                spec.name, source, key, spec.shape, decoder.stored_dtype, decoder.nbytes,
+                requires_grad=spec.requires_grad, compute_dtype=spec.dtype, decoder=decoder,
+            )
+            continue
+        held = _held_dtype(info.dtype, spec, storage, cast=bool(getattr(source, "casts_plain_tensors", False)))
         if tuple(info.shape) != tuple(spec.shape) or held is None:
             mismatched.append(
                 f"{key}: stored {tuple(info.shape)} {dtype_name(info.dtype)}, model expects "
@@ -158,15 +200,37 @@ def resolve_weights(
     return refs
 
 
+def stored_formats(refs: Mapping[str, WeightRef], device: torch.device) -> dict[str, StoredFormat]:
+    """What the planner needs of every decoded weight, by name: stored format and bytes, and
+    the workspace and memory traffic of its decode on ``device``."""
+    return {
+        name: StoredFormat(
+            format=ref.decoder.format,
+            dtype=dtype_name(ref.dtype),
+            nbytes=ref.nbytes,
+            workspace_bytes=ref.decoder.workspace_bytes(device),
+            traffic_bytes=ref.decoder.traffic_bytes(),
+        )
+        for name, ref in refs.items()
+        if ref.decoder is not None
+    }
+
+
 def _held_dtype(
-    stored: torch.dtype, spec: WeightSpec, storage: Mapping[str, torch.dtype] | None
+    stored: torch.dtype, spec: WeightSpec, storage: Mapping[str, torch.dtype] | None, *, cast: bool = False
 ) -> torch.dtype | None:
-    """The dtype a weight's bytes are held in, or ``None`` if its source cannot provide it."""
+    """The dtype a weight's bytes are held in, or ``None`` if its source cannot provide it.
+
+    ``cast``: the source's plain floating tensors may be held as stored and cast where they are
+    read, whatever their dtype (GGUF and scaled-fp8 files, whose loaders do so).
+    """
     wanted = storage.get(spec.name, spec.dtype) if storage is not None else spec.dtype
     if stored == wanted:
         return stored
-    if storage is None or not (stored.is_floating_point and wanted.is_floating_point):
+    if not (stored.is_floating_point and wanted.is_floating_point):
         return None
+    if storage is None:
+        return stored if cast else None
     return stored if exactly_widens(stored, wanted) else wanted
 
 

@@ -29,10 +29,14 @@ def view_bytes(buffer: torch.Tensor, offset: int, ref: WeightRef) -> torch.Tenso
     """``ref``'s tensor over ``buffer[offset : offset + ref.nbytes]`` (uint8), no copy.
 
     It requires grad when the model's parameter does (and its stored dtype can), so kernels take
-    eager's path (calls run under ``no_grad``: nothing is recorded).
+    eager's path (calls run under ``no_grad``: nothing is recorded). A weight with a decoder is
+    viewed as the flat run of stored elements its decoder reads.
     """
     raw = buffer[offset : offset + ref.nbytes]
-    tensor = raw.view(ref.dtype).view(ref.shape)
+    tensor = raw.view(ref.dtype)
+    if ref.decoder is not None:
+        return tensor
+    tensor = tensor.view(ref.shape)
     if not (ref.requires_grad and (tensor.is_floating_point() or tensor.is_complex())):
         return tensor
     # Copies must fill ``buffer``, not this view: an in-place write to it raises outside no_grad.
@@ -100,6 +104,7 @@ class Engine(ABC):
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
         self._upcast: torch.Tensor | None = None
         self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+        self._decoders = tuple(refs[c.name].decoder for c in plan.casts)
         self._pending: dict[int, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -192,9 +197,14 @@ class Engine(ABC):
         return self.store[name]
 
     def cast(self, index: int, stored: torch.Tensor) -> torch.Tensor:
-        """``plan.casts[index]``: ``stored`` converted into its slot of the upcast region."""
+        """``plan.casts[index]``: ``stored`` converted — or decoded, for a weight with a decoder —
+        into its slot of the upcast region."""
         written, read = self._cast_views[index]
-        self._convert(stored, written)
+        decoder = self._decoders[index]
+        if decoder is not None:
+            decoder.decode_into(stored, written)
+        else:
+            self._convert(stored, written)
         return read
 
     # -- device specifics ------------------------------------------------------------------
