@@ -221,8 +221,9 @@ def _flux_block(key: str, shape: tuple[int, ...], kind: str, index: str, part: s
     else:
         prefix = f"single_transformer_blocks.{index}."
         if part == "linear1":
-            # q, k, v of the hidden size (the layer's input width), then the MLP's input projection.
-            hidden = shapes[f"{kind}.{index}.linear1.weight"][1]
+            # q, k, v of the hidden size (linear2's output width), then the MLP's input projection.
+            linear2 = shapes.get(f"{kind}.{index}.linear2.weight")
+            hidden = linear2[0] if linear2 else shapes[f"{kind}.{index}.linear1.weight"][1]
             names = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
             sizes = [hidden, hidden, hidden, shape[0] - 3 * hidden]
             return _split(key, shape, [(prefix + n + "." + suffix, s) for n, s in zip(names, sizes)])
