@@ -28,7 +28,7 @@ from vramfx.storage.views import View, ViewSource, stored_view
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GGUFMap", "GGUFTensor"]
+__all__ = ["GGUFMap", "GGUFTensor", "open_gguf_file"]
 
 #: Plain GGML types beyond the float ones :mod:`vramfx.quant.ggml` decodes: stored as is.
 _INTEGER_TYPES = {24: torch.int8, 25: torch.int16, 26: torch.int32, 27: torch.int64, 28: torch.float64}
@@ -119,6 +119,18 @@ class _GGUFFile(DiskMap):
                 f"(it decodes {supported}, F32, F16 and BF16). Requantize the file to one of those."
             )
         return BlockDecoder(self.shape_of(name), block=block)
+
+
+def open_gguf_file(path: str | os.PathLike[str]) -> _GGUFFile:
+    """A GGUF file's tensors by stored name, as raw bytes, with its header (for ``vramfx inspect``).
+
+    Examples
+    --------
+    >>> with open_gguf_file("flux1-dev-Q4_K_S.gguf") as f:  # doctest: +SKIP
+    ...     print(f.tensors["double_blocks.0.img_attn.qkv.weight"].type_name)
+    Q4_K
+    """
+    return _GGUFFile(path)
 
 
 class GGUFMap(ViewSource):
