@@ -132,8 +132,9 @@ def resolve_weights(
         stored in the graph's dtype. When given, a floating-point weight whose source holds
         another dtype is read as it is if that dtype converts exactly into the storage dtype (an
         fp8 file for bf16 storage), else converted once, into host memory. Without it, the
-        source must hold the graph's dtype — except that a source with
-        ``casts_plain_tensors`` (GGUF, scaled fp8) may hold any floating dtype, cast where read.
+        source must hold the graph's dtype. A source with ``casts_plain_tensors`` (GGUF, scaled
+        fp8) is exempt from both rules: its floating tensors are held as it stores them and cast
+        where they are read.
 
     A weight the source decodes (``source.decoder(key)``: GGUF blocks, scaled fp8) is held as
     stored, whatever ``storage`` says, and its decoder must give the model's shape; the graph
@@ -221,16 +222,19 @@ def _held_dtype(
 ) -> torch.dtype | None:
     """The dtype a weight's bytes are held in, or ``None`` if its source cannot provide it.
 
-    ``cast``: the source's plain floating tensors may be held as stored and cast where they are
-    read, whatever their dtype (GGUF and scaled-fp8 files, whose loaders do so).
+    ``cast``: the source's floating tensors are held as the file stores them and cast where they
+    are read, whatever the storage policy (GGUF and scaled-fp8 files, whose loaders do so; no
+    converted copy in host memory, which on CPU would sit outside the budget).
     """
     wanted = storage.get(spec.name, spec.dtype) if storage is not None else spec.dtype
     if stored == wanted:
         return stored
     if not (stored.is_floating_point and wanted.is_floating_point):
         return None
+    if cast:
+        return stored
     if storage is None:
-        return stored if cast else None
+        return None
     return stored if exactly_widens(stored, wanted) else wanted
 
 
