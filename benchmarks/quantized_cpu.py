@@ -13,7 +13,8 @@ each call reads are counted at the file reader. Q8_0 blocks are the gguf package
 of the weights; the gguf package has no k-quant quantizer, so Q4_K blocks are drawn at random
 (outputs then differ from bf16's; timing and bytes do not depend on the values).
 
-    python benchmarks/quantized_cpu.py [--layers 12] [--calls 5] [--budget-fraction 0.25] [--smoke]
+    python benchmarks/quantized_cpu.py [--layers 12] [--calls 5] [--budget-fraction 0.25] [--threads N]
+                                       [--decode-only] [--smoke]
 """
 
 from __future__ import annotations
@@ -154,11 +155,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--budget-fraction", type=float, default=0.25)
     parser.add_argument("--side", type=int, default=4096, help="decode benchmark: one side x side weight per type")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode table")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one call: checks the script runs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.smoke:
         args.layers, args.vocab, args.seq, args.calls, args.side = 2, 256, 8, 1, 256
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     speeds = decode_speeds(args.side, repeats=1 if args.smoke else 3)
     print(f"decode into bfloat16, one {args.side} x {args.side} weight per type (torch {torch.__version__}, "
@@ -169,6 +174,10 @@ def main() -> None:
               f"{r['values'] / r['seconds'] / 1e6:10.0f} {r['stored_bytes'] / r['seconds'] / 1e9:12.2f} "
               f"{r['reference_seconds'] * 1e3:14.1f}")
 
+    if args.decode_only:
+        if args.json:
+            args.json.write_text(json.dumps({"decode": speeds}, indent=2))
+        return
     rows, setting = compare_storage(args)
     base = next(r["seconds"] for r in rows if r["variant"] == "bf16 storage")
     print()
