@@ -34,7 +34,7 @@ def view_bytes(buffer: torch.Tensor, offset: int, ref: WeightRef) -> torch.Tenso
     """
     raw = buffer[offset : offset + ref.nbytes]
     tensor = raw.view(ref.dtype)
-    if ref.decoder is not None:
+    if getattr(ref, "decoder", None) is not None:
         return tensor
     tensor = tensor.view(ref.shape)
     if not (ref.requires_grad and (tensor.is_floating_point() or tensor.is_complex())):
