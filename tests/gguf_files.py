@@ -127,7 +127,7 @@ def llama_gguf(model: torch.nn.Module, path: Path, linear: str) -> dict[str, tor
     return out
 
 
-def _flux_layout(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str], bool]]:
+def flux_layout(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str], bool]]:
     """BFL's layout of a diffusers Flux state dict: (BFL name, the diffusers tensors stacked in
     it, whether its two halves are swapped)."""
     glob = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -169,7 +169,7 @@ def flux_gguf(model: torch.nn.Module, path: Path, linear: str) -> dict[str, torc
     """A diffusers Flux written in BFL's layout, as community Flux GGUFs are; returns the model's
     state dict holding the reference dequantized values."""
     state = {k: v.float() for k, v in model.state_dict().items()}
-    layout = _flux_layout(state)
+    layout = flux_layout(state)
     assert sorted(n for _, parts, _ in layout for n in parts) == sorted(state), "the test's layout misses a tensor"
     tensors = {}
     for stored, parts, swapped in layout:

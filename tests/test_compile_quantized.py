@@ -166,20 +166,20 @@ def _scaled_fp8(state, *, current: bool):
 
 
 def test_flux_from_a_comfyui_scaled_fp8_file_in_bfl_layout_equals_eager(tmp_path):
-    from gguf_files import _flux_layout
+    from gguf_files import flux_layout
 
     torch.manual_seed(0)
     model = tiny_flux()
     state = model.state_dict()
     bfl = {}
-    for stored_name, parts, swapped in _flux_layout(state):
+    for stored_name, parts, swapped in flux_layout(state):
         value = torch.cat([state[p] for p in parts])
         bfl[stored_name] = torch.cat(value.chunk(2)[::-1]) if swapped else value
     stored, values = _scaled_fp8(bfl, current=False)
     safetensors.torch.save_file({f"model.diffusion_model.{k}": v for k, v in stored.items()},
                                 tmp_path / "flux_fp8_scaled.safetensors")
     reference = {}
-    for stored_name, parts, swapped in _flux_layout(state):
+    for stored_name, parts, swapped in flux_layout(state):
         value = values[stored_name]
         value = torch.cat(value.chunk(2)[::-1]) if swapped else value
         reference.update(zip(parts, value.split([state[p].shape[0] for p in parts])))

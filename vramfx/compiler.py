@@ -82,7 +82,11 @@ def compile(
         ``"8GiB"``, ``"512MB"``, or ``"90%"`` of the device's free memory.
     weights:
         Where meta parameters come from, by state-dict name: a :class:`vramfx.DiskMap`, a path
-        (file, folder, shard list or ``*.index.json``) that becomes one, or a Mapping of tensors.
+        (file, folder, shard list or ``*.index.json``) that becomes one, a
+        :class:`vramfx.GGUFMap` or a ``.gguf`` path, or a Mapping of tensors. A scaled-fp8
+        checkpoint (names with ``*.scale_weight``/``*.weight_scale``) is read with its scales.
+        GGUF and scaled-fp8 weights move and stay resident as stored and are decoded by the
+        plan's cast steps (``docs/quantized.md``); ``storage_dtype`` does not apply to them.
     device:
         The compute device; CUDA when available, else CPU.
     example_args, example_kwargs:

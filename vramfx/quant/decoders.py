@@ -127,11 +127,7 @@ class Decoder(ABC):
         out:
             A contiguous floating-point tensor of ``shape`` on the same device.
         """
-        if stored.dtype != self.stored_dtype or stored.numel() * stored.element_size() != self.nbytes:
-            raise WeightsError(
-                f"cannot decode {self.format}: got {tuple(stored.shape)} {dtype_name(stored.dtype)}, expected "
-                f"{self.nbytes} bytes of {dtype_name(self.stored_dtype)}"
-            )
+        self._check(stored)
         rows = out.shape[0] if out.dim() else 1
         row_numel = self.numel // max(rows, 1)
         flat = out.view(-1)
@@ -148,6 +144,14 @@ class Decoder(ABC):
             last = min(first + per_chunk, rows)
             values = self._decode(stored, first * row_numel, last * row_numel).view(last - first, row_numel)
             matrix.index_copy_(0, destinations[first:last], values.to(out.dtype))
+
+    def _check(self, stored: torch.Tensor) -> None:
+        """Raise unless ``stored`` is this weight's run of stored elements."""
+        if stored.dtype != self.stored_dtype or stored.numel() * stored.element_size() != self.nbytes:
+            raise WeightsError(
+                f"cannot decode {self.format}: got {tuple(stored.shape)} {dtype_name(stored.dtype)}, expected "
+                f"{self.nbytes} bytes of {dtype_name(self.stored_dtype)}"
+            )
 
     @abstractmethod
     def _decode(self, stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -299,9 +303,8 @@ class ScaledDecoder(Decoder):
         if self.row_order is not None:
             super().decode_into(stored, out)
             return
-        if stored.dtype != self.dtype or stored.numel() != self.numel:
-            super().decode_into(stored, out)  # raises, naming what was passed
-        # In place, piece by piece in out's dtype: no float32 copy of the weight.
+        self._check(stored)
+        # In place, in out's dtype: no float32 copy of the weight.
         out.view(-1).copy_(stored)
         if self.scale is not None:
             # A CPU float32 scalar: the product is computed in float32 and rounded once.

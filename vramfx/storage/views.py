@@ -12,7 +12,6 @@ as it streams a DiskMap's tensors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -207,8 +206,3 @@ class ViewSource(Mapping[str, torch.Tensor]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def element_count(info: TensorInfo) -> int:
-    """The number of stored elements ``info`` describes."""
-    return math.prod(info.shape)
