@@ -14,7 +14,6 @@ super-block of the k-quants.
 from __future__ import annotations
 
 from collections.abc import Callable
-import functools
 from dataclasses import dataclass
 from functools import partial
 
@@ -62,10 +61,13 @@ def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[:, at : at + 2].view(torch.float16).float()
 
 
-@functools.lru_cache(maxsize=64)
-def _shifts(values: tuple[int, ...], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Shift amounts, shaped to broadcast; made once per device (never written to)."""
-    return torch.tensor(values, dtype=torch.uint8, device=device).view(shape)
+def _fields(packed: torch.Tensor, shifts: tuple[int, ...], mask: int, dim: int) -> torch.Tensor:
+    """The bit fields ``(packed >> s) & mask`` for each shift, stacked along a new ``dim``.
+
+    One op per shift with a scalar operand: broadcasting a tensor of shifts is several times
+    slower on CPU (measured 1.0 ms against 0.07 per million values).
+    """
+    return torch.stack([(packed >> s if s else packed) & mask for s in shifts], dim=dim)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -75,8 +77,7 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def _bits(packed: torch.Tensor) -> torch.Tensor:
     """Bytes ``(n, m)`` → their bits ``(n, 8m)``, least significant first within each byte."""
-    n = packed.shape[0]
-    return ((packed.unsqueeze(-1) >> _shifts(tuple(range(8)), (1, 1, 8), packed.device)) & 1).view(n, -1)
+    return _fields(packed, tuple(range(8)), 1, dim=-1).view(packed.shape[0], -1)
 
 
 def _plain(dtype: torch.dtype, blocks: torch.Tensor) -> torch.Tensor:
@@ -113,19 +114,19 @@ def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     scales = blocks[:, :16]
     scale = (scales & 0x0F).float().mul_(_half(blocks, 80)).view(n, 16, 1)
     offset = (scales >> 4).float().mul_(_half(blocks, 82)).view(n, 16, 1)
-    codes = (blocks[:, 16:80].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), (1, 1, 4, 1), blocks.device)) & 3
+    codes = _fields(blocks[:, 16:80].reshape(n, 2, 32), (0, 2, 4, 6), 3, dim=2)
     return codes.view(n, 16, 16).float().mul_(scale).sub_(offset).view(n, QK_K)
 
 
 def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     packed = blocks[:, 96:108]
-    low = (packed[:, :8].reshape(n, 1, 8) >> _shifts((0, 4), (1, 2, 1), blocks.device)).reshape(n, 16)
-    high = (packed[:, 8:].reshape(n, 1, 4) >> _shifts((0, 2, 4, 6), (1, 4, 1), blocks.device)).reshape(n, 16)
-    sub_scales = ((low & 0x0F) | ((high & 0x03) << 4)).to(torch.int8).sub_(32).float()
+    low = _fields(packed[:, :8], (0, 4), 0x0F, dim=1).view(n, 16)
+    high = _fields(packed[:, 8:], (0, 2, 4, 6), 0x03, dim=1).view(n, 16)
+    sub_scales = (low | (high << 4)).to(torch.int8).sub_(32).float()
     scale = sub_scales.mul_(_half(blocks, 108)).view(n, 16, 1)
-    codes = (blocks[:, 32:96].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), (1, 1, 4, 1), blocks.device)) & 3
-    high_bits = (blocks[:, :32].reshape(n, 1, 1, 32) >> _shifts(tuple(range(8)), (1, 1, 8, 1), blocks.device)) & 1
+    codes = _fields(blocks[:, 32:96].reshape(n, 2, 32), (0, 2, 4, 6), 3, dim=2)
+    high_bits = _fields(blocks[:, :32], tuple(range(8)), 1, dim=1)
     # A clear high bit subtracts 4: the codes are 3-bit signed, stored with an inverted top bit.
     signed = codes.view(n, 16, 16).to(torch.int8) - ((high_bits.view(n, 16, 16) ^ 1) << 2).to(torch.int8)
     return signed.float().mul_(scale).view(n, QK_K)
@@ -152,22 +153,22 @@ def _k_affine(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    codes = (blocks[:, 16:].reshape(n, 4, 1, 32) >> _shifts((0, 4), (1, 1, 2, 1), blocks.device)) & 0x0F
+    codes = _fields(blocks[:, 16:].reshape(n, 4, 32), (0, 4), 0x0F, dim=2)
     return _k_affine(blocks, codes.view(n, 8, 32))
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    low = (blocks[:, 48:].reshape(n, 4, 1, 32) >> _shifts((0, 4), (1, 1, 2, 1), blocks.device)) & 0x0F
-    high = (blocks[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(tuple(range(8)), (1, 1, 8, 1), blocks.device)) & 1
+    low = _fields(blocks[:, 48:].reshape(n, 4, 32), (0, 4), 0x0F, dim=2)
+    high = _fields(blocks[:, 16:48], tuple(range(8)), 1, dim=1)
     return _k_affine(blocks, low.view(n, 8, 32) | (high.view(n, 8, 32) << 4))
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     scale = blocks[:, 192:208].contiguous().view(torch.int8).float().mul_(_half(blocks, 208)).view(n, 16, 1)
-    low = (blocks[:, :128].reshape(n, 2, 1, 64) >> _shifts((0, 4), (1, 1, 2, 1), blocks.device)) & 0x0F
-    high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), (1, 1, 4, 1), blocks.device)) & 0x03
+    low = _fields(blocks[:, :128].reshape(n, 2, 64), (0, 4), 0x0F, dim=2)
+    high = _fields(blocks[:, 128:192].reshape(n, 2, 32), (0, 2, 4, 6), 0x03, dim=2)
     codes = (low.view(n, 8, 32) | (high.view(n, 8, 32) << 4)).to(torch.int8).sub_(32)
     return codes.view(n, 16, 16).float().mul_(scale).view(n, QK_K)
 
