@@ -97,3 +97,10 @@ def test_misuse_is_refused():
         BlockDecoder((4, 128), block=FORMATS["Q4_K"]).rows(1, 2)
     with pytest.raises(ValueError, match="unknown order"):
         RowOrder("sideways")
+
+
+def test_a_row_order_that_does_not_fit_is_refused_when_the_file_is_opened():
+    with pytest.raises(WeightsError, match="a row is not a whole number of 256-value blocks"):
+        BlockDecoder((4, 128), block=FORMATS["Q4_K"]).reordered(RowOrder("swap_halves"))
+    with pytest.raises(WeightsError, match="do not split into 3 heads"):
+        BlockDecoder((8, 256), block=FORMATS["Q4_K"]).reordered(RowOrder("rope_halves", heads=3))

@@ -170,11 +170,6 @@ class Decoder(ABC):
         key = str(device)
         with self._lock:
             if key not in self._rows_on:
-                if self._unit() > 1 and (self.numel // rows) % self._unit():
-                    raise WeightsError(
-                        f"cannot reorder the rows of a {self.format} weight of shape {self.shape}: a row is "
-                        f"not a whole number of {self._unit()}-value blocks"
-                    )
                 self._rows_on[key] = self.row_order.destinations(rows).to(device)
             return self._rows_on[key]
 
@@ -200,9 +195,23 @@ class Decoder(ABC):
         return self._byte(first), replace(self, shape=(stop - start, *self.shape[1:]))
 
     def reordered(self, order: RowOrder) -> "Decoder":
-        """The same weight with its rows put in ``order`` while decoding."""
+        """The same weight with its rows put in ``order`` while decoding.
+
+        Raises
+        ------
+        WeightsError
+            If the rows are already reordered, a row is not whole blocks, or the order does not
+            fit the number of rows.
+        """
         if self.row_order is not None:
             raise WeightsError(f"a {self.format} weight's rows are already reordered ({self.row_order.kind})")
+        rows = self.shape[0] if self.shape else 1
+        if (self.numel // rows) % self._unit():
+            raise WeightsError(
+                f"cannot reorder the rows of a {self.format} weight of shape {self.shape}: a row is not a whole "
+                f"number of {self._unit()}-value blocks"
+            )
+        order.destinations(rows)  # raises now, at load, if the order does not fit
         return replace(self, row_order=order)
 
     @abstractmethod
