@@ -77,10 +77,13 @@ def write_gguf(
         writer.add_uint32(key, value)
     reference = {}
     for name, (values, qtype) in tensors.items():
+        if values.ndim > 4:  # GGUF holds 4 dimensions: flattened, the shape recorded as ComfyUI-GGUF does
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(values.shape))
+            values = values.reshape(values.shape[0], -1)
         stored = quantize(values, qtype, rng)
         raw = None if qtype in ("F32", "F16") else gguf.GGMLQuantizationType[qtype]
         writer.add_tensor(name, stored, raw_dtype=raw)
-        reference[name] = dequantize(stored, qtype).reshape(values.shape)
+        reference[name] = dequantize(stored, qtype).reshape(tensors[name][0].shape)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

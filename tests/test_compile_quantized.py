@@ -228,6 +228,38 @@ def test_wan_from_a_scaled_fp8_file_in_wan_layout_current_convention(tmp_path):
     assert "float8_e4m3fn*scale" in {w.format for w in fast.plan.weights}
 
 
+def test_wan_from_a_wan_layout_gguf_with_a_flattened_patch_embedding(tmp_path):
+    """Wan's own names in a Q8_0 GGUF, the 5-D patch embedding flattened with its shape recorded
+    (``comfy.gguf.orig_shape``), as ComfyUI-GGUF's converter writes it."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from gguf_files import qtype_for, write_gguf
+    from test_layouts import _wan_original_shapes
+    from tiny_models import ARCHS, build_empty
+
+    torch.manual_seed(0)
+    arch = ARCHS["wan"]
+    model = arch.build().eval()
+    state = model.state_dict()
+    names = {key: next(iter(convert_wan_transformer_to_diffusers({key: torch.zeros(1)})))
+             for key in _wan_original_shapes()}
+    tensors = {}
+    for key, name in names.items():
+        values = state[name].float().numpy()
+        tensors[key] = (values, qtype_for(key, values.shape, "Q8_0") if values.ndim <= 2 else "F16")
+    reference = write_gguf(tmp_path / "wan.gguf", tensors, arch="wan")
+    model.load_state_dict({names[k]: v for k, v in reference.items()})
+    inputs = arch.inputs()
+    with torch.no_grad():
+        expected = model(**inputs)
+
+    weights = vramfx.GGUFMap(tmp_path / "wan.gguf")
+    assert weights["patch_embedding.weight"].shape == (32, 4, 1, 2, 2)
+    empty = build_empty(arch)
+    fast = vramfx.compile(empty, budget=minimum_budget(empty, weights, inputs) + 2**16, weights=weights, device="cpu")
+    assert_same_output(expected, fast(**inputs))
+    assert "Q8_0" in {w.format for w in fast.plan.weights}
+
+
 def test_gguf_budget_is_kept_measured_as_rss_anon(tmp_path):
     """A Llama of 4 layers at width 512 in Q4_K streams under a budget a third of its weights,
     its decode buffers and workspace inside the plan, measured as RssAnon over calls."""
