@@ -104,7 +104,7 @@ class Engine(ABC):
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
         self._upcast: torch.Tensor | None = None
         self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
-        self._decoders = tuple(refs[c.name].decoder for c in plan.casts)
+        self._cast_refs = tuple(refs[c.name] for c in plan.casts)
         self._pending: dict[int, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -200,11 +200,7 @@ class Engine(ABC):
         """``plan.casts[index]``: ``stored`` converted — or decoded, for a weight with a decoder —
         into its slot of the upcast region."""
         written, read = self._cast_views[index]
-        decoder = self._decoders[index]
-        if decoder is not None:
-            decoder.decode_into(stored, written)
-        else:
-            self._convert(stored, written)
+        self._cast_refs[index].convert_into(stored, written)
         return read
 
     # -- device specifics ------------------------------------------------------------------
@@ -223,10 +219,6 @@ class Engine(ABC):
     @abstractmethod
     def _finish(self, handle: Any) -> None:
         """Block the compute side until the copy behind ``handle`` is usable; re-raise its error."""
-
-    def _convert(self, stored: torch.Tensor, out: torch.Tensor) -> None:
-        """Write ``stored`` into ``out`` in ``out``'s dtype, exactly as ``stored.to(out.dtype)``."""
-        out.copy_(stored)
 
     def _release(self, handle: Any) -> None:
         """The compute side is done with the slots behind ``handle``."""
