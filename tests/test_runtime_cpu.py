@@ -17,7 +17,8 @@ from vramfx.plan.liveness import build_liveness
 from vramfx.plan.schedule import minimum_budget, schedule
 from vramfx.runtime.cpu import CpuEngine
 from vramfx.runtime.engine import ResidentStore, view_bytes
-from vramfx.weights import WeightRef, resolve_weights
+from vramfx.storage.ref import WeightRef
+from vramfx.weights import resolve_weights
 
 
 def engine_for(captured, plan, source=None, **kwargs):

@@ -17,6 +17,8 @@ from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan
 from vramfx.storage import DiskMap, load_state_dict
 from vramfx.conversion import convert
+from vramfx.storage.gguf import GGUFMap
+from vramfx.storage.scaled_fp8 import ScaledFP8Map
 
 if TYPE_CHECKING:
     from vramfx.compiled import CompiledModule
@@ -30,7 +32,9 @@ __all__ = [
     "CompiledModule",
     "CostModel",
     "DiskMap",
+    "GGUFMap",
     "Plan",
+    "ScaledFP8Map",
     "VramfxError",
     "WeightsError",
     "compile",

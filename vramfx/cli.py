@@ -4,7 +4,8 @@
 with meta parameters), captures it, and plans it under the budget with the stages
 ``vramfx.compile`` uses — capture → liveness → schedule — then shows the plan as a table, JSON,
 a Chrome trace or a PNG. Nothing is run and no weights are read (``--weights`` reads headers
-only). ``vramfx inspect PATH`` summarises a safetensors checkpoint from its headers.
+only, and a scaled-fp8 file's scales). ``vramfx inspect PATH`` summarises a safetensors or GGUF
+checkpoint from its headers.
 
 Exit status: 0 on success, 2 when the budget is below the minimum (the message states the
 minimum), 1 for any other error. Errors are one line on stderr; ``--debug`` adds the traceback.
@@ -21,9 +22,10 @@ import os
 import re
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +33,7 @@ from vramfx.budget import parse_budget
 from vramfx.errors import BudgetError, VramfxError
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan
-from vramfx.plan.types import Liveness
+from vramfx.plan.types import Liveness, StoredFormat
 from vramfx.precision import Precision, precision_from_arguments, storage_dtypes
 from vramfx.report.checkpoint import format_checkpoint, summarize_checkpoint
 from vramfx.report.layers import layer_labels, module_paths
@@ -42,8 +44,9 @@ from vramfx.report.trace import chrome_trace
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.storage.converted import ConvertedSource
 from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.formats import open_weights
 from vramfx.util import dtype_name, format_bytes, format_seconds
-from vramfx.weights import WeightRef, resolve_weights
+from vramfx.weights import WeightRef, resolve_weights, stored_formats
 from vramfx.workload import load_workload
 
 if TYPE_CHECKING:
@@ -87,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--budget", required=True, help='device bytes: "8GB", "8GiB", "512MB", a number, or "90%%"')
     plan.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu); planning needs no GPU")
     plan.add_argument("--weights", metavar="PATH",
-                      help="a safetensors file, folder or index: check its names, shapes and dtypes match the model")
+                      help="a safetensors file, folder or index, or a .gguf file: check its names, shapes and "
+                           "dtypes match the model, and plan with the bytes it stores (quantized, scaled fp8)")
     plan.add_argument("--calls", type=int, help=f"calls to optimise for (default {DEFAULT_CALLS})")
     plan.add_argument("--link-bandwidth", metavar="RATE", help='weight transfer bandwidth, e.g. "25GB/s" '
                       "(default: the device's)")
@@ -106,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         parents=[common],
-        help="summarise a safetensors checkpoint from its headers",
-        description="List a safetensors file, folder or index: tensors, dtypes, bytes, shards, "
-                    "largest tensors. Reads no tensor data.",
+        help="summarise a safetensors or GGUF checkpoint from its headers",
+        description="List a safetensors file, folder or index, or a .gguf file: tensors, stored types (dtypes, "
+                    "GGUF quant types, scaled fp8) and their bytes, shards, layers, largest tensors. Reads no "
+                    "tensor data.",
     )
     inspect.add_argument("path", metavar="FILE_OR_DIR")
     inspect.add_argument("--format", choices=("table", "json"), default="table")
@@ -190,15 +195,17 @@ def run_plan(args: argparse.Namespace) -> int:
         captured = capture(workload.model, workload.args, workload.kwargs, device=device,
                            dtype=precision.compute_dtype if precision else None)
     stored = storage_dtypes(workload.model, captured.weights, precision) if precision else None
+    formats = None
     weights_note = "sizes and dtypes from the model (no weights read)"
     source_link = link_bytes_per_s(device, None)  # weights in host memory, as compile assumes without a DiskMap
     if args.weights:
-        with progress.stage("checking weights"), DiskMap(args.weights) as source:
-            weights_note, stored = _check_weights(workload.model, captured, source, args.weights, stored)
+        with progress.stage("checking weights"), open_weights(args.weights) as source:
+            weights_note, stored, formats = _check_weights(workload.model, captured, source, args.weights, stored,
+                                                           device)
             source_link = link_bytes_per_s(device, source)
     cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
     with progress.stage("planning"):
-        liveness = build_liveness(captured, device=device, storage_dtypes=stored)
+        liveness = build_liveness(captured, device=device, storage_dtypes=stored, stored_formats=formats)
         plan = schedule(liveness, budget_bytes, cost_model=cost_model, calls=calls,
                         alignment=alignment, margin_bytes=margin_bytes)
     labels = layer_labels(module_paths(captured, liveness))
@@ -351,14 +358,17 @@ def _check_output(output: str | None) -> None:
 def _check_weights(
     model: torch.nn.Module,
     captured: Captured,
-    source: DiskMap,
+    source: Any,
     path: str,
-    storage: dict[str, torch.dtype] | None = None,
-) -> tuple[str, dict[str, torch.dtype] | None]:
+    storage: dict[str, torch.dtype] | None,
+    device: torch.device,
+) -> tuple[str, dict[str, torch.dtype], dict[str, StoredFormat]]:
     """Check every graph weight is in ``source`` with the model's shape and dtype (or one it can be
-    stored in); a line on what matched, and the dtype each weight is stored in."""
+    stored in); a line on what matched, the dtype each weight is held in, and how the decoded
+    ones (GGUF, scaled fp8) are stored."""
     refs = resolve_weights(captured.weights, source, renamed=checkpoint_key_map(model, source), storage=storage)
     converted = [ref for ref in refs.values() if isinstance(ref.source, ConvertedSource)]
+    formats = stored_formats(refs, device)
     from_file = [ref for ref in refs.values() if _origin(ref) is source]
     unused = len(source) - len({ref.key for ref in from_file})
     nbytes = sum(ref.nbytes for ref in from_file)
@@ -367,10 +377,19 @@ def _check_weights(
         f"{path}: all {len(refs)} graph weights match in name, shape and dtype "
         f"({len(from_file)} from the file, {format_bytes(nbytes)}"
         f"{f'; {len(converted)} converted to their storage dtype' if converted else ''}"
+        f"{_decoded_note(formats)}"
         f"{f'; {from_model} held by the model' if from_model else ''}"
         f"{f'; {unused} stored tensor{_s(unused)} unused' if unused else ''})"
     )
-    return note, ({name: ref.dtype for name, ref in refs.items()} if storage is not None else None)
+    return note, {name: ref.dtype for name, ref in refs.items()}, formats
+
+
+def _decoded_note(formats: dict[str, StoredFormat]) -> str:
+    """``; 140 decoded (Q4_K 112, F16 28)``: the weights whose stored bytes are decoded, by format."""
+    if not formats:
+        return ""
+    counts = Counter(f.format for f in formats.values())
+    return f"; {len(formats)} decoded ({', '.join(f'{name} {n}' for name, n in counts.most_common())})"
 
 
 def _origin(ref: WeightRef) -> object:

@@ -25,7 +25,7 @@ from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore
 from vramfx.util import ALIGNMENT
-from vramfx.weights import as_source, resolve_weights
+from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,11 @@ def compile(
         ``"8GiB"``, ``"512MB"``, or ``"90%"`` of the device's free memory.
     weights:
         Where meta parameters come from, by state-dict name: a :class:`vramfx.DiskMap`, a path
-        (file, folder, shard list or ``*.index.json``) that becomes one, or a Mapping of tensors.
+        (file, folder, shard list or ``*.index.json``) that becomes one, a
+        :class:`vramfx.GGUFMap` or a ``.gguf`` path, or a Mapping of tensors. A scaled-fp8
+        checkpoint (names with ``*.scale_weight``/``*.weight_scale``) is read with its scales.
+        GGUF and scaled-fp8 weights move and stay resident as stored and are decoded by the
+        plan's cast steps (``docs/quantized.md``); ``storage_dtype`` does not apply to them.
     device:
         The compute device; CUDA when available, else CPU.
     example_args, example_kwargs:
@@ -208,7 +212,9 @@ def build_graph(
     storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
     refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
     stored = {name: ref.dtype for name, ref in refs.items()}
-    liveness = build_liveness(captured, device=options.device, storage_dtypes=stored)
+    liveness = build_liveness(
+        captured, device=options.device, storage_dtypes=stored, stored_formats=stored_formats(refs, options.device)
+    )
     plan = schedule(
         liveness,
         options.budget_bytes,
@@ -245,10 +251,8 @@ def link_bytes_per_s(device: torch.device, source: Any) -> float | None:
     default (CPU: the reader's copy from the page cache)."""
     if device.type != "cuda":
         return None
-    from vramfx.storage.diskmap import DiskMap
-
     pcie = CUDA_LINK_BYTES_PER_S["host"]
-    return min(pcie, CUDA_LINK_BYTES_PER_S["disk"]) if isinstance(source, DiskMap) else pcie
+    return min(pcie, CUDA_LINK_BYTES_PER_S["disk"]) if is_disk_source(source) else pcie
 
 
 def _resolve_device(device: torch.device | str | None) -> torch.device:

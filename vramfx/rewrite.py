@@ -5,7 +5,8 @@ read from it once at the top, and every streamed weight use reads the output of 
 the transfer that covers that use. ``fetch``/``wait``/``drop`` become ordinary ``call_function``
 nodes at their planned positions, so the schedule is visible in the graph and in its code. A
 weight stored in a low dtype is read through a ``cast`` node at the start of each span of its uses,
-right after the ``wait`` (or the ``resident`` read) that brings its stored bytes.
+right after the ``wait`` (or the ``resident`` read) that brings its stored bytes; for a weight
+whose stored bytes are decoded (GGUF blocks, scaled fp8), that ``cast`` decodes them.
 """
 
 from __future__ import annotations
@@ -130,9 +131,12 @@ def _provider(providers: list[tuple[int, int, torch.fx.Node]], name: str, pos: i
 
 
 def _stored_val(placeholder: torch.fx.Node, weight: PlannedWeight) -> object:
-    """The placeholder's ``val`` as the runtime provides it: in the weight's storage dtype."""
+    """The placeholder's ``val`` as the runtime provides it: in the weight's storage dtype, or
+    the flat run of stored bytes a decoded weight moves as."""
     val = placeholder.meta.get("val")
     if weight.compute_dtype is None or not isinstance(val, torch.Tensor):
         return val
     dtype = getattr(torch, weight.dtype)
+    if weight.format is not None:
+        return torch.empty(weight.nbytes // dtype.itemsize, dtype=dtype, device="meta")
     return torch.empty_strided(val.shape, val.stride(), dtype=dtype, device="meta")

@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from vramfx.errors import WeightsError
+from vramfx.plan.types import StoredFormat
 from vramfx.precision import exactly_widens
+from vramfx.quant.decoders import Decoder
 from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.formats import interpret, open_weights
 from vramfx.storage.host import HostSource
-from vramfx.storage.ref import WeightRef
+from vramfx.storage.ref import WeightRef, is_disk_source
 from vramfx.storage.source import WeightSource
 from vramfx.util import dtype_name
 
@@ -31,18 +34,25 @@ log = logging.getLogger(__name__)
 _LISTED = 10
 
 
+def decoder_of(source: object, key: str) -> Decoder | None:
+    """How ``source``'s stored bytes of ``key`` become values; ``None`` for plain tensors."""
+    decoder = getattr(source, "decoder", None)
+    return decoder(key) if callable(decoder) else None
+
+
 def as_source(weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence | None) -> WeightSource | None:
-    """Turn what a user may pass as ``weights`` into a WeightSource (a path becomes a DiskMap)."""
+    """Turn what a user may pass as ``weights`` into a WeightSource: a path becomes a DiskMap or a
+    GGUFMap; a scaled-fp8 checkpoint (by its names) is read with its scales."""
     if weights is None:
         return None
     if isinstance(weights, (str, os.PathLike)) or (
         isinstance(weights, (list, tuple)) and all(isinstance(w, (str, os.PathLike)) for w in weights)
     ):
-        return DiskMap(weights)
+        return open_weights(weights)
     if hasattr(weights, "read_into") and hasattr(weights, "info"):
-        return weights  # type: ignore[return-value]
+        return interpret(weights)  # type: ignore[return-value]
     if isinstance(weights, Mapping):
-        return _LazyHostSource(weights)
+        return interpret(_LazyHostSource(weights))
     raise ValueError(
         f"weights must be a DiskMap, a path to safetensors weights, or a Mapping of name to "
         f"tensor; got {type(weights).__name__}"
@@ -81,7 +91,13 @@ def resolve_weights(
         stored in the graph's dtype. When given, a floating-point weight whose source holds
         another dtype is read as it is if that dtype converts exactly into the storage dtype (an
         fp8 file for bf16 storage), else converted once, into host memory. Without it, the
-        source must hold the graph's dtype.
+        source must hold the graph's dtype. A source with ``casts_plain_tensors`` (GGUF, scaled
+        fp8) is exempt from both rules: its floating tensors are held as it stores them and cast
+        where they are read.
+
+    A weight the source decodes (``source.decoder(key)``: GGUF blocks, scaled fp8) is held as
+    stored, whatever ``storage`` says, and its decoder must give the model's shape; the graph
+    reads it in its own dtype.
 
     Raises
     ------
@@ -104,7 +120,20 @@ def resolve_weights(
             missing.append(spec.name)
             continue
         info = source.info(key)
-        held = _held_dtype(info.dtype, spec, storage)
+        decoder = decoder_of(source, key)
+        if decoder is not None:
+            if tuple(decoder.shape) != tuple(spec.shape) or not spec.dtype.is_floating_point:
+                mismatched.append(
+                    f"{key}: stored {tuple(decoder.shape)} {decoder.format}, model expects "
+                    f"{tuple(spec.shape)} {dtype_name(spec.dtype)}"
+                )
+                continue
+            refs[spec.name] = WeightRef(
+                spec.name, source, key, spec.shape, decoder.stored_dtype, decoder.nbytes,
+                requires_grad=spec.requires_grad, compute_dtype=spec.dtype, decoder=decoder,
+            )
+            continue
+        held = _held_dtype(info.dtype, spec, storage, cast=bool(getattr(source, "casts_plain_tensors", False)))
         if tuple(info.shape) != tuple(spec.shape) or held is None:
             mismatched.append(
                 f"{key}: stored {tuple(info.shape)} {dtype_name(info.dtype)}, model expects "
@@ -131,14 +160,39 @@ def resolve_weights(
     return refs
 
 
+def stored_formats(refs: Mapping[str, WeightRef], device: torch.device) -> dict[str, StoredFormat]:
+    """What the planner needs of every decoded weight, by name: stored format and bytes, and
+    the workspace and memory traffic of its decode on ``device``."""
+    return {
+        name: StoredFormat(
+            format=ref.decoder.format,
+            dtype=dtype_name(ref.dtype),
+            nbytes=ref.nbytes,
+            workspace_bytes=ref.decoder.workspace_bytes(device),
+            traffic_bytes=ref.decoder.traffic_bytes(),
+        )
+        for name, ref in refs.items()
+        if ref.decoder is not None
+    }
+
+
 def _held_dtype(
-    stored: torch.dtype, spec: WeightSpec, storage: Mapping[str, torch.dtype] | None
+    stored: torch.dtype, spec: WeightSpec, storage: Mapping[str, torch.dtype] | None, *, cast: bool = False
 ) -> torch.dtype | None:
-    """The dtype a weight's bytes are held in, or ``None`` if its source cannot provide it."""
+    """The dtype a weight's bytes are held in, or ``None`` if its source cannot provide it.
+
+    ``cast``: the source's floating tensors are held as the file stores them and cast where they
+    are read, whatever the storage policy (GGUF and scaled-fp8 files, whose loaders do so; no
+    converted copy in host memory, which on CPU would sit outside the budget).
+    """
     wanted = storage.get(spec.name, spec.dtype) if storage is not None else spec.dtype
     if stored == wanted:
         return stored
-    if storage is None or not (stored.is_floating_point and wanted.is_floating_point):
+    if not (stored.is_floating_point and wanted.is_floating_point):
+        return None
+    if cast:
+        return stored
+    if storage is None:
         return None
     return stored if exactly_widens(stored, wanted) else wanted
 

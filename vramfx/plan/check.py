@@ -430,11 +430,11 @@ def _check_casts(plan: Plan, liveness: Liveness) -> None:
         by_name[c.name].append((c.position, c.end, c.nbytes))
     for w in liveness.weights:
         p = planned[w.name]
-        if (p.dtype, p.compute_dtype) != (w.dtype, w.compute_dtype):
+        if (p.dtype, p.compute_dtype, p.format) != (w.dtype, w.compute_dtype, w.format):
             raise _fail(
                 invariant,
-                f"weight {w.name!r} is planned as {p.dtype} -> {p.compute_dtype}, liveness has "
-                f"{w.dtype} -> {w.compute_dtype}",
+                f"weight {w.name!r} is planned as {p.stored_as} -> {p.compute_dtype}, liveness has "
+                f"{w.format or w.dtype} -> {w.compute_dtype}",
             )
         expected = sorted((b, e, w.compute_nbytes) for b, e in w.spans) if w.compute_dtype else []
         if sorted(by_name.get(w.name, ())) != expected:

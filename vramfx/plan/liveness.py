@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from vramfx.capture import Captured
-from vramfx.plan.types import Liveness, WeightLife
+from vramfx.plan.types import Liveness, StoredFormat, WeightLife
 from vramfx.util import dtype_name
 
 aten = torch.ops.aten
@@ -88,6 +88,7 @@ def build_liveness(
     *,
     device: torch.device | str | None = None,
     storage_dtypes: Mapping[str, torch.dtype] | None = None,
+    stored_formats: Mapping[str, StoredFormat] | None = None,
 ) -> Liveness:
     """Reduce a captured graph to the planner's input.
 
@@ -103,6 +104,11 @@ def build_liveness(
         (low-precision storage). Such a weight is sized in its storage dtype, with its size in
         the graph's dtype beside it: each of its spans starts with a cast, whose bytes count as
         memory traffic of the span's first node (the schedule places the cast's buffer).
+    stored_formats:
+        Weights whose stored bytes are decoded, not only cast (GGUF blocks, scaled fp8), by
+        name; they take precedence over ``storage_dtypes``. Such a weight is sized in its stored
+        bytes, each span starts with a decode, whose traffic counts as the span's first node's,
+        and the workspace covers the largest decode's transient memory.
 
     Returns
     -------
@@ -186,20 +192,25 @@ def build_liveness(
     for name, uses in weight_uses.items():
         spec = specs[name]
         stored = (storage_dtypes or {}).get(name, spec.dtype)
+        decoded = (stored_formats or {}).get(name)
         numel = math.prod(spec.shape)
-        cast = stored != spec.dtype
+        cast = decoded is not None or stored != spec.dtype
         life = WeightLife(
             name=name,
-            nbytes=numel * stored.itemsize,
+            nbytes=decoded.nbytes if decoded else numel * stored.itemsize,
             uses=tuple(sorted(uses)),
             spans=_merge(weight_spans[name]),
             shape=spec.shape,
-            dtype=dtype_name(stored),
+            dtype=decoded.dtype if decoded else dtype_name(stored),
             compute_dtype=dtype_name(spec.dtype) if cast else None,
             compute_nbytes=numel * spec.dtype.itemsize if cast else 0,
+            format=decoded.format if decoded else None,
         )
+        traffic = decoded.traffic_bytes if decoded else life.nbytes + life.compute_nbytes
         for begin, _ in life.spans if cast else ():
-            memory[begin] += life.nbytes + life.compute_nbytes
+            memory[begin] += traffic
+        if decoded:
+            workspace = max(workspace, decoded.workspace_bytes)
         weights.append(life)
     weights.sort(key=lambda w: (w.first_use, w.name))
     return Liveness(

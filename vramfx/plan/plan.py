@@ -23,7 +23,9 @@ class PlannedWeight:
     """A weight the plan moves or keeps: its size and how the runtime views its bytes.
 
     ``dtype`` is the dtype it is stored and moved in; ``compute_dtype`` the one the graph reads
-    it in, when a cast turns one into the other (``None`` when there is no cast).
+    it in, when a cast turns one into the other (``None`` when there is no cast). ``format`` names
+    the stored format when the cast decodes (``"Q4_K"``): the weight is then moved and held as a
+    flat run of ``nbytes`` in ``dtype``.
     """
 
     name: str
@@ -31,6 +33,12 @@ class PlannedWeight:
     shape: tuple[int, ...]
     dtype: str
     compute_dtype: str | None = None
+    format: str | None = None
+
+    @property
+    def stored_as(self) -> str:
+        """The stored format, or the dtype when there is none: how plans show a weight's bytes."""
+        return self.format or self.dtype
 
 
 @dataclass(frozen=True)
@@ -227,11 +235,13 @@ class Plan:
         """The summary's line on low-precision storage; none without casts."""
         if not self.casts:
             return []
-        pairs = sorted({(w.dtype, w.compute_dtype) for w in self.weights if w.compute_dtype})
+        pairs = sorted({(w.stored_as, w.compute_dtype) for w in self.weights if w.compute_dtype})
         shown = ", ".join(f"{s} -> {c}" for s, c in pairs)
         low = sum(1 for w in self.weights if w.compute_dtype)
+        decoded = sum(1 for w in self.weights if w.format)
+        what = f"{low} weights stored low" + (f", {decoded} of them decoded" if decoded else "")
         return [
-            f"casts         {len(self.casts)} per call ({shown}) of {low} weights stored low, "
+            f"casts         {len(self.casts)} per call ({shown}) of {what}, "
             f"{format_bytes(self.cast_bytes)} written"
         ]
 
@@ -245,7 +255,7 @@ class Plan:
             for t in data["transfers"]
         )
         data["weights"] = tuple(
-            PlannedWeight(w["name"], w["nbytes"], tuple(w["shape"]), w["dtype"], w.get("compute_dtype"))
+            PlannedWeight(w["name"], w["nbytes"], tuple(w["shape"]), w["dtype"], w.get("compute_dtype"), w.get("format"))
             for w in data["weights"]
         )
         data["casts"] = tuple(Cast(**c) for c in data.get("casts", ()))

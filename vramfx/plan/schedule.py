@@ -957,7 +957,7 @@ def _to_plan(
         resident=tuple(w.name for i, w in enumerate(weights) if i in option.resident),
         transfers=tuple(transfers),
         weights=tuple(
-            PlannedWeight(w.name, w.nbytes, tuple(w.shape), w.dtype, w.compute_dtype) for w in weights
+            PlannedWeight(w.name, w.nbytes, tuple(w.shape), w.dtype, w.compute_dtype, w.format) for w in weights
         ),
         predicted=Prediction(
             seconds_per_call=timing.seconds,

@@ -39,6 +39,11 @@ class WeightLife:
         storage), that dtype and the bytes of the weight in it: each span then starts with a
         cast into a buffer of ``compute_nbytes`` that lives over the span. ``None`` and 0
         otherwise.
+    format:
+        When the stored bytes must be decoded, not only cast (GGML blocks from a GGUF file,
+        fp8 with a scale), the stored format (``"Q4_K"``, ``"float8_e4m3fn*scale"``); ``dtype``
+        is then the element dtype of the stored bytes (``"uint8"`` for blocks), moved and held
+        as a flat run of ``nbytes``, and each span's cast decodes. ``None`` otherwise.
     """
 
     name: str
@@ -49,6 +54,7 @@ class WeightLife:
     dtype: str = "float32"
     compute_dtype: str | None = None
     compute_nbytes: int = 0
+    format: str | None = None
 
     @property
     def first_use(self) -> int:
@@ -57,6 +63,31 @@ class WeightLife:
     @property
     def last_use(self) -> int:
         return self.uses[-1]
+
+
+@dataclass(frozen=True)
+class StoredFormat:
+    """How a weight is stored when its bytes must be decoded before the graph reads them.
+
+    Attributes
+    ----------
+    format:
+        The stored format's name: a GGML type (``"Q4_K"``), ``"float8_e4m3fn*scale"``.
+    dtype:
+        The element dtype of the stored bytes, as they move (``"uint8"`` for GGML blocks).
+    nbytes:
+        Stored bytes: what is moved and held resident.
+    workspace_bytes:
+        Transient memory one decode takes on the compute device beyond its output.
+    traffic_bytes:
+        Memory one decode reads and writes, for the cost model.
+    """
+
+    format: str
+    dtype: str
+    nbytes: int
+    workspace_bytes: int = 0
+    traffic_bytes: int = 0
 
 
 @dataclass(frozen=True)

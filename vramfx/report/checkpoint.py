@@ -1,4 +1,4 @@
-"""``vramfx inspect``: what a safetensors checkpoint holds, from its headers alone."""
+"""``vramfx inspect``: what a safetensors or GGUF checkpoint holds, from its headers alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from pathlib import Path
 
 from vramfx.report.layers import weight_layers
 from vramfx.storage.diskmap import DiskMap
-from vramfx.storage.files import resolve_safetensors
+from vramfx.storage.files import Layout, resolve_safetensors
+from vramfx.storage.formats import is_gguf
+from vramfx.storage.gguf import open_gguf_file
+from vramfx.storage.scaled_fp8 import SCALE_SUFFIXES, holds_scales
 from vramfx.util import dtype_name, format_bytes
 
 
@@ -29,9 +32,12 @@ class StoredTensor:
 class CheckpointSummary:
     """The tensors of a safetensors file, folder or index, grouped for people.
 
-    ``shards``, ``dtypes`` and ``layers`` map a shard file name, a dtype name or a layer
+    ``shards``, ``dtypes`` and ``layers`` map a shard file name, a stored type or a layer
     (``blocks.3``, ``patch_embedding``) to ``(tensor count, bytes)``; ``largest`` holds the
-    largest tensors, largest first.
+    largest tensors, largest first. A stored type is a dtype, a GGML type for a GGUF file
+    (``Q4_K``), or ``float8_e4m3fn*scale`` for a scaled-fp8 weight. ``format`` is
+    ``safetensors``, ``scaled-fp8 safetensors`` or ``gguf``, and ``architecture`` a GGUF file's
+    ``general.architecture``.
     """
 
     path: str
@@ -42,11 +48,15 @@ class CheckpointSummary:
     dtypes: dict[str, tuple[int, int]]
     layers: dict[str, tuple[int, int]]
     largest: tuple[StoredTensor, ...]
+    format: str = "safetensors"
+    architecture: str | None = None
 
     def to_dict(self) -> dict:
         """Plain data for JSON."""
         return {
             "path": self.path,
+            "format": self.format,
+            "architecture": self.architecture,
             "index": self.index,
             "count": self.count,
             "nbytes": self.nbytes,
@@ -61,14 +71,15 @@ class CheckpointSummary:
 
 
 def summarize_checkpoint(path: str | os.PathLike[str], *, largest: int = 10) -> CheckpointSummary:
-    """Read the headers of the safetensors weights at ``path`` and summarise them.
+    """Read the headers of the weights at ``path`` and summarise them.
 
-    No tensor data is read: shapes, dtypes and byte ranges come from each file's header.
+    No tensor data is read: shapes, stored types and byte ranges come from each file's header.
 
     Parameters
     ----------
     path:
-        A ``.safetensors`` file, a folder of them, or a sharded checkpoint's ``*.index.json``.
+        A ``.safetensors`` file, a folder of them, a sharded checkpoint's ``*.index.json``, or
+        a ``.gguf`` file (its tensors by stored name, each with its GGML type).
     largest:
         How many of the largest tensors to list.
 
@@ -79,24 +90,40 @@ def summarize_checkpoint(path: str | os.PathLike[str], *, largest: int = 10) -> 
     Raises
     ------
     WeightsError
-        If the path does not exist, holds no safetensors, or a header is invalid.
+        If the path does not exist, holds no safetensors, or a header is invalid (a GGUF file
+        also needs ``pip install 'vramfx[gguf]'``).
 
     Examples
     --------
     >>> summarize_checkpoint("flux/transformer/").nbytes  # doctest: +SKIP
     23802932552
     """
-    layout = resolve_safetensors(path)
-    with DiskMap(path) as weights:
-        tensors = [
-            StoredTensor(key, tuple(info.shape), dtype_name(info.dtype), info.nbytes,
-                         Path(info.file).name if info.file else "")
-            for key in weights
-            for info in (weights.info(key),)
-        ]
+    architecture = None
+    if is_gguf(path):
+        with open_gguf_file(path) as weights:
+            layout = Layout(files=(Path(path),))
+            architecture = weights.metadata.get("general.architecture")
+            tensors = [
+                StoredTensor(name, weights.shape_of(name), t.type_name, t.nbytes, Path(path).name)
+                for name, t in weights.tensors.items()
+            ]
+        kind = "gguf"
+    else:
+        layout = resolve_safetensors(path)
+        with DiskMap(path) as weights:
+            scaled = {k.removesuffix(s) + ".weight" for k in weights for s in SCALE_SUFFIXES if k.endswith(s)}
+            tensors = [
+                StoredTensor(key, tuple(info.shape), dtype_name(info.dtype) + ("*scale" if key in scaled else ""),
+                             info.nbytes, Path(info.file).name if info.file else "")
+                for key in weights
+                for info in (weights.info(key),)
+            ]
+            kind = "scaled-fp8 safetensors" if holds_scales(weights) else "safetensors"
     layer = weight_layers([t.name for t in tensors])
     return CheckpointSummary(
         path=str(path),
+        format=kind,
+        architecture=architecture,
         index=str(layout.index) if layout.index else None,
         count=len(tensors),
         nbytes=sum(t.nbytes for t in tensors),
@@ -108,7 +135,7 @@ def summarize_checkpoint(path: str | os.PathLike[str], *, largest: int = 10) -> 
 
 
 def format_checkpoint(summary: CheckpointSummary, *, max_layers: int = 12) -> str:
-    """The summary for a terminal: totals, shards, dtypes, layers by size, largest tensors.
+    """The summary for a terminal: totals, shards, stored types, layers by size, largest tensors.
 
     Returns
     -------
@@ -118,10 +145,12 @@ def format_checkpoint(summary: CheckpointSummary, *, max_layers: int = 12) -> st
     b = format_bytes
     lines = [
         f"{summary.path}: {summary.count} tensors, {b(summary.nbytes)} ({summary.nbytes} bytes)"
-        + (f", index {Path(summary.index).name}" if summary.index else ""),
+        + (f", index {Path(summary.index).name}" if summary.index else "")
+        + (f", {summary.format}" if summary.format != "safetensors" else "")
+        + (f" ({summary.architecture})" if summary.architecture else ""),
         f"shards ({len(summary.shards)}):",
         *_tally_lines(summary.shards),
-        "dtypes:",
+        "dtypes:" if summary.format == "safetensors" else "stored types:",
         *_tally_lines(summary.dtypes),
     ]
     by_size = dict(sorted(summary.layers.items(), key=lambda kv: -kv[1][1]))
@@ -136,7 +165,8 @@ def format_checkpoint(summary: CheckpointSummary, *, max_layers: int = 12) -> st
         width = max(len(t.name) for t in summary.largest)
         for t in summary.largest:
             shape = "×".join(str(d) for d in t.shape) or "scalar"
-            lines.append(f"  {t.name:<{width}}  {b(t.nbytes):>10}  {t.dtype:<9} {shape}")
+            kind = max(9, *(len(u.dtype) for u in summary.largest))
+            lines.append(f"  {t.name:<{width}}  {b(t.nbytes):>10}  {t.dtype:<{kind}} {shape}")
     return "\n".join(lines)
 
 

@@ -37,10 +37,14 @@ def view_bytes(buffer: torch.Tensor, offset: int, ref: WeightRef) -> torch.Tenso
     """``ref``'s tensor over ``buffer[offset : offset + ref.nbytes]`` (uint8), no copy.
 
     It requires grad when the model's parameter does (and its stored dtype can), so kernels take
-    eager's path (calls run under ``no_grad``: nothing is recorded).
+    eager's path (calls run under ``no_grad``: nothing is recorded). A weight with a decoder is
+    viewed as the flat run of stored elements its decoder reads.
     """
     raw = buffer[offset : offset + ref.nbytes]
-    tensor = raw.view(ref.dtype).view(ref.shape)
+    tensor = raw.view(ref.dtype)
+    if ref.decoder is not None:
+        return tensor
+    tensor = tensor.view(ref.shape)
     if not (ref.requires_grad and (tensor.is_floating_point() or tensor.is_complex())):
         return tensor
     # Copies must fill ``buffer``, not this view: an in-place write to it raises outside no_grad.
@@ -151,6 +155,7 @@ class Engine(ABC):
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
         self._upcast: torch.Tensor | None = None
         self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+        self._cast_refs = tuple(refs[c.name] for c in plan.casts)
         self._pending: dict[int, Any] = {}
         self._waited: set[int] = set()  # pending transfers whose copy has been waited for
         self._loaded: list[Loaded] = []  # loads off the plan not yet unloaded
@@ -274,9 +279,10 @@ class Engine(ABC):
         return self.store[name]
 
     def cast(self, index: int, stored: torch.Tensor) -> torch.Tensor:
-        """``plan.casts[index]``: ``stored`` converted into its slot of the upcast region."""
+        """``plan.casts[index]``: ``stored`` converted — or decoded, for a weight with a decoder —
+        into its slot of the upcast region."""
         written, read = self._cast_views[index]
-        self._convert(stored, written)
+        self._cast_refs[index].convert_into(stored, written)
         return read
 
     # -- what it holds ----------------------------------------------------------------------
@@ -347,7 +353,7 @@ class Engine(ABC):
             source = view_bytes(there_bytes, offset + at if t is None else 0, ref)
             if cast_at >= 0:
                 written, view = _compute_views(buffer, offset + cast_at, ref)
-                self._convert(source.detach(), written)
+                ref.convert_into(source.detach(), written)
                 source = view
             tensors.append(source)
         loaded.tensors = tuple(tensors)
@@ -393,10 +399,6 @@ class Engine(ABC):
     @abstractmethod
     def _finish(self, handle: Any) -> None:
         """Block the compute side until the copy behind ``handle`` is usable; re-raise its error."""
-
-    def _convert(self, stored: torch.Tensor, out: torch.Tensor) -> None:
-        """Write ``stored`` into ``out`` in ``out``'s dtype, exactly as ``stored.to(out.dtype)``."""
-        out.copy_(stored)
 
     def _release(self, handle: Any) -> None:
         """The compute side is done with the slots behind ``handle``."""

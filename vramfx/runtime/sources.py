@@ -1,8 +1,9 @@
 """Reading any byte range of a weight, wherever it is stored, into a staging buffer.
 
 The CUDA engine moves large weights through fixed-size staging slots, so it reads ranges, not
-whole tensors: host tensors are sliced (no copy until the one into the slot), a DiskMap reads
-the range from its file, and any other source is read whole and sliced.
+whole tensors: host tensors are sliced (no copy until the one into the slot), a DiskMap (or a view
+of one: GGUF, scaled fp8) reads the range from its file, and any other source is read whole and
+sliced.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef
+from vramfx.storage.views import ViewSource
 
 
 def host_bytes(ref: WeightRef) -> torch.Tensor | None:
@@ -58,7 +60,7 @@ def read_range(ref: WeightRef, start: int, out: torch.Tensor, *, bypass_page_cac
     data = host_bytes(ref)
     if data is not None:
         out.copy_(data[start : start + out.numel()])
-    elif isinstance(ref.source, DiskMap):
+    elif isinstance(ref.source, (DiskMap, ViewSource)):
         ref.source.read_range_into(ref.key, start, out, bypass_page_cache=bypass_page_cache)
     elif hasattr(ref.source, "read_range_into"):  # a source that reads ranges itself (converted)
         ref.source.read_range_into(ref.key, start, out)

@@ -1,4 +1,5 @@
-"""Where weights come from: safetensors on disk (DiskMap), whole checkpoints, host memory."""
+"""Where weights come from: safetensors on disk (DiskMap), GGUF and scaled-fp8 files, whole
+checkpoints, host memory."""
 
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.host import HostSource
