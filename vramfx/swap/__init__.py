@@ -22,11 +22,12 @@ recorded execution order.
 from vramfx.swap.config import VramConfig
 from vramfx.swap.enable import enable_vram_management, offload, onload, swap_stats
 from vramfx.swap.runtime import SwapStats
-from vramfx.swap.wrappers import AutoWrappedLinear, AutoWrappedModule
+from vramfx.swap.wrappers import AutoWrappedLinear, AutoWrappedModule, AutoWrappedNonRecurseModule
 
 __all__ = [
     "AutoWrappedLinear",
     "AutoWrappedModule",
+    "AutoWrappedNonRecurseModule",
     "SwapStats",
     "VramConfig",
     "enable_vram_management",
