@@ -18,6 +18,7 @@ from vramfx.errors import WeightsError
 from vramfx.precision import exactly_widens
 from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.foreign import source_of
 from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef
 from vramfx.storage.source import WeightSource
@@ -32,9 +33,13 @@ _LISTED = 10
 
 
 def as_source(weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence | None) -> WeightSource | None:
-    """Turn what a user may pass as ``weights`` into a WeightSource (a path becomes a DiskMap)."""
+    """Turn what a user may pass as ``weights`` into a WeightSource (a path becomes a DiskMap; a
+    DiffSynth-Studio DiskMap is read as :func:`vramfx.storage.foreign.source_of` says)."""
     if weights is None:
         return None
+    foreign = source_of(weights)
+    if foreign is not None:
+        return foreign
     if isinstance(weights, (str, os.PathLike)) or (
         isinstance(weights, (list, tuple)) and all(isinstance(w, (str, os.PathLike)) for w in weights)
     ):

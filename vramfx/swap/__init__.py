@@ -19,6 +19,8 @@ planner rather than first come, and the next modules' weights are fetched ahead 
 recorded execution order.
 """
 
+from vramfx.storage.foreign import DiskMap
+from vramfx.storage.state_dict import load_state_dict
 from vramfx.swap.config import VramConfig
 from vramfx.swap.enable import enable_vram_management, offload, onload, swap_stats
 from vramfx.swap.runtime import SwapStats
@@ -28,9 +30,11 @@ __all__ = [
     "AutoWrappedLinear",
     "AutoWrappedModule",
     "AutoWrappedNonRecurseModule",
+    "DiskMap",
     "SwapStats",
     "VramConfig",
     "enable_vram_management",
+    "load_state_dict",
     "offload",
     "onload",
     "swap_stats",
