@@ -78,8 +78,8 @@ def enable_vram_management(
     quantize:
         A storage dtype (``torch.float8_e4m3fn``, ``float8_e5m2``, ``bfloat16``, ``float16``): the
         wrapped weights rest in it (cast once as they arrive, or rounded on every read from disk)
-        and are cast up to the computation dtype per call, as ``offload_dtype`` /
-        ``onload_dtype`` would place them. A DiffSynth-Studio ``QuantizeConfig`` is accepted only
+        and are cast up to the computation dtype per call: it is the ``offload_dtype`` and
+        ``onload_dtype`` (which may be omitted or the computation dtype). A DiffSynth-Studio ``QuantizeConfig`` is accepted only
         when the model holds none of the layers it quantized (``mode="dequant_once"`` left plain
         linears); backend-quantized layers (scaled int8/fp8/nf4 kernels) are refused.
     prefetch:
@@ -195,7 +195,7 @@ def _with_quantize(model: torch.nn.Module, vram_config: Mapping[str, Any], quant
         config = dict(vram_config)
         for state in ("offload", "onload"):
             current = config.get(f"{state}_dtype")
-            if current not in (None, DISK, quantize):
+            if current not in (None, DISK, quantize, config.get("computation_dtype")):
                 raise ValueError(
                     f"quantize={quantize} conflicts with vram_config['{state}_dtype']={current}; pass one of them"
                 )

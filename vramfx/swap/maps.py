@@ -61,25 +61,35 @@ def _module_class(key: Any) -> type:
 
 
 def _wrapper_class(module_class: type, value: Any) -> type:
-    """The vramfx wrapper ``value`` is or names (DiffSynth-Studio's wrappers by their name)."""
+    """The vramfx wrapper ``value`` is or names (DiffSynth-Studio's wrappers by their name, never
+    imported)."""
     if isinstance(value, str):
         package, _, name = value.rpartition(".")
-        if (package + ".").startswith(_FOREIGN_PACKAGE) and name in WRAPPERS:
-            return WRAPPERS[name]
+        if (package + ".").startswith(_FOREIGN_PACKAGE):
+            return _translated(module_class, name)
         value = _imported(value, f"[{module_class.__name__}] =")
     if isinstance(value, type):
         if issubclass(value, SwapSwitches):
             return value
-        if value.__module__.startswith(_FOREIGN_PACKAGE) and value.__name__ in WRAPPERS:
-            return WRAPPERS[value.__name__]
-    what = getattr(value, "__name__", repr(value))
+        if value.__module__.startswith(_FOREIGN_PACKAGE):
+            return _translated(module_class, value.__name__)
+    raise ValueError(
+        f"module_map[{module_class.__name__}] = {getattr(value, '__name__', value)!r}; use "
+        f"{', '.join(WRAPPERS)} from vramfx.swap (or DiffSynth-Studio's classes of those names)"
+    )
+
+
+def _translated(module_class: type, name: str) -> type:
+    """The vramfx wrapper for DiffSynth-Studio's wrapper class ``name``."""
+    if name in WRAPPERS:
+        return WRAPPERS[name]
     hint = (
-        "; it wraps layers quantized by a backend, which vramfx does not stream (see quantize= in "
-        "enable_vram_management)" if what == "AutoWrappedQuantizedModule" else ""
+        ", which wraps layers quantized by a backend: vramfx does not run those kernels (see quantize= in "
+        "enable_vram_management)" if name == "AutoWrappedQuantizedModule" else ""
     )
     raise ValueError(
-        f"module_map[{module_class.__name__}] = {what!r}{hint}; use {', '.join(WRAPPERS)} from vramfx.swap "
-        "(or DiffSynth-Studio's classes of those names)"
+        f"module_map[{module_class.__name__}] = DiffSynth-Studio's {name}{hint}; the wrappers vramfx has are "
+        f"{', '.join(WRAPPERS)}"
     )
 
 
