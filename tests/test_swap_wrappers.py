@@ -225,3 +225,24 @@ def test_wrappers_take_their_state_arguments_in_the_original_order(saved):
                               "head", vramfx.DiskMap(path))
     with torch.no_grad():
         assert torch.equal(eager.head(X), layer(X, "ignored", as_the_original=True))
+
+
+def test_load_state_dict_gives_a_wrapped_model_new_weights_and_refuses_weights_on_disk(saved):
+    eager, path = saved
+    in_memory = dict(offload_device="cpu", offload_dtype=torch.float32, computation_device="cpu")
+    model = enable_vram_management(empty(), BLOCK_MAP, in_memory, vram_limit="4KiB", disk_map=vramfx.DiskMap(path))
+    torch.manual_seed(5)
+    other = Net().eval()
+    new = other.state_dict()
+    renamed = {key: new[key.replace(".module.", ".")] for key in model.state_dict()}  # wrappers add ".module"
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(eager(X), model(X))  # planned, some weights kept
+        assert not model.load_state_dict(renamed).missing_keys
+        for _ in range(2):
+            assert torch.equal(other(X), model(X)), "the new weights, kept ones included"
+    on_disk = enable_vram_management(empty(), BLOCK_MAP, DISK, disk_map=vramfx.DiskMap(path))
+    with pytest.raises(RuntimeError, match="head.weight rests on disk .* cannot take new values"):
+        on_disk.load_state_dict(renamed)
+    with pytest.raises(RuntimeError, match=r"size mismatch for head.bias: .* shape \(3,\)"):
+        model.load_state_dict({**renamed, "head.bias": torch.zeros(3)})

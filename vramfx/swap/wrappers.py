@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from vramfx.swap.config import KEYS, Placement, VramConfig, parse_vram_limit
 from vramfx.swap.interop import join_lora_hot_load
 from vramfx.swap.linear_ops import FP8_DTYPES, fp8_linear, lora_forward
+from vramfx.swap.loading import honour_load_state_dict
 from vramfx.swap.patch import bound_calls
 from vramfx.swap.runtime import SwapRuntime
 from vramfx.swap.units import Unit, UnitBuilder, move_home
@@ -144,6 +145,7 @@ class SwapSwitches:
         self.__dict__["name"] = name
         self.__dict__["state"] = 0
         binding.wrappers.append(self)
+        honour_load_state_dict(self, self._vramfx_unit, binding.runtime)  # type: ignore[arg-type]
         if own:
             bound_calls(self, binding.runtime)  # type: ignore[arg-type]
 
