@@ -294,7 +294,7 @@ class AutoWrappedLinear(SwapSwitches, torch.nn.Linear):
         config = _vram_config((offload_dtype, offload_device, onload_dtype, onload_device, preparing_dtype,
                                preparing_device, computation_dtype, computation_device))
         self._vramfx_bind(self, name, binding, vram_config=config, vram_limit=vram_limit, disk_map=disk_map)
-        join_lora_hot_load(self)
+        join_lora_hot_load(AutoWrappedLinear)
 
     @property
     def enable_fp8(self) -> bool:
