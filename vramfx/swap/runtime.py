@@ -139,6 +139,7 @@ class _Call:
     position: int = 0
     holds: list[tuple[Unit, Hold, int]] = field(default_factory=list)  # (unit, hold, position recorded)
     opener: int | None = None
+    items: list[Item] = field(default_factory=list)  # a pass's top-level calls so far
 
 
 class SwapRuntime:
@@ -335,7 +336,7 @@ class SwapRuntime:
             if order is not None:
                 self._passes.adopted(order)
             else:
-                order = self._passes.pass_ended(items_of(record), completed=completed)
+                order = self._passes.pass_ended(call.items, completed=completed)
             if order is not None:
                 log.debug("passes found from module calls: following an order of %d positions", sum(map(len, order)))
                 self._adopt(record_of(order, self._unit_flops))
@@ -360,9 +361,8 @@ class SwapRuntime:
             if self._planned.follower.on_plan and call.position == len(followed.order):  # type: ignore[union-attr]
                 self._finish(call)
         else:
-            items = items_of(call.recorder.record)
-            block = self._passes.recording_period(items)
-            if block is not None or len(items) > RECORDING_ITEMS:
+            block = self._passes.recording_period(call.items)
+            if block is not None or len(call.items) > RECORDING_ITEMS:
                 self._finish(call, order=block)
 
     # -- serving units ------------------------------------------------------------------------
@@ -426,6 +426,8 @@ class SwapRuntime:
             call.recorder.exit(position, self.held_bytes)
             output = self._planned.follower.give_back(hold, output)  # type: ignore[union-attr]
             if call.opener is not None and not call.holds:
+                order, ends = call.recorder.record.order, call.recorder.record.ends
+                call.items.append(tuple((order[q], max(ends[q], q + 1) - q) for q in range(position, len(order))))
                 self._top_level_returned(call, failed)
             return output
         finally:
