@@ -78,7 +78,7 @@ class SwapStats:
         Bytes of the kept weights, of the planned arena the others stream through, and of what
         the plan fetches on every call.
     calls:
-        Calls served so far.
+        Calls served so far: forward calls of the model, and passes found from module calls.
     fetched_bytes, cast_bytes:
         Bytes the latest call copied to the device (in the dtypes they are held in), and the
         bytes its casts wrote in compute dtypes.
