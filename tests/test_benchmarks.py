@@ -25,3 +25,17 @@ def test_benchmark_harness_smoke_runs_every_contender(tmp_path):
     assert not failed, failed
     assert all(r["ratio"] > 0 for r in rows)
     assert "x eager" in done.stdout
+
+
+def test_diffsynth_benchmark_smoke_runs_and_prints_weight_waits():
+    from diffsynth_models import missing
+
+    if missing():
+        import pytest
+
+        pytest.skip(f"DiffSynth-Studio is not installed ({', '.join(missing())} missing)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "diffsynth_swap.py"), "--smoke"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "DiffSynth layers" in done.stdout and "waits" in done.stdout

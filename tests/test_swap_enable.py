@@ -26,15 +26,16 @@ def wrappers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def test_the_map_is_matched_in_order():
+    class Sub(torch.nn.Linear):
+        pass
+
     def wrapped(module_map):
-        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        model = torch.nn.Sequential(Sub(4, 4), torch.nn.Linear(4, 4))
         enable_vram_management(model, module_map, dict(computation_device="cpu"))
         return [type(m) for m in model]
 
-    assert wrapped({torch.nn.Linear: AutoWrappedLinear, torch.nn.Module: AutoWrappedModule}) == [
-        AutoWrappedLinear, AutoWrappedModule]
-    assert wrapped({torch.nn.Module: AutoWrappedModule, torch.nn.Linear: AutoWrappedLinear}) == [
-        AutoWrappedModule, AutoWrappedModule]
+    assert wrapped({Sub: AutoWrappedModule, torch.nn.Linear: AutoWrappedLinear}) == [AutoWrappedModule, AutoWrappedLinear]
+    assert wrapped({torch.nn.Linear: AutoWrappedLinear, Sub: AutoWrappedModule}) == [AutoWrappedLinear, AutoWrappedLinear]
 
 
 def test_a_matched_module_is_wrapped_whole(tmp_path):

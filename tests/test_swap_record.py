@@ -49,18 +49,22 @@ def test_positions_nest_and_repeat_as_called():
     assert record.ends == [2, 2, 3, 4]
 
 
-def test_each_unit_gets_the_flops_it_ran_itself():
+def test_each_unit_gets_the_flops_it_ran_itself_and_nothing_is_counted_between_units():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     recorder = Recorder(count_flops=True)
-    recorder.start()
     outer = recorder.enter(0, 0)
     a @ b  # the outer unit's own matmul: 2 * 8 * 16 * 4
     inner = recorder.enter(1, 0)
     a @ b @ b.T  # the inner unit's: two matmuls of as many FLOPs
     recorder.exit(inner, 0)
     recorder.exit(outer, 0)
+    assert not torch._C._len_torch_dispatch_stack(), "no counter runs between units"
+    a @ b  # the caller's own code
+    again = recorder.enter(2, 0)
+    a @ b
+    recorder.exit(again, 0)
     recorder.stop()
-    assert recorder.record.flops == [2 * 8 * 16 * 4, 2 * 8 * 16 * 4 + 2 * 8 * 4 * 16]
+    assert recorder.record.flops == [2 * 8 * 16 * 4, 2 * 8 * 16 * 4 + 2 * 8 * 4 * 16, 2 * 8 * 16 * 4]
 
 
 def test_flop_counting_is_exact_and_leaves_results_alone():

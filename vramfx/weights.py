@@ -20,6 +20,7 @@ from vramfx.precision import exactly_widens
 from vramfx.quant.decoders import Decoder
 from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.foreign import source_of
 from vramfx.storage.formats import interpret, open_weights
 from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef, is_disk_source
@@ -42,9 +43,13 @@ def decoder_of(source: object, key: str) -> Decoder | None:
 
 def as_source(weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence | None) -> WeightSource | None:
     """Turn what a user may pass as ``weights`` into a WeightSource: a path becomes a DiskMap or a
-    GGUFMap; a scaled-fp8 checkpoint (by its names) is read with its scales."""
+    GGUFMap; a scaled-fp8 checkpoint (by its names) is read with its scales; a DiffSynth-Studio
+    DiskMap is read as :func:`vramfx.storage.foreign.source_of` says."""
     if weights is None:
         return None
+    foreign = source_of(weights)
+    if foreign is not None:
+        return interpret(foreign)
     if isinstance(weights, (str, os.PathLike)) or (
         isinstance(weights, (list, tuple)) and all(isinstance(w, (str, os.PathLike)) for w in weights)
     ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -17,13 +18,19 @@ from vramfx.storage.files import PICKLE_SUFFIXES, PathLike, is_pickle_index, rea
 
 __all__ = ["load_state_dict"]
 
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+log = logging.getLogger(__name__)
+
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
 
 
 def load_state_dict(
     path: PathLike | Sequence[PathLike],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
+    device: torch.device | str | torch.dtype = "cpu",
+    dtype: torch.dtype | torch.device | str | None = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    pin_memory: bool = False,
+    verbose: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Load every tensor of a checkpoint into a plain ``dict``.
 
@@ -31,18 +38,27 @@ def load_state_dict(
     :class:`~vramfx.DiskMap` to ``compile`` instead of loading it whole here. Pickle formats are
     read whole, with ``weights_only=True`` (no code from the file runs).
 
+    DiffSynth-Studio's calls work unchanged: ``load_state_dict(path, torch_dtype, device)`` (a
+    dtype where the device goes is read in that order), ``torch_dtype=``, ``pin_memory=``,
+    ``verbose=``, a list mixing safetensors and pickle files, and the ``model_state`` wrapper.
+
     Parameters
     ----------
     path:
         Safetensors (anything :class:`~vramfx.DiskMap` accepts: a file, a list of files, a
         ``*.index.json``, a folder), or a pickle checkpoint: ``.bin``, ``.pt``, ``.pth``,
         ``.ckpt``, a ``pytorch_model.bin.index.json`` of pickle shards, or a folder holding one
-        pickle checkpoint or such an index. A one-key wrapper ``{"state_dict": ...}``,
-        ``{"model": ...}`` or ``{"module": ...}`` is unwrapped.
+        pickle checkpoint or such an index; or a list of any of these. A one-key wrapper
+        ``{"state_dict": ...}``, ``{"model": ...}``, ``{"module": ...}`` or
+        ``{"model_state": ...}`` is unwrapped.
     device:
         Where the tensors go.
-    dtype:
-        If given, floating-point tensors are cast to it; other dtypes are kept.
+    dtype, torch_dtype:
+        If given (either name), floating-point tensors are cast to it; other dtypes are kept.
+    pin_memory:
+        Page-lock the loaded CPU tensors (faster copies to a GPU).
+    verbose:
+        ``>= 1`` logs each file as it is loaded (at INFO level).
 
     Returns
     -------
@@ -55,7 +71,7 @@ def load_state_dict(
     WeightsError
         If the pickle holds anything but tensors and plain containers (it is refused, and the
         message says how to convert it to safetensors), if it is not a flat mapping of names to
-        tensors, or for anything :class:`~vramfx.DiskMap` refuses.
+        tensors, if a tensor is in two files, or for anything :class:`~vramfx.DiskMap` refuses.
 
     Examples
     --------
@@ -64,19 +80,40 @@ def load_state_dict(
     >>> torch.save({"state_dict": {"w": torch.ones(2)}}, p)
     >>> load_state_dict(p, dtype=torch.float16)
     {'w': tensor([1., 1.], dtype=torch.float16)}
+    >>> load_state_dict(p, torch.float16, "cpu")  # DiffSynth-Studio's order
+    {'w': tensor([1., 1.], dtype=torch.float16)}
     """
+    if isinstance(device, torch.dtype):  # load_state_dict(path, torch_dtype, device)
+        device, dtype = (dtype if dtype is not None else "cpu"), device
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} differ; pass one of them")
+        dtype = torch_dtype
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch.dtype (e.g. torch.bfloat16).")
+    if isinstance(path, (list, tuple)) and any(_pickle_files(p) is not None for p in path):
+        state: dict[str, torch.Tensor] = {}
+        for part in path:
+            for name, tensor in load_state_dict(part, device, dtype, pin_memory=pin_memory, verbose=verbose).items():
+                if name in state:
+                    raise WeightsError(f"tensor {name!r} is in two of the files given; the second is {part}.")
+                state[name] = tensor
+        return state
+    if verbose >= 1:
+        log.info("loading %s", path)
     pickles = _pickle_files(path)
     if pickles is None:
         with DiskMap(path, device=device, dtype=dtype) as dm:  # type: ignore[arg-type]
-            return dict(dm.items())
-    state: dict[str, torch.Tensor] = {}
-    for file in pickles:
-        for name, tensor in _load_pickle(file).items():
-            if name in state:
-                raise WeightsError(f"tensor {name!r} is in two pickle shards; the second is {file}.")
-            state[name] = _place(tensor, device, dtype)
+            state = dict(dm.items())
+    else:
+        state = {}
+        for file in pickles:
+            for name, tensor in _load_pickle(file).items():
+                if name in state:
+                    raise WeightsError(f"tensor {name!r} is in two pickle shards; the second is {file}.")
+                state[name] = _place(tensor, device, dtype)
+    if pin_memory:
+        state = {name: t.pin_memory() if t.device.type == "cpu" else t for name, t in state.items()}
     return state
 
 

@@ -63,7 +63,8 @@ class Recorder:
     Parameters
     ----------
     count_flops:
-        Count each unit's own FLOPs (between :meth:`start` and :meth:`stop`).
+        Count each unit's own FLOPs (the counter runs while a unit does, never between them, so a
+        pass that no forward of the model marks leaves the caller's code alone).
     memory:
         Reads the device's memory in use (RssAnon on CPU); the activation peak is what it grew
         by beyond the weights the runtime holds, sampled at every unit's entry and exit.
@@ -80,14 +81,11 @@ class Recorder:
         self._counter = FlopCount() if count_flops else None
         self._open: list[list[float]] = []  # per unit in progress: [FLOPs when it began, its callees']
 
-    def start(self) -> None:
-        if self._counter is not None:
-            self._counter.__enter__()
-
     def stop(self) -> None:
-        if self._counter is not None:
+        """The call is over: stop counting if a unit is still open (one raised past its exit)."""
+        if self._open and self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self._counter = None
+        self._open.clear()
 
     def enter(self, unit_index: int, held_bytes: int) -> int:
         """A unit's forward starts (its weights are ready); returns its position."""
@@ -96,6 +94,8 @@ class Recorder:
         record.order.append(unit_index)
         record.ends.append(position + 1)
         record.flops.append(0.0)
+        if not self._open and self._counter is not None:
+            self._counter.__enter__()  # counting runs inside units only: code between them is not theirs
         self._open.append([self._flops(), 0.0])
         self._sample(held_bytes)
         return position
@@ -111,6 +111,8 @@ class Recorder:
             record.flops[position] = max(0.0, inclusive - callees)
             if self._open:
                 self._open[-1][1] += inclusive
+            elif self._counter is not None:
+                self._counter.__exit__(None, None, None)
 
     def _flops(self) -> float:
         return self._counter.flops if self._counter is not None else 0.0

@@ -5,6 +5,9 @@ One runtime serves every unit (wrapped module) of one model through one
 CUDA), driven by a :class:`~vramfx.runtime.follow.Follower`. The front end owns only what it must:
 binding the engine's views into the modules, and recording the order they run in.
 
+- **A call** is one forward of the model (its ``forward`` is patched to say where it begins and
+  ends), or, when a pipeline calls the model's modules without its forward (``model_fn(dit=...)``),
+  a *pass* found from the module calls themselves (:mod:`vramfx.swap.passes`).
 - **The first call** records the order units run in and each one's FLOPs; every unit's weights
   are loaded synchronously into a small scratch arena.
 - **After it**, the planner (:func:`vramfx.plan.schedule.schedule`, over a Liveness whose
@@ -15,7 +18,8 @@ binding the engine's views into the modules, and recording the order they run in
   transfers are fetched when a call ends.
 - **A unit not where the order predicts** leaves the plan for the rest of the call (it and the
   units after it are loaded synchronously: slower, never a wrong result), and the call's order
-  then becomes the recorded one, planned anew.
+  then becomes the recorded one, planned anew (for passes found from module calls, once the calls
+  show the new order twice).
 
 The limit covers what the engine holds: kept weights, the arena, the upcast region (weights
 held in a narrower dtype than they compute in are cast there per call) and loads off the plan.
@@ -45,6 +49,7 @@ from vramfx.runtime.follow import CallCounts, Follower, Hold
 from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef
+from vramfx.swap.passes import Item, PassFinder, items_of, record_of
 from vramfx.swap.record import CallRecord, Recorder, flops_per_unit, to_liveness
 from vramfx.swap.units import Unit
 from vramfx.util import ALIGNMENT, format_bytes
@@ -55,6 +60,8 @@ log = logging.getLogger(__name__)
 PLANNED_CALLS = 10
 #: Without a limit, weights are kept for every later call: loading one costs nothing per call.
 KEPT_FOR_GOOD = 2**31
+#: Top-level module calls a recording may span before it ends anyway (calls that never repeat).
+RECORDING_ITEMS = 4096
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class SwapStats:
         Bytes of the kept weights, of the planned arena the others stream through, and of what
         the plan fetches on every call.
     calls:
-        Calls served so far.
+        Calls served so far: forward calls of the model, and passes found from module calls.
     fetched_bytes, cast_bytes:
         Bytes the latest call copied to the device (in the dtypes they are held in), and the
         bytes its casts wrote in compute dtypes.
@@ -122,11 +129,17 @@ class _Planned:
 
 @dataclass
 class _Call:
-    """The call in progress: its recording, and how far along the recorded order it is."""
+    """The call in progress: its recording, and how far along the recorded order it is.
+
+    ``opener`` is None for a call of the model's forward; for a pass found from module calls (no
+    forward marks it), the unit that began it.
+    """
 
     recorder: Recorder
     position: int = 0
     holds: list[tuple[Unit, Hold, int]] = field(default_factory=list)  # (unit, hold, position recorded)
+    opener: int | None = None
+    items: list[Item] = field(default_factory=list)  # a pass's top-level calls so far
 
 
 class SwapRuntime:
@@ -186,8 +199,8 @@ class SwapRuntime:
         self._planned: _Planned | None = None
         self._stale = True  # units or their homes changed: bind and plan again before the next call
         self._call: _Call | None = None
-        self._outside: list[tuple[Unit, Hold, int]] = []  # units running outside any call of the model
-        self._depth = 0
+        self._opened: list[bool] = []  # per begin_call in progress: whether it opened the call
+        self._passes = PassFinder()
         self._calls = 0
         self._counts = CallCounts()  # the latest call's
         self._held_peak = 0
@@ -235,10 +248,16 @@ class SwapRuntime:
         )
 
     def release(self) -> None:
-        """Free everything held on the device: kept weights, the arena, copies in flight."""
+        """Free everything held on the device: kept weights, the arena, copies in flight.
+
+        A pass no forward of the model marks ends here (a pipeline offloads a model between uses).
+        """
         with self._lock:
-            if self._call is not None and self._call.holds or self._outside:
+            call = self._call
+            if call is not None and call.holds:
                 raise VramfxError("cannot release the layer-swap runtime while a module is running")
+            if call is not None and call.opener is not None:
+                self._finish(call, prefetch=False)
             if self._planned is not None:
                 self._planned.follower.engine.deactivate()
             self._store.clear()
@@ -252,53 +271,99 @@ class SwapRuntime:
     # -- call boundaries -------------------------------------------------------------------------
     @torch.compiler.disable  # copies and threads run as written under torch.compile
     def begin_call(self) -> None:
-        """The model's forward starts (calls nest: only the outermost counts)."""
+        """The model's forward starts. Calls nest: one inside a call (the forward calling itself, or
+        a wrapped module calling the model) is part of it."""
         self._lock.acquire()
-        self._depth += 1
-        if self._depth > 1:
-            return
         try:
-            planned = self._ready()
-            planned.follower.begin_call(on_plan=planned.plan is not None)
-            self._calls += 1
-            recording = self._record is None
-            memory = (lambda: memory_in_use(self.device)) if recording and self.activations_in_limit else None
-            self._call = _Call(Recorder(count_flops=recording, memory=memory, held_bytes=self.held_bytes))
-            self._call.recorder.start()
+            call = self._call
+            if call is not None and (call.opener is None or call.holds):
+                self._opened.append(False)
+                return
+            if call is not None:
+                self._finish(call)  # a pass found from module calls ends where the forward starts
+            self._open(opener=None)
+            self._opened.append(True)
         except BaseException:
-            self._depth -= 1
             self._lock.release()
             raise
 
     @torch.compiler.disable  # copies and threads run as written under torch.compile
     def end_call(self, *, failed: bool = False) -> None:
         """The model's forward returned (or raised, when ``failed``)."""
-        self._depth -= 1
         try:
-            if self._depth == 0 and self._call is not None:
-                call, self._call = self._call, None
-                call.recorder.stop()
-                self._finish(call.recorder.record, failed)
+            if self._opened.pop() and self._call is not None:
+                self._finish(self._call, failed=failed)
         finally:
             self._lock.release()
 
-    def _finish(self, record: CallRecord, failed: bool) -> None:
-        """Drop what the call left fetched; on success adopt its order and fetch the next call's first."""
+    def _open(self, *, opener: int | None) -> _Call:
+        """Start a call: the model's forward (``opener`` None), or a pass that module ``opener`` begins."""
+        planned = self._ready()
+        planned.follower.begin_call(on_plan=planned.plan is not None)
+        self._calls += 1
+        recording = self._record is None
+        measured = recording and self.activations_in_limit and opener is None
+        memory = (lambda: memory_in_use(self.device)) if measured else None
+        self._call = _Call(Recorder(count_flops=recording, memory=memory, held_bytes=self.held_bytes), opener=opener)
+        return self._call
+
+    def _finish(self, call: _Call, *, failed: bool = False, order: list[Item] | None = None, prefetch: bool = True) -> None:
+        """End ``call``: drop what it left fetched; unless it failed, adopt the order it shows (a root
+        call's own; a pass's, as the PassFinder says; or ``order``) and fetch the next call's first
+        weights."""
+        self._call = None
+        call.recorder.stop()
         planned = self._planned
         assert planned is not None
-        planned.follower.end_call(failed=failed)
-        self._counts = planned.follower.counts
+        follower, followed = planned.follower, self._record
+        completed = follower.on_plan and followed is not None and call.position == len(followed.order)
+        follower.end_call(failed=failed)
+        self._counts = follower.counts
         if failed:
             return
-        if record.order and (self._record is None or (record.order, record.ends) != (self._record.order, self._record.ends)):
-            if self._record is None:
-                self._unit_flops = flops_per_unit(record)
+        record = call.recorder.record
+        if followed is None and record.order:
+            self._unit_flops = flops_per_unit(record)
+        if call.opener is None and order is None:
+            if record.order and (followed is None or (record.order, record.ends) != (followed.order, followed.ends)):
+                if followed is not None:
+                    log.debug("the module order changed (%d -> %d calls); planning again", len(followed.order),
+                              len(record.order))
+                    record.flops = [self._unit_flops.get(u, 0.0) for u in record.order]
+                self._adopt(record)
+                self._passes.adopted(items_of(record))
+        else:
+            if order is not None:
+                self._passes.adopted(order)
             else:
-                log.debug("the module order changed (%d -> %d calls); planning again", len(self._record.order),
-                          len(record.order))
-                record.flops = [self._unit_flops.get(u, 0.0) for u in record.order]
-            self._adopt(record)
-        self._planned.follower.fetch_for_next_call()  # type: ignore[union-attr]
+                order = self._passes.pass_ended(call.items, completed=completed)
+            if order is not None:
+                log.debug("passes found from module calls: following an order of %d positions", sum(map(len, order)))
+                self._adopt(record_of(order, self._unit_flops))
+        if prefetch:
+            self._planned.follower.fetch_for_next_call()  # type: ignore[union-attr]
+
+    def _starts_pass(self, call: _Call, unit: Unit) -> bool:
+        """Whether a top-level call of ``unit`` begins a new pass: its opener called again where the
+        followed order does not expect it."""
+        follower, followed, p = self._planned.follower, self._record, call.position  # type: ignore[union-attr]
+        if follower.on_plan and followed is not None and p < len(followed.order) and followed.order[p] == unit.index:
+            return False
+        return unit.index == call.opener
+
+    def _top_level_returned(self, call: _Call, failed: bool) -> None:
+        """A top-level module of a pass returned: the pass ends when it failed, when the followed order's
+        last position is done, or (recording) when the calls so far end by repeating a block."""
+        followed = self._record
+        if failed:
+            self._finish(call, failed=True)
+        elif followed is not None:
+            if self._planned.follower.on_plan and call.position == len(followed.order):  # type: ignore[union-attr]
+                self._finish(call)
+        else:
+            block = self._passes.recording_period(call.items)
+            if block is not None or len(call.items) > RECORDING_ITEMS:
+                self._finish(call, order=block)
 
     # -- serving units ------------------------------------------------------------------------
     def run(self, unit: Unit, fn: Callable[[tuple[torch.Tensor, ...]], Any]) -> Any:
@@ -307,7 +372,7 @@ class SwapRuntime:
         try:
             output = fn(tensors)
         except BaseException:
-            self.release_unit(unit)
+            self.release_unit(unit, failed=True)
             raise
         return self.release_unit(unit, output)
 
@@ -315,26 +380,29 @@ class SwapRuntime:
     def acquire(self, unit: Unit) -> tuple[torch.Tensor, ...]:
         """``unit``'s parameters on the device in the computation dtype, for one forward.
 
-        The runtime's lock is held from here to :meth:`release_unit`: one thread at a time.
+        Called outside any call of the model, it joins the pass in progress or begins one (see
+        :mod:`vramfx.swap.passes`). The runtime's lock is held from here to :meth:`release_unit`:
+        one thread at a time.
         """
         self._lock.acquire()
         try:
             call = self._call
-            planned = self._planned if call is not None else self._ready()  # a call made it ready
+            if call is None or (call.opener is not None and not call.holds and self._starts_pass(call, unit)):
+                if call is not None:
+                    self._finish(call)
+                call = self._open(opener=unit.index)
+            planned = self._planned
             assert planned is not None
             follower, record = planned.follower, self._record
             position = None
-            if call is not None and follower.on_plan and record is not None:
+            if follower.on_plan and record is not None:
                 p = call.position
                 position = p if p < len(record.order) and record.order[p] == unit.index else None
             hold = follower.take([r.name for r in planned.weights[unit.index]], position)
             if position is not None and follower.on_plan:
-                call.position += 1  # type: ignore[union-attr]
+                call.position += 1
             tensors = tuple(hold.tensors.get(s.name, unit.home[i]) for i, s in enumerate(unit.slots))
-            if call is not None:
-                call.holds.append((unit, hold, call.recorder.enter(unit.index, self.held_bytes)))
-            else:
-                self._outside.append((unit, hold, -1))
+            call.holds.append((unit, hold, call.recorder.enter(unit.index, self.held_bytes)))
             self._held_peak = max(self._held_peak, self.held_bytes)
             return tensors  # type: ignore[return-value]
         except BaseException:
@@ -342,21 +410,26 @@ class SwapRuntime:
             raise
 
     @torch.compiler.disable  # copies and threads run as written under torch.compile
-    def release_unit(self, unit: Unit, output: Any = None) -> Any:
-        """``unit``'s forward returned ``output``; its streamed weights may go.
+    def release_unit(self, unit: Unit, output: Any = None, *, failed: bool = False) -> Any:
+        """``unit``'s forward returned ``output`` (or raised, when ``failed``); its streamed weights may go.
 
         Returns ``output``, with tensors that view the engine's memory copied out of it (their
         bytes are about to be reused).
         """
         try:
-            holds = self._call.holds if self._call is not None else self._outside
+            call = self._call
+            holds = call.holds if call is not None else []
             k = next((k for k in range(len(holds) - 1, -1, -1) if holds[k][0] is unit), None)
-            if k is None:
+            if call is None or k is None:
                 raise VramfxError(f"unit {unit.name!r} was released without being acquired")
             _, hold, position = holds.pop(k)
-            if self._call is not None and position >= 0:
-                self._call.recorder.exit(position, self.held_bytes)
-            return self._planned.follower.give_back(hold, output)  # type: ignore[union-attr]
+            call.recorder.exit(position, self.held_bytes)
+            output = self._planned.follower.give_back(hold, output)  # type: ignore[union-attr]
+            if call.opener is not None and not call.holds:
+                order, ends = call.recorder.record.order, call.recorder.record.ends
+                call.items.append(tuple((order[q], max(ends[q], q + 1) - q) for q in range(position, len(order))))
+                self._top_level_returned(call, failed)
+            return output
         finally:
             self._lock.release()
 

@@ -280,17 +280,21 @@ def _listed(items: list[str]) -> str:
 
 
 @torch.no_grad()
-def move_home(unit: Unit, placement: Placement) -> None:
+def move_home(unit: Unit, placement: Placement) -> bool:
     """Move ``unit``'s homes to ``placement``: the disk map (no tensor), or real tensors there.
 
     Floating-point values are converted to the placement's dtype once, as they arrive (see
-    :func:`rest_dtype`); read from the disk map, they are rounded to it at every read.
+    :func:`rest_dtype`); read from the disk map, they are rounded to it at every read. Returns
+    whether anything moved (a plan made for the old homes is then stale).
     """
+    moved = False
     for i, slot in enumerate(unit.slots):
         home = unit.home[i]
         if placement.on_disk:
             assert slot.ref is not None, "a unit placed on disk has every weight in the disk map"
-            unit.set_disk_dtype(i, rest_dtype(slot.ref.dtype, placement.dtype))
+            dtype = rest_dtype(slot.ref.dtype, placement.dtype)
+            moved |= home is not None or unit.disk_dtypes[i] != dtype
+            unit.set_disk_dtype(i, dtype)
             if home is not None:
                 unit.set_home(i, None)
             continue
@@ -298,10 +302,13 @@ def move_home(unit: Unit, placement: Placement) -> None:
         if home is None:
             assert slot.ref is not None, "a parameter without a home or stored bytes passed the unit checks"
             unit.set_home(i, read_tensor(slot.ref, placement.device, rest_dtype(slot.ref.dtype, placement.dtype)))
+            moved = True
             continue
         dtype = rest_dtype(home.dtype, placement.dtype)
         if home.device != placement.device or home.dtype != dtype:
             unit.set_home(i, home.detach().to(placement.device, dtype))
+            moved = True
+    return moved
 
 
 @dataclass(frozen=True)
