@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vramfx.arguments import require_bool, require_call, require_device, require_int
 from vramfx.budget import parse_budget
 from vramfx.capture import capture
 from vramfx.compiled import CompiledGraph, CompiledModule
@@ -25,7 +26,7 @@ from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore
 from vramfx.util import ALIGNMENT
-from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats
+from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats, stored_state
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +132,28 @@ def compile(
 
     Raises
     ------
+    TypeError, ValueError
+        An argument of the wrong type or value; the message names it. Checked before anything
+        is opened or allocated.
     BudgetError
         No schedule fits (carries ``minimum_bytes``), here or, for a model that cannot be
         captured, on the module-level path it falls back to.
     WeightsError
         Missing weights, or weights whose shape or dtype differ from the model.
+    Exception
+        With an example call, whatever the model raises on it while it is captured (a wrong
+        shape, a hook's error): eager raises it too.
 
     Warns
     -----
     UserWarning
-        Once, naming the cause, when ``torch.export`` cannot capture the model (data-dependent
-        control flow, an unsupported op, a cache object as input or output). Calls then run the
-        model eagerly, module by module, each module's weights fetched along the recorded
-        module order under the same budget (:mod:`vramfx.swap.fallback`): the same outputs,
-        at the layer-swap path's speed. ``fast.generate(...)`` always takes that path.
+        Once, naming the cause, when ``torch.export`` cannot express the model on a call's input
+        signature (data-dependent control flow, an op without a meta kernel, an object it cannot
+        carry). Calls with that signature then run the model eagerly, module by module, each
+        module's weights fetched along the recorded module order under the same budget
+        (:mod:`vramfx.swap.fallback`): the same outputs, at the layer-swap path's speed. Other
+        signatures keep their graphs. ``fast.generate(...)`` always takes that path. Cache
+        objects a call passes or returns (a ``DynamicCache``) stay on the compiled path.
 
     Examples
     --------
@@ -166,9 +175,14 @@ def compile(
     torch.bfloat16
     """
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if calls < 1:
-        raise ValueError(f"calls must be >= 1, got {calls}")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    require_int("calls", calls, minimum=1)
+    if margin_bytes is not None:
+        require_int("margin_bytes", margin_bytes, minimum=0)
+    require_bool("bypass_page_cache", bypass_page_cache)
+    if cost_model is not None and not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model must be a vramfx.CostModel or None, got {type(cost_model).__name__}")
+    example = require_call(example_args, example_kwargs)
     precision = precision_from_arguments(storage_dtype, compute_dtype, keep_in_compute_dtype)
     device = _resolve_device(device)
     budget_bytes = parse_budget(budget, device)
@@ -188,11 +202,19 @@ def compile(
     def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore) -> CompiledGraph:
         return build_graph(model, args, kwargs, source, renamed, options, store)
 
+    def read_state() -> dict[str, torch.Tensor]:
+        return stored_state(model, source, renamed=renamed, compute_dtype=compute_dtype)
+
     compiled = CompiledModule(
-        model, device, build, module_path=lambda: module_path(model, source, options), dtype=compute_dtype
+        model,
+        device,
+        build,
+        module_path=lambda: module_path(model, source, options),
+        dtype=compute_dtype,
+        stored_state=read_state,
     )
-    if example_args is not None or example_kwargs is not None:
-        compiled.prepare(tuple(example_args or ()), example_kwargs or {})
+    if example is not None:
+        compiled.prepare(*example)
     return compiled
 
 
@@ -258,7 +280,7 @@ def link_bytes_per_s(device: torch.device, source: Any) -> float | None:
 def _resolve_device(device: torch.device | str | None) -> torch.device:
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = require_device("device", device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for, but CUDA is not available; use device='cpu'")

@@ -176,6 +176,50 @@ def stored_formats(refs: Mapping[str, WeightRef], device: torch.device) -> dict[
     }
 
 
+def stored_state(
+    model: torch.nn.Module,
+    weights: WeightSource | None,
+    *,
+    renamed: Mapping[str, str] | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model's state dict with every meta tensor read from ``weights`` into host memory.
+
+    Real tensors are the model's own (detached). Tied names share one tensor, read once.
+    Floating-point tensors are given in ``compute_dtype`` when one is set.
+
+    Raises
+    ------
+    WeightsError
+        Listing every meta tensor ``weights`` does not hold.
+    """
+    state = model.state_dict(keep_vars=True)
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, tensor in state.items():
+        names.setdefault(id(tensor), []).append(name)
+        tensors[id(tensor)] = tensor
+    values: dict[int, torch.Tensor] = {}
+    missing: list[str] = []
+    for identity, tensor in tensors.items():
+        if not tensor.is_meta:
+            values[identity] = tensor.detach()
+            continue
+        key = _key_in(weights, names[identity], renamed or {}) if weights is not None else None
+        if key is None:
+            missing.append(names[identity][0])
+            continue
+        info = weights.info(key)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        weights.read_into(key, raw)
+        values[identity] = raw.view(info.dtype).reshape(info.shape)
+    if missing:
+        raise WeightsError(_report(missing, [], weights))
+    if compute_dtype is not None:
+        values = {i: v.to(compute_dtype) if v.is_floating_point() else v for i, v in values.items()}
+    return {name: values[id(tensor)] for name, tensor in state.items()}
+
+
 def _held_dtype(
     stored: torch.dtype, spec: WeightSpec, storage: Mapping[str, torch.dtype] | None, *, cast: bool = False
 ) -> torch.dtype | None:
