@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+import threading
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -23,7 +24,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from vramfx import carried
-from vramfx.errors import CaptureError
+from vramfx.errors import CaptureError, VramfxError
 from vramfx.fold_masks import fold_constant_masks
 from vramfx.storage.checkpoint_keys import tensor_aliases
 
@@ -135,7 +136,8 @@ def capture(
     aliases = tensor_aliases(model)
     originals = _original_tensors(model)
     meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, _to_meta, call.tree)
-    with _meta_state(model, dtype), _carrying(model, device), torch.no_grad():
+    refuse_if_forked_mid_capture()
+    with _meta_state(model, dtype), _carrying(model, device), _exporting(), torch.no_grad():
         try:
             exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
         except Exception as exc:
@@ -163,6 +165,47 @@ def capture(
         device=device,
         input_objects=carried.count_objects(call.tree),
     )
+
+
+# torch.export patches process-wide state (``nn.Module.__call__`` among it) while it traces. A
+# child forked while another thread traced keeps that state half-done, for good: it can neither
+# capture nor run graphs, and says so rather than hang or trace by accident.
+_exports = [0]
+_exports_lock = threading.Lock()
+_forked_mid_capture = [False]
+
+
+@contextlib.contextmanager
+def _exporting() -> Iterator[None]:
+    with _exports_lock:
+        _exports[0] += 1
+    try:
+        yield
+    finally:
+        with _exports_lock:
+            _exports[0] -= 1
+
+
+def _after_fork_in_child() -> None:
+    global _exports_lock
+    _exports_lock = threading.Lock()
+    if _exports[0]:
+        _forked_mid_capture[0] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def refuse_if_forked_mid_capture() -> None:
+    """Raise in a process forked while another thread was capturing a model."""
+    if _forked_mid_capture[0]:
+        raise VramfxError(
+            "this process was forked while another thread was capturing a model with torch.export, "
+            "whose process-wide tracing state was copied half-done: nothing can be captured or run "
+            "here. Fork before the first call of a new input signature or after it returns (compile "
+            "with example_args= to capture up front), or start workers with the 'spawn' method"
+        )
 
 
 def _to_meta(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

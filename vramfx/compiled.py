@@ -20,11 +20,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from vramfx import carried
-from vramfx.capture import Captured
+from vramfx.capture import Captured, refuse_if_forked_mid_capture
 from vramfx.errors import CaptureError, RuntimeFailure
 from vramfx.forks import renew_after_fork
 from vramfx.plan.plan import Plan
-from vramfx.runtime.engine import Engine, ResidentStore
+from vramfx.runtime.engine import Engine, ResidentStore, single_threaded_after_fork
 
 MAX_SIGNATURES_BEFORE_WARNING = 8
 
@@ -128,6 +128,7 @@ class CompiledModule(torch.nn.Module):
     def _after_fork_in_child(self) -> None:
         # A call another thread was making when the parent forked holds the lock forever here.
         self.__dict__["_vramfx_lock"] = threading.Lock()
+        single_threaded_after_fork()
 
     # -- behaving like the model -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -300,6 +301,7 @@ class CompiledModule(torch.nn.Module):
             return entry if isinstance(entry, CompiledGraph) else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        refuse_if_forked_mid_capture()
         kwargs = canonical_kwargs(kwargs)
         with self.__dict__["_vramfx_lock"], torch.no_grad():
             try:

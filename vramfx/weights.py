@@ -18,7 +18,7 @@ from vramfx.errors import WeightsError
 from vramfx.plan.types import StoredFormat
 from vramfx.precision import exactly_widens
 from vramfx.quant.decoders import Decoder
-from vramfx.storage.converted import ConvertedSource, serve_converted
+from vramfx.storage.converted import ConvertedSource, read_stored, serve_converted
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.formats import interpret, open_weights
 from vramfx.storage.host import HostSource
@@ -209,10 +209,7 @@ def stored_state(
         if key is None:
             missing.append(names[identity][0])
             continue
-        info = weights.info(key)
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        weights.read_into(key, raw)
-        values[identity] = raw.view(info.dtype).reshape(info.shape)
+        values[identity] = read_stored(weights, key)
     if missing:
         raise WeightsError(_report(missing, [], weights))
     if compute_dtype is not None:
