@@ -33,12 +33,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CompiledGraph:
-    """Everything built for one input signature."""
+    """Everything built for one input signature.
+
+    ``graph_bytes`` is the host memory this graph holds outside its plan; ``reserved_bytes``
+    what its plan set aside for every graph the compiled model held when it was planned.
+    """
 
     captured: Captured
     plan: Plan
     graph_module: torch.fx.GraphModule
     engine: Engine
+    graph_bytes: int = 0
+    reserved_bytes: int = 0
 
     @functools.cached_property
     def carries(self) -> bool:
@@ -103,16 +109,18 @@ class CompiledModule(torch.nn.Module):
         self,
         model: torch.nn.Module,
         device: torch.device,
-        build: Callable[[tuple, dict[str, Any]], CompiledGraph],
+        build: Callable[[tuple, dict[str, Any], ResidentStore, int], CompiledGraph],
         module_path: Callable[[], Any] | None = None,
         dtype: torch.dtype | None = None,
         stored_state: Callable[[], dict[str, torch.Tensor]] | None = None,
+        replan: Callable[[Captured, ResidentStore, int, int], CompiledGraph] | None = None,
     ) -> None:
         super().__init__()
         self.__dict__["_vramfx_dtype"] = dtype
         self.__dict__["_vramfx_model"] = model
         self.__dict__["_vramfx_device"] = device
         self.__dict__["_vramfx_build"] = build
+        self.__dict__["_vramfx_replan"] = replan
         self.__dict__["_vramfx_cache"] = {}
         self.__dict__["_vramfx_active"] = None
         self.__dict__["_vramfx_latest"] = None
@@ -334,9 +342,11 @@ class CompiledModule(torch.nn.Module):
         cache: dict = self.__dict__["_vramfx_cache"]
         key = input_signature(*tree)
         entry = cache.get(key)
+        if isinstance(entry, CompiledGraph) and entry.reserved_bytes < self._graph_bytes():
+            cache[key] = entry = self._replanned(entry)
         if entry is None:
             try:
-                entry = self.__dict__["_vramfx_build"](*tree, self.__dict__["_vramfx_store"])
+                entry = self.__dict__["_vramfx_build"](*tree, self.__dict__["_vramfx_store"], self._graph_bytes())
             except CaptureError as exc:
                 entry = self._fall_back(exc, stacklevel=stacklevel + 1)
             cache[key] = entry
@@ -351,6 +361,22 @@ class CompiledModule(torch.nn.Module):
         if isinstance(entry, CompiledGraph):
             self.__dict__["_vramfx_latest"] = entry
         return entry
+
+    def _graph_bytes(self) -> int:
+        """Host memory the compiled graphs held now keep outside their plans."""
+        return sum(e.graph_bytes for e in self.__dict__["_vramfx_cache"].values() if isinstance(e, CompiledGraph))
+
+    def _replanned(self, entry: CompiledGraph) -> CompiledGraph:
+        """``entry`` planned again, setting aside graphs captured since it was planned (its
+        capture is kept). Raises BudgetError when the budget cannot hold them all."""
+        replan = self.__dict__["_vramfx_replan"]
+        if replan is None:
+            return entry
+        if self.__dict__["_vramfx_active"] is entry:
+            entry.engine.deactivate()
+            self.__dict__["_vramfx_active"] = None
+        held = self._graph_bytes() - entry.graph_bytes
+        return replan(entry.captured, self.__dict__["_vramfx_store"], held, entry.graph_bytes)
 
     def _fall_back(self, exc: CaptureError, *, stacklevel: int) -> Fallback:
         """This signature runs module by module; one warning per compiled model names the cause."""

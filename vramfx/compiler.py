@@ -15,7 +15,9 @@ import torch
 
 from vramfx.arguments import require_bool, require_call, require_device, require_int
 from vramfx.budget import parse_budget
-from vramfx.capture import capture
+from vramfx.errors import BudgetError
+from vramfx.measure import release_freed_memory
+from vramfx.capture import Captured, capture
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
@@ -25,7 +27,7 @@ from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore
-from vramfx.util import ALIGNMENT
+from vramfx.util import ALIGNMENT, format_bytes
 from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats, stored_state
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,15 @@ DEFAULT_MARGIN_BYTES = {"cpu": 8 * 2**20, "cuda": 64 * 2**20}
 #: their link is the slower of PCIe and the read: 5 GB/s, a PCIe 4 NVMe drive's sequential read
 #: or a warm page cache read by a few threads. A ``cost_model`` argument overrides both.
 CUDA_LINK_BYTES_PER_S = {"host": 20e9, "disk": 5e9}
+#: Host memory a compiled graph keeps on CPU besides what its plan counts: the captured and
+#: rewritten graph modules with their node metadata, the Plan, the engine's bookkeeping, after
+#: capture's temporaries are trimmed. A model's first graph also leaves state in torch's caches.
+#: Measured as RssAnon growth on the test suite's eight architectures (first graph: at most
+#: 1.3 MB + 14 KB per captured node; each further one about 8 KB per node; docs/reliability.md),
+#: rounded up.
+GRAPH_BASE_BYTES = 2**20
+GRAPH_BYTES_PER_NODE = 18 * 2**10
+FURTHER_GRAPH_BYTES_PER_NODE = 9 * 2**10
 
 
 @dataclass(frozen=True)
@@ -199,8 +210,11 @@ def compile(
 
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
 
-    def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore) -> CompiledGraph:
-        return build_graph(model, args, kwargs, source, renamed, options, store)
+    def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore, held_bytes: int) -> CompiledGraph:
+        return build_graph(model, args, kwargs, source, renamed, options, store, held_bytes)
+
+    def replan(captured: Captured, store: ResidentStore, held_bytes: int, graph_bytes: int) -> CompiledGraph:
+        return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
 
     def read_state() -> dict[str, torch.Tensor]:
         return stored_state(model, source, renamed=renamed, compute_dtype=compute_dtype)
@@ -209,6 +223,7 @@ def compile(
         model,
         device,
         build,
+        replan=replan,
         module_path=lambda: module_path(model, source, options),
         dtype=compute_dtype,
         stored_state=read_state,
@@ -226,30 +241,81 @@ def build_graph(
     renamed: Mapping[str, str],
     options: CompileOptions,
     store: ResidentStore,
+    held_bytes: int = 0,
 ) -> CompiledGraph:
-    """Run every stage for one input signature (``renamed``: model name → checkpoint key)."""
+    """Run every stage for one input signature (``renamed``: model name → checkpoint key).
+
+    ``held_bytes``: host memory the compiled model's other graphs hold (:func:`graph_host_bytes`).
+    """
     precision = options.precision
     compute_dtype = precision.compute_dtype if precision is not None else None
     captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
+    graph_bytes = graph_host_bytes(captured, options.device, first=not held_bytes)
+    return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
+
+
+def plan_graph(
+    model: torch.nn.Module,
+    captured: Captured,
+    source: Any,
+    renamed: Mapping[str, str],
+    options: CompileOptions,
+    store: ResidentStore,
+    held_bytes: int,
+    graph_bytes: int,
+) -> CompiledGraph:
+    """Every stage after capture: weights, liveness, schedule, rewrite, engine.
+
+    The plan sets aside the host memory compiled graphs hold outside their plans, this one's
+    (``graph_bytes``) and the others' (``held_bytes``): on CPU the budget is what the process
+    grows by.
+    """
+    precision = options.precision
     storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
     refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
     stored = {name: ref.dtype for name, ref in refs.items()}
     liveness = build_liveness(
         captured, device=options.device, storage_dtypes=stored, stored_formats=stored_formats(refs, options.device)
     )
-    plan = schedule(
-        liveness,
-        options.budget_bytes,
-        cost_model=options.cost_model,
-        calls=options.calls,
-        alignment=ALIGNMENT.get(options.device.type, 64),
-        margin_bytes=options.margin_bytes,
-    )
+    reserved = held_bytes + graph_bytes
+    try:
+        plan = schedule(
+            liveness,
+            options.budget_bytes,
+            cost_model=options.cost_model,
+            calls=options.calls,
+            alignment=ALIGNMENT.get(options.device.type, 64),
+            margin_bytes=options.margin_bytes + reserved,
+        )
+    except BudgetError as exc:
+        if not reserved:
+            raise
+        raise BudgetError(
+            f"{exc} The margin counts {format_bytes(reserved)} of host memory the compiled graphs hold "
+            f"besides their plans (graph modules, node metadata, bookkeeping: {format_bytes(GRAPH_BASE_BYTES)} "
+            f"+ {format_bytes(GRAPH_BYTES_PER_NODE)} per captured node for a model's first graph, "
+            f"{format_bytes(FURTHER_GRAPH_BYTES_PER_NODE)} per node for each further one; measured).",
+            minimum_bytes=exc.minimum_bytes,
+        ) from None
     if log.isEnabledFor(logging.INFO):
         log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
     graph_module = rewrite(captured, plan)
     engine = make_engine(plan, refs, options.device, store, bypass_page_cache=options.bypass_page_cache)
-    return CompiledGraph(captured, plan, graph_module, engine)
+    if options.device.type == "cpu":
+        # Capture's temporaries are freed by now, but the C allocator keeps freed pages (RssAnon,
+        # what a CPU budget is measured by) until trimmed; trimmed, the arena can reuse them.
+        release_freed_memory()
+    return CompiledGraph(captured, plan, graph_module, engine, graph_bytes=graph_bytes, reserved_bytes=reserved)
+
+
+def graph_host_bytes(captured: Captured, device: torch.device, *, first: bool = True) -> int:
+    """Host memory a compiled graph holds outside its plan, on CPU (where the budget is host
+    memory): for a model's ``first`` graph :data:`GRAPH_BASE_BYTES` + :data:`GRAPH_BYTES_PER_NODE`
+    per captured node, for a further one :data:`FURTHER_GRAPH_BYTES_PER_NODE` per node."""
+    if device.type != "cpu":
+        return 0
+    nodes = len(captured.graph_module.graph.nodes)
+    return GRAPH_BASE_BYTES + GRAPH_BYTES_PER_NODE * nodes if first else FURTHER_GRAPH_BYTES_PER_NODE * nodes
 
 
 def module_path(model: torch.nn.Module, source: Any, options: CompileOptions) -> Any:
