@@ -3,11 +3,12 @@
 On the CPU Llama-like workload of ``compile_cpu.py`` (4 layers, weights on disk, page cache
 warm, budget 30% of the weights):
 
-- **failing calls**: 100 calls where every tenth passes a token outside the vocabulary, so the
-  graph raises at the embedding node, mid-call; the other 90 are compared with eager, and RssAnon
-  is read after every tenth call;
-- **fork**: the median of 10 calls in the parent against a forked child's first and second call
-  (the child checks its output against eager);
+- **failing calls**: after 20 warm-up calls, 100 calls where every tenth passes a token outside
+  the vocabulary, so the graph raises at the embedding node, mid-call; the other 90 are compared
+  with eager, and RssAnon is read after every tenth call;
+- **fork**: the median of 10 calls in the parent (on its threads, and on one thread, as a forked
+  child runs under OpenMP) against a forked child's first and second call (the child checks its
+  output against eager);
 - **budget**: RssAnon growth from before ``compile`` through 3 calls against the budget, each
   model in a fresh process that has paid torch.export's one-time state on a toy model first:
   this workload, and every architecture of the test suite at its minimum budget.
@@ -38,33 +39,42 @@ from vramfx.util import format_bytes
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def failing_calls(fast, inputs: dict, expected: torch.Tensor) -> dict:
+def failing_calls(fast, inputs: dict, expected: torch.Tensor, calls: int = 100, warmup: int = 20) -> dict:
+    """``warmup`` calls, then ``calls`` more, every tenth raising; RssAnon after each tenth."""
     bad = dict(inputs, input_ids=inputs["input_ids"].clone())
     bad["input_ids"][0, 3] = 10**6
     rss, equal, raised = [], 0, 0
-    for i in range(1, 101):
+    for i in range(1, warmup + calls + 1):
         if i % 10 == 0:
             try:
                 fast(**bad)
             except IndexError:
-                raised += 1
-            gc.collect()
-            rss.append(rss_anon_bytes())
+                raised += i > warmup
+            if i >= warmup:
+                gc.collect()
+                rss.append(rss_anon_bytes())
         else:
-            equal += bool(torch.equal(expected, fast(**inputs).last_hidden_state))
-    return {"equal_to_eager": equal, "raised": raised, "rss_after_each_tenth_call": rss,
-            "rss_growth_after_call_10": rss[-1] - rss[0]}
+            same = torch.equal(expected, fast(**inputs).last_hidden_state)
+            equal += i > warmup and same
+    return {"calls": calls, "equal_to_eager": equal, "raised": raised, "rss_after_each_tenth_call": rss,
+            "rss_growth": rss[-1] - rss[0]}
 
 
 def forked_child(fast, inputs: dict, expected: torch.Tensor) -> dict:
-    parent = sorted(timed(lambda: fast(**inputs)) for _ in range(10))
+    """The parent's median call (at its thread count, and on one thread as a forked child runs)
+    against a forked child's first and second calls."""
+    parent = statistics.median(timed(lambda: fast(**inputs)) for _ in range(10))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    parent_one_thread = statistics.median(timed(lambda: fast(**inputs)) for _ in range(10))
+    torch.set_num_threads(threads)
     context = multiprocessing.get_context("fork")
     results = context.SimpleQueue()
 
     def child() -> None:
         first = timed(lambda: results.put(torch.equal(expected, fast(**inputs).last_hidden_state)))
         second = timed(lambda: fast(**inputs))
-        results.put((first, second))
+        results.put((first, second, torch.get_num_threads()))
 
     process = context.Process(target=child)
     process.start()
@@ -72,8 +82,9 @@ def forked_child(fast, inputs: dict, expected: torch.Tensor) -> dict:
     if process.is_alive():
         process.kill()
         return {"child": "hung"}
-    equal, (first, second) = results.get(), results.get()
-    return {"parent_median_s": statistics.median(parent), "child_first_s": first, "child_second_s": second,
+    equal, (first, second, child_threads) = results.get(), results.get()
+    return {"parent_median_s": parent, "parent_threads": threads, "parent_one_thread_median_s": parent_one_thread,
+            "child_first_s": first, "child_second_s": second, "child_threads": child_threads,
             "child_equal_to_eager": equal}
 
 
@@ -155,10 +166,11 @@ def main() -> None:
         figures["budget"].append(json.loads(done.stdout.strip().splitlines()[-1]))
 
     calls = figures["failing_calls"]
-    print(f"100 calls, every tenth raising: {calls['equal_to_eager']}/90 equal to eager, {calls['raised']}/10 raised; "
-          f"RssAnon after call 10 -> 100: {format_bytes(calls['rss_growth_after_call_10'])} growth")
+    print(f"{calls['calls']} calls after a warm-up, every tenth raising: {calls['equal_to_eager']} equal to eager, "
+          f"{calls['raised']} raised; RssAnon over them: {format_bytes(calls['rss_growth'])} growth")
     fork = figures["fork"]
-    print(f"fork: parent median call {fork['parent_median_s'] * 1e3:.1f} ms; child first call "
+    print(f"fork: parent median call {fork['parent_median_s'] * 1e3:.1f} ms on {fork['parent_threads']} threads, "
+          f"{fork['parent_one_thread_median_s'] * 1e3:.1f} ms on 1; child ({fork['child_threads']} thread) first call "
           f"{fork['child_first_s'] * 1e3:.1f} ms, second {fork['child_second_s'] * 1e3:.1f} ms; "
           f"equal to eager: {fork['child_equal_to_eager']}")
     for row in figures["budget"]:

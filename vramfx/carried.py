@@ -186,37 +186,52 @@ def lift_outputs(out: Any, inputs: Sequence[object]) -> Any:
 
 
 def _carry(obj: object, refs: dict[int, int]) -> Carried:
-    tensors: list[Any] = []
-    slots: dict[int, int] = {}
-    skeleton = _skeleton(obj, tensors, slots, refs, set())
-    return Carried(tensors, Template(skeleton, len(tensors)))
+    walk = _Walk(refs)
+    skeleton = walk.skeleton(obj, frozenset())
+    return Carried(walk.tensors, Template(skeleton, len(walk.tensors)))
 
 
-def _skeleton(value: Any, tensors: list, slots: dict[int, int], refs: dict[int, int], path: set[int]) -> Any:
-    if isinstance(value, torch.Tensor):
-        if id(value) not in slots:
-            slots[id(value)] = len(tensors)
-            tensors.append(value)
-        return _Slot(slots[id(value)])
-    if isinstance(value, _PLAIN):
-        return value
-    if id(value) in refs:
-        return _Input(refs[id(value)])
-    if id(value) in path:
-        raise CaptureError(f"a {type(value).__name__} in the call's inputs or outputs refers to itself; it cannot be carried")
-    path = path | {id(value)}
-    if type(value) in (list, tuple):
-        return _Seq(type(value), tuple(_skeleton(v, tensors, slots, refs, path) for v in value))
-    if type(value) is dict:
-        return _Map(tuple((k, _skeleton(v, tensors, slots, refs, path)) for k, v in value.items()))
-    if not carriable(value) or not _holds_tensors(value, set()):
-        return _Shared(value)
-    if _slot_names(type(value)):
-        raise CaptureError(
-            f"{type(value).__name__} in the call's inputs or outputs keeps state outside its attributes; "
-            "it cannot be carried through a graph"
-        )
-    return _Obj(type(value), tuple((k, _skeleton(v, tensors, slots, refs, path)) for k, v in vars(value).items()))
+class _Walk:
+    """Builds one object's skeleton: each tensor and each object once, however often it is met."""
+
+    def __init__(self, refs: dict[int, int]) -> None:
+        self.refs = refs
+        self.tensors: list[Any] = []
+        self.slots: dict[int, int] = {}
+        self.objects: dict[int, _Obj] = {}
+
+    def skeleton(self, value: Any, path: frozenset[int]) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in self.slots:
+                self.slots[id(value)] = len(self.tensors)
+                self.tensors.append(value)
+            return _Slot(self.slots[id(value)])
+        if isinstance(value, _PLAIN):
+            return value
+        if id(value) in self.refs:
+            return _Input(self.refs[id(value)])
+        if id(value) in path:
+            raise CaptureError(
+                f"a {type(value).__name__} in the call's inputs or outputs refers to itself; it cannot be carried"
+            )
+        if id(value) in self.objects:
+            return self.objects[id(value)]
+        path = path | {id(value)}
+        if type(value) in (list, tuple):
+            return _Seq(type(value), tuple(self.skeleton(v, path) for v in value))
+        if type(value) is dict:
+            return _Map(tuple((k, self.skeleton(v, path)) for k, v in value.items()))
+        if not _holds_tensors(value, set()):
+            return _Shared(value)
+        if _slot_names(type(value)) or not carriable(value):
+            raise CaptureError(
+                f"{type(value).__name__} in the call's inputs or outputs keeps tensors outside its attributes; "
+                "it cannot be carried through a graph"
+            )
+        node = _Obj(type(value), ())
+        self.objects[id(value)] = node
+        object.__setattr__(node, "attrs", tuple((k, self.skeleton(v, path)) for k, v in vars(value).items()))
+        return node
 
 
 def _slot_names(cls: type) -> set[str]:
@@ -238,7 +253,9 @@ def _holds_tensors(value: Any, seen: set[int]) -> bool:
         return any(_holds_tensors(v, seen) for v in value)
     if type(value) is dict:
         return any(_holds_tensors(v, seen) for v in value.values())
-    return carriable(value) and any(_holds_tensors(v, seen) for v in vars(value).values())
+    attrs = list(vars(value).values()) if hasattr(value, "__dict__") else []
+    attrs += [getattr(value, name, None) for name in _slot_names(type(value))]
+    return not callable(value) and any(_holds_tensors(v, seen) for v in attrs)
 
 
 def _describe(node: Any) -> str:
