@@ -21,7 +21,7 @@ import torch
 
 import vramfx
 from vramfx.capture import capture
-from vramfx.compiler import ALLOCATOR_SLACK_PER_ACTIVATION_BYTE, DEFAULT_MARGIN_BYTES, graph_host_bytes
+from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes
 from vramfx.measure import PeakMemory, release_freed_memory
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.schedule import minimum_budget, planned_casts
@@ -54,8 +54,7 @@ def main() -> None:
         "fp8": build_liveness(captured, storage_dtypes=storage_dtypes(empty, captured.weights, precision)),
     }
     # compile's CPU margin: the default, the graph's own host memory, the allocator's slack.
-    margin = (DEFAULT_MARGIN_BYTES["cpu"] + graph_host_bytes(captured, torch.device("cpu"))
-              + ALLOCATOR_SLACK_PER_ACTIVATION_BYTE * lives["fp32"].activation_peak_bytes)
+    margin = compile_margin_bytes(captured, lives["fp32"], torch.device("cpu"), DEFAULT_MARGIN_BYTES["cpu"])
     fixed = lives["fp32"].workspace_bytes + margin
     minimum = {k: minimum_budget(lv, margin_bytes=margin) for k, lv in lives.items()}
     upcast = planned_casts(lives["fp8"])[1]

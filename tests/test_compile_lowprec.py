@@ -131,7 +131,7 @@ def test_fp8_storage_needs_a_quarter_of_the_fp32_weight_budget_plus_the_upcast_b
 def test_fp8_budget_is_kept_measured_as_rss_anon(tmp_path):
     """A 58 MB (fp32) Llama stored as fp8 runs in a quarter of an fp32 streaming budget's weight
     share plus the upcast buffers, measured as RssAnon over its calls."""
-    from vramfx.compiler import DEFAULT_MARGIN_BYTES, graph_host_bytes
+    from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes
 
     torch.manual_seed(0)
     call = {"input_ids": torch.randint(0, 2048, (1, 32), generator=torch.Generator().manual_seed(0)),
@@ -147,7 +147,7 @@ def test_fp8_budget_is_kept_measured_as_rss_anon(tmp_path):
 
     fp32_live, fp8_live = liveness_of(empty, call, None), liveness_of(empty, call, FP8)
     # compile's margin also counts the host memory its graph holds outside the plan.
-    margin = DEFAULT_MARGIN_BYTES["cpu"] + graph_host_bytes(capture(empty, (), call), torch.device("cpu"))
+    margin = compile_margin_bytes(capture(empty, (), call), fp8_live, torch.device("cpu"), DEFAULT_MARGIN_BYTES["cpu"])
     fixed = fp32_live.workspace_bytes + margin
     budget32 = plan_minimum_budget(fp32_live, margin_bytes=margin) + fp32_live.weight_bytes // 4
     budget8 = quarter_budget(budget32, fp32_live, fp8_live, fixed) + 64 * len(fp8_live.weights)

@@ -21,6 +21,7 @@ from vramfx.capture import Captured, capture
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
+from vramfx.plan.types import Liveness
 from vramfx.plan.schedule import schedule
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
@@ -284,7 +285,7 @@ def plan_graph(
         captured, device=options.device, storage_dtypes=stored, stored_formats=stored_formats(refs, options.device)
     )
     reserved = held_bytes + graph_bytes
-    slack = ALLOCATOR_SLACK_PER_ACTIVATION_BYTE * liveness.activation_peak_bytes if options.device.type == "cpu" else 0
+    slack = allocator_slack_bytes(liveness, options.device)
     try:
         plan = schedule(
             liveness,
@@ -313,6 +314,18 @@ def plan_graph(
         # what a CPU budget is measured by) until trimmed; trimmed, the arena can reuse them.
         release_freed_memory()
     return CompiledGraph(captured, plan, graph_module, engine, graph_bytes=graph_bytes, reserved_bytes=reserved)
+
+
+def allocator_slack_bytes(liveness: Liveness, device: torch.device) -> int:
+    """Freed activation memory the C allocator keeps, on CPU: :data:`ALLOCATOR_SLACK_PER_ACTIVATION_BYTE`
+    times the activation peak."""
+    return ALLOCATOR_SLACK_PER_ACTIVATION_BYTE * liveness.activation_peak_bytes if device.type == "cpu" else 0
+
+
+def compile_margin_bytes(captured: Captured, liveness: Liveness, device: torch.device, margin_bytes: int) -> int:
+    """The margin compile plans a model's first graph with: ``margin_bytes`` plus, on CPU, the
+    graph's host memory and the allocator's slack (for tools that plan as compile does)."""
+    return margin_bytes + graph_host_bytes(captured, device) + allocator_slack_bytes(liveness, device)
 
 
 def graph_host_bytes(captured: Captured, device: torch.device, *, first: bool = True) -> int:
