@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vramfx.arguments import require_device
 from vramfx.errors import WeightsError
 from vramfx.forks import renew_after_fork
 from vramfx.storage.files import PathLike, open_regular, resolve_safetensors
@@ -116,7 +117,7 @@ class DiskMap(Mapping[str, torch.Tensor]):
         if key_map is not None and not (isinstance(key_map, Mapping) or callable(key_map)):
             raise ValueError(f"key_map={key_map!r} must be a dict or a callable from old to new name.")
         self._args = (source, device, dtype, key_map)
-        self.device = torch.device(device)
+        self.device = require_device("device", device)
         self.dtype = dtype
         self._local = threading.local()
         self._warn_lock = threading.Lock()

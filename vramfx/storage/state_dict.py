@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vramfx.arguments import require_device
 from vramfx.errors import WeightsError
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.files import PICKLE_SUFFIXES, PathLike, is_pickle_index, open_regular, read_index
@@ -66,6 +67,7 @@ def load_state_dict(
     """
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch.dtype (e.g. torch.bfloat16).")
+    device = require_device("device", device)
     pickles = _pickle_files(path)
     if pickles is None:
         with DiskMap(path, device=device, dtype=dtype) as dm:  # type: ignore[arg-type]
