@@ -185,8 +185,9 @@ def stored_state(
 ) -> dict[str, torch.Tensor]:
     """The model's state dict with every meta tensor read from ``weights`` into host memory.
 
-    Real tensors are the model's own (detached). Tied names share one tensor, read once.
-    Floating-point tensors are given in ``compute_dtype`` when one is set.
+    Real tensors are the model's own (detached). Tied names share one tensor, read once. A
+    weight the source decodes (GGUF, scaled fp8) is decoded into the model's dtype. Floating-point
+    tensors are given in ``compute_dtype`` when one is set.
 
     Raises
     ------
@@ -205,11 +206,18 @@ def stored_state(
         if not tensor.is_meta:
             values[identity] = tensor.detach()
             continue
-        key = _key_in(weights, names[identity], renamed or {}) if weights is not None else None
+        key = find_key(weights, names[identity], renamed or {}) if weights is not None else None
         if key is None:
             missing.append(names[identity][0])
             continue
-        values[identity] = read_stored(weights, key)
+        decoder = decoder_of(weights, key)
+        if decoder is None:
+            values[identity] = read_stored(weights, key)
+            continue
+        raw = torch.empty(decoder.nbytes, dtype=torch.uint8)  # GGUF blocks, scaled fp8: decoded
+        weights.read_into(key, raw)
+        values[identity] = torch.empty(tuple(decoder.shape), dtype=compute_dtype or tensor.dtype)
+        decoder.decode_into(raw.view(decoder.stored_dtype), values[identity])
     if missing:
         raise WeightsError(_report(missing, [], weights))
     if compute_dtype is not None:
