@@ -38,7 +38,7 @@ def test_the_same_model_inputs_and_budget_give_the_same_plan_whatever_the_machin
     build_saved(arch, tmp_path)
     plans = []
     for _ in range(2):
-        fast = vramfx.compile(build_empty(arch), budget="12MiB", weights=tmp_path, device="cpu",
+        fast = vramfx.compile(build_empty(arch), budget="14MiB", weights=tmp_path, device="cpu",
                               example_kwargs=arch.inputs())
         plans.append(fast.plan)
     assert plans[0] == plans[1]
