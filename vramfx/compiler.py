@@ -58,6 +58,9 @@ FURTHER_GRAPH_BYTES_PER_NODE = 9 * 2**10
 #: Llama workload of benchmarks/reliability.py: 6-11 MB beyond the plan's activations, weights
 #: and workspace (activation peaks 1.2-4.7 MB), which the 8 MiB default margin plus this covers.
 ALLOCATOR_SLACK_PER_ACTIVATION_BYTE = 2
+#: ... and at most this much: glibc serves blocks above 32 MiB (its mmap threshold's ceiling) by
+#: mmap and returns them when freed, and trims its heap once more than twice that is free at its top.
+ALLOCATOR_SLACK_MAX_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -318,8 +321,10 @@ def plan_graph(
 
 def allocator_slack_bytes(liveness: Liveness, device: torch.device) -> int:
     """Freed activation memory the C allocator keeps, on CPU: :data:`ALLOCATOR_SLACK_PER_ACTIVATION_BYTE`
-    times the activation peak."""
-    return ALLOCATOR_SLACK_PER_ACTIVATION_BYTE * liveness.activation_peak_bytes if device.type == "cpu" else 0
+    times the activation peak, at most :data:`ALLOCATOR_SLACK_MAX_BYTES`."""
+    if device.type != "cpu":
+        return 0
+    return min(ALLOCATOR_SLACK_PER_ACTIVATION_BYTE * liveness.activation_peak_bytes, ALLOCATOR_SLACK_MAX_BYTES)
 
 
 def compile_margin_bytes(captured: Captured, liveness: Liveness, device: torch.device, margin_bytes: int) -> int:
