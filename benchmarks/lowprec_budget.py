@@ -21,7 +21,7 @@ import torch
 
 import vramfx
 from vramfx.capture import capture
-from vramfx.compiler import DEFAULT_MARGIN_BYTES
+from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes
 from vramfx.measure import PeakMemory, release_freed_memory
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.schedule import minimum_budget, planned_casts
@@ -30,7 +30,6 @@ from vramfx.util import format_bytes
 from workloads import llama_config
 
 FP8 = torch.float8_e4m3fn
-MARGIN = DEFAULT_MARGIN_BYTES["cpu"]
 
 
 def main() -> None:
@@ -54,8 +53,10 @@ def main() -> None:
         "fp32": build_liveness(captured),
         "fp8": build_liveness(captured, storage_dtypes=storage_dtypes(empty, captured.weights, precision)),
     }
-    fixed = lives["fp32"].workspace_bytes + MARGIN
-    minimum = {k: minimum_budget(lv, margin_bytes=MARGIN) for k, lv in lives.items()}
+    # compile's CPU margin: the default, the graph's own host memory, the allocator's slack.
+    margin = compile_margin_bytes(captured, lives["fp32"], torch.device("cpu"), DEFAULT_MARGIN_BYTES["cpu"])
+    fixed = lives["fp32"].workspace_bytes + margin
+    minimum = {k: minimum_budget(lv, margin_bytes=margin) for k, lv in lives.items()}
     upcast = planned_casts(lives["fp8"])[1]
     activations = lives["fp32"].activation_peak_bytes
     budget32 = minimum["fp32"] + lives["fp32"].weight_bytes // 4

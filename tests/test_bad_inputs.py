@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +29,7 @@ import safetensors.torch
 import torch
 
 import vramfx
-from tiny_models import ARCHS, build_empty, build_saved, streaming_budget
+from tiny_models import ARCHS, build_empty, build_saved, further_graph_bytes, streaming_budget
 
 LLAMA = ARCHS["llama"]
 FILE = "model.safetensors"
@@ -339,8 +341,10 @@ def test_15_call_with_a_different_input_structure(llama):
         {"input_ids": ids, "use_cache": False, "return_dict": False},  # another output structure
         {"input_ids": ids, "use_cache": False},  # the first again: its graph is reused
     ]
+    # Each further graph holds host memory of its own, which the budget must hold too.
+    budget = llama["budget"] + sum(further_graph_bytes(build_empty(LLAMA), kwargs) for kwargs in calls[2:5])
     with nothing_left_behind(), vramfx.DiskMap(llama["folder"]) as weights:
-        fast = vramfx.compile(build_empty(LLAMA), budget=llama["budget"], weights=weights, device="cpu")
+        fast = vramfx.compile(build_empty(LLAMA), budget=budget, weights=weights, device="cpu")
         graphs = []
         for kwargs in calls:
             with torch.no_grad():
@@ -472,3 +476,107 @@ def test_18_reader_that_fails_loading_resident_weights(llama, monkeypatch):
         monkeypatch.setattr(vramfx.DiskMap, "read_into", real_read)
         assert torch.equal(llama["expected"], fast(**llama["inputs"]).last_hidden_state)
         fast.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Strange files (cases 19-23): refused without blocking, or read so they cannot change later
+
+
+@contextlib.contextmanager
+def unblocking(fifo: Path) -> Iterator[None]:
+    """Should a reader block opening ``fifo`` (the bug), open it for writing after the block,
+    so the stuck thread returns and the run can go on."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_19_a_fifo_named_like_weights(llama, tmp_path):
+    fifo = tmp_path / FILE
+    os.mkfifo(fifo)
+    pickle_fifo = tmp_path / "other" / "pytorch_model.bin"
+    pickle_fifo.parent.mkdir()
+    os.mkfifo(pickle_fifo)
+    with unblocking(fifo), unblocking(pickle_fifo), nothing_left_behind():
+        for source in (tmp_path, fifo):
+            for load in (vramfx.DiskMap, vramfx.load_state_dict, lambda s: compile_from(s, llama)):
+                raised = call_or_hang(lambda: load(source), seconds=30)
+                assert isinstance(raised, vramfx.WeightsError), raised
+                assert re.search(r"model\.safetensors is a FIFO, not a regular file", str(raised)), raised
+        raised = call_or_hang(lambda: vramfx.load_state_dict(pickle_fifo), seconds=30)
+        assert isinstance(raised, vramfx.WeightsError) and "pytorch_model.bin is a FIFO" in str(raised), raised
+
+
+def test_20_a_directory_named_like_a_shard(llama, tmp_path):
+    shutil.copyfile(llama["folder"] / FILE, tmp_path / "a.safetensors")
+    (tmp_path / "b.safetensors").mkdir()
+    assert_refused(tmp_path, llama, r"b\.safetensors is a directory, not a regular file")
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("[" * 100_000 + "]" * 100_000, r"header JSON is nested too deeply"),
+     ("1" * 5000, r"header is not valid UTF-8 JSON \(.*integer"),
+     ('["F32"]', r"tensor '.*' has unknown dtype \['F32'\]")],
+    ids=["deeply_nested", "5000_digit_integer", "dtype_not_a_string"],
+)
+def test_21_a_header_that_is_json_but_not_a_header(llama, tmp_path, value, match):
+    path = copy_file(llama, tmp_path)
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + length].decode()
+    key = "norm.weight" if "unknown dtype" in match else "__metadata__"
+    if key == "norm.weight":
+        text = header.replace('"dtype":"F32"', f'"dtype":{value}', 1)
+    else:
+        text = '{"__metadata__":{"x":' + value + "}," + header[1:]
+    path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + raw[8 + length :])
+    assert_refused(path, llama, r"model\.safetensors: " + match)
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "/tmp/outside.safetensors"])
+def test_22_an_index_naming_a_shard_outside_its_folder(llama, sharded, escape):
+    index = sharded / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    shard = content["weight_map"]["norm.weight"]
+    shutil.copyfile(sharded / shard, sharded.parent / "outside.safetensors")
+    content["weight_map"] = {k: escape if v == shard else v for k, v in content["weight_map"].items()}
+    index.write_text(json.dumps(content))
+    assert_refused(sharded, llama, r"names shard '.*outside\.safetensors', which is not a file in the index's folder")
+
+
+def test_22_an_index_whose_shards_are_symbolic_links_as_in_the_hub_cache(llama, sharded, tmp_path):
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for i, path in enumerate(sorted(sharded.iterdir())):
+        shutil.copyfile(path, blobs / f"blob{i}")
+        (snapshot / path.name).symlink_to(blobs / f"blob{i}")
+    with nothing_left_behind(), vramfx.DiskMap(snapshot) as weights:
+        assert torch.equal(llama["expected"], streaming(llama, weights)(**llama["inputs"]).last_hidden_state)
+
+
+def test_23_a_pickle_checkpoint_rewritten_or_truncated_after_loading(llama, tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    state = vramfx.load_state_dict(llama["folder"])
+    torch.save(state, path)
+    # In a child process: when the checkpoint was memory-mapped, truncating it killed the
+    # process reading a tensor (SIGBUS).
+    script = f"""
+import os, torch, vramfx
+path = {str(path)!r}
+loaded = vramfx.load_state_dict(path)
+before = {{k: v.clone() for k, v in loaded.items()}}
+torch.save({{k: torch.zeros_like(v) for k, v in loaded.items()}}, path + ".new")
+with open(path + ".new", "rb") as src, open(path, "r+b") as dst:  # rewritten in place
+    dst.write(src.read())
+assert all(torch.equal(before[k], v) for k, v in loaded.items()), "outputs changed with the file"
+os.truncate(path, 64)
+assert all(torch.equal(before[k], v) for k, v in loaded.items())
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-2000:])

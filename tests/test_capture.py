@@ -127,3 +127,61 @@ def test_a_compute_dtype_captures_floating_weights_in_it_and_leaves_the_model():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     matmuls = [n for n in captured.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default]
     assert matmuls and all(n.meta["val"].dtype == torch.bfloat16 for n in matmuls)
+
+
+class Calls(torch.nn.Module):
+    """A Linear around whatever ``step`` does with its output."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.step = step
+
+    def forward(self, x):
+        return self.step(self.proj(x))
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "match"),
+    [
+        (lambda h: h @ torch.ones(5, 3, device=h.device), RuntimeError, r"a and b must have same reduction dim"),
+        (lambda h: h.view(3, -1), RuntimeError, r"shape '\[3, -1\]' is invalid"),
+        (lambda h: torch.cat([h, h[:, :3]]), RuntimeError, r"Sizes of tensors must match"),
+        (lambda h: h.transpose(0, 5), IndexError, r"Dimension out of range"),
+    ],
+    ids=["matmul", "view", "cat", "transpose"],
+)
+def test_errors_the_models_code_raises_are_raised_as_they_are(step, error, match):
+    with pytest.raises(error, match=match) as info:
+        capture(Calls(step), (torch.randn(4, 4),))
+    assert not isinstance(info.value, vramfx.CaptureError)
+    assert any("eager raises it too" in note for note in info.value.__notes__)
+    with pytest.raises(error):  # eager raises too
+        Calls(step)(torch.randn(4, 4))
+
+
+def test_a_hook_raising_during_capture_is_raised_and_the_model_is_left_as_it_was():
+    model = Calls(torch.relu)
+    handle = model.proj.register_forward_hook(lambda *_: (_ for _ in ()).throw(ValueError("hook says no")))
+    with pytest.raises(ValueError, match="hook says no"):
+        capture(model, (torch.randn(4, 4),))
+    handle.remove()
+    assert "forward" not in model.__dict__ and not any(p.is_meta for p in model.parameters())
+    assert capture(model, (torch.randn(4, 4),)).weights
+
+
+@pytest.mark.parametrize(
+    ("step", "match"),
+    [
+        (lambda h: h if h.sum() > 0 else -h, r"GuardOnDataDependentSymNode"),
+        (lambda h: torch.zeros(int(h.sum().item())), r"data-dependent"),
+        (lambda h: h.to_sparse(), r"NotImplementedError: .*Meta"),
+        (lambda h: h + torch.ones(4, 4), r"FakeTensorDeviceMismatchError"),  # made on the CPU, not h's device
+        (lambda h: torch.from_numpy(h.numpy()), r"numpy"),
+    ],
+    ids=["branch_on_data", "shape_from_data", "op_without_meta_kernel", "tensor_on_a_fixed_device", "numpy"],
+)
+def test_what_export_cannot_express_is_a_capture_error(step, match):
+    with pytest.raises(vramfx.CaptureError, match=r"could not capture Calls as one graph: .*" + match):
+        capture(Calls(step), (torch.randn(4, 4),))
+

@@ -116,6 +116,9 @@ def test_llama_from_a_llama_cpp_gguf_equals_eager_and_streams_its_quantized_byte
     quantized = [w for w in plan.weights if w.format == linear]
     assert quantized and all(w.dtype == "uint8" and w.compute_dtype == "float32" for w in quantized)
     assert {s.transfer == -1 for s in plan.steps if s.op == "cast"} == {True, False}, "resident and streamed decoded"
+    state, eager_state = fast.state_dict(), model.state_dict()
+    assert list(state) == list(eager_state), "state_dict decodes the stored blocks under the model's names"
+    assert all(torch.equal(eager_state[k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("linear", ["Q4_K", "Q8_0"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -37,7 +38,7 @@ def test_the_same_model_inputs_and_budget_give_the_same_plan_whatever_the_machin
     build_saved(arch, tmp_path)
     plans = []
     for _ in range(2):
-        fast = vramfx.compile(build_empty(arch), budget="12MiB", weights=tmp_path, device="cpu",
+        fast = vramfx.compile(build_empty(arch), budget="14MiB", weights=tmp_path, device="cpu",
                               example_kwargs=arch.inputs())
         plans.append(fast.plan)
     assert plans[0] == plans[1]
@@ -60,3 +61,32 @@ def test_layer_swap_plans_come_from_counted_flops_not_timings(tmp_path):
         runtime = model.__dict__["_vramfx_swap"].runtime
         plans.append(runtime._planned.plan)
     assert plans[0] is not None and plans[0] == plans[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"calls": "10"}, TypeError, r"calls must be an int >= 1, got '10' \(str\)"),
+        ({"calls": 0}, ValueError, r"calls must be an int >= 1, got 0"),
+        ({"margin_bytes": "8MB"}, TypeError, r"margin_bytes must be an int >= 0, got '8MB'"),
+        ({"margin_bytes": float("nan")}, TypeError, r"margin_bytes must be an int >= 0, got nan \(float\)"),
+        ({"keep_in_compute_dtype": 42, "storage_dtype": torch.float16}, ValueError, r"keep_in_compute_dtype takes .* got 42"),
+        ({"example_args": torch.ones(2, 4)}, TypeError, r"example_args must be a tuple .* e\.g\. example_args=\(x,\); got a Tensor"),
+        ({"example_kwargs": [torch.ones(2, 4)]}, TypeError, r"example_kwargs must be a dict"),
+        ({"bypass_page_cache": "yes"}, TypeError, r"bypass_page_cache must be True or False"),
+        ({"device": "gpu"}, ValueError, r"device='gpu' is not a device"),
+        ({"device": 1.5}, TypeError, r"device must be a torch.device or a string"),
+        ({"cost_model": "fast"}, TypeError, r"cost_model must be a vramfx.CostModel"),
+        ({"storage_dtype": "fp8"}, ValueError, r"storage_dtype must be one of"),
+        ({"budget": float("inf")}, ValueError, r"budget=inf has type float"),
+    ],
+)
+def test_every_argument_is_checked_up_front_and_named(kwargs, error, match):
+    options = {"budget": "10MiB", "device": "cpu", **kwargs}
+    with pytest.raises(error, match=match):
+        vramfx.compile(torch.nn.Linear(4, 4), **options)
+
+
+def test_a_model_that_is_no_module_is_a_type_error():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        vramfx.compile(lambda x: x, budget="10MiB", device="cpu")

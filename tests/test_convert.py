@@ -142,3 +142,9 @@ def test_converted_source_converts_each_weight_once():
         source.read_into("w", out)
         assert torch.equal(out.view(torch.bfloat16).view(4, 4), w.to(torch.bfloat16))
     assert reads == ["w"]
+
+
+def test_a_model_that_is_no_module_is_refused_by_name(tmp_path):
+    save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match="model must be the torch.nn.Module the checkpoint is for"):
+        vramfx.convert(tmp_path / "m.safetensors", tmp_path / "o.safetensors", dtype=torch.float8_e4m3fn, model=3)

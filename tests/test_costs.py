@@ -102,3 +102,14 @@ def test_copy_interference_makes_streamed_copies_cost_compute_time():
     assert CostModel.for_device("cuda").copy_interference < 0.1, "a copy engine does not take SMs"
     with pytest.raises(ValueError, match="copy_interference"):
         CostModel(1e9, 1e9, 1e9, copy_interference=-1.0)
+
+
+@pytest.mark.parametrize("link", ["fast", float("nan"), float("inf"), 0, -1.0, True])
+def test_a_link_bandwidth_that_is_no_positive_number_is_refused_by_name(link):
+    with pytest.raises(ValueError, match="link_bytes_per_s must be a positive, finite number"):
+        CostModel.for_device("cpu", link_bytes_per_s=link)
+
+
+def test_calibrate_names_a_device_it_has_no_defaults_for():
+    with pytest.raises(ValueError, match="no defaults for device 'gpu'"):
+        CostModel.calibrate("gpu")

@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from vramfx import DiskMap, WeightsError, skip_model_initialization
+from vramfx import DiskMap, WeightsError, load_state_dict, skip_model_initialization
 from vramfx.storage import diskmap as diskmap_mod
 from vramfx.storage.safetensors_header import SAFETENSORS_DTYPES
 from vramfx.storage.source import TensorInfo, WeightSource
@@ -527,3 +527,12 @@ def test_pickles_as_its_arguments_and_checks_files(one_file):
         f.write(b"\0")
     with pytest.raises(WeightsError, match="changed since the DiskMap was pickled"):
         pickle.loads(blob)
+
+
+@pytest.mark.parametrize(("device", "error"), [("gpu", ValueError), (1.5, TypeError)])
+def test_a_device_that_is_not_one_is_refused_by_name(tmp_path, device, error):
+    safetensors.torch.save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    with pytest.raises(error, match=r"device"):
+        DiskMap(tmp_path, device=device)
+    with pytest.raises(error, match=r"device"):
+        load_state_dict(tmp_path, device=device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fake_streams import ThreadStreams
-from test_compiled import Stack
+from test_compiled import Stack, stack_budget
 from test_runtime_cuda import use_cuda_engine
 
 import vramfx
@@ -16,8 +16,9 @@ def compiled_stack():
     torch.manual_seed(0)
     model = Stack().eval()
     x = torch.randn(4, 32)
-    # A budget of about one layer beyond the margin: most weights stream.
-    fast = vramfx.compile(model, budget=2 * 2**20 + 10_000, device="cpu", margin_bytes=2 * 2**20, example_args=(x,))
+    # A budget of about one layer beyond the minimum: most weights stream.
+    fast = vramfx.compile(model, budget=stack_budget(model, x), device="cpu", margin_bytes=2 * 2**20,
+                          example_args=(x,))
     assert fast.plan.transfers
     with torch.no_grad():
         return model(x), fast, x

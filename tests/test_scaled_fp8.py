@@ -81,15 +81,28 @@ def test_scales_that_cannot_be_honoured_are_refused(change, match):
         as_source(sd)
 
 
-def test_the_layer_swap_path_refuses_a_scaled_source_rather_than_ignore_scales(tmp_path):
-    from vramfx.swap import AutoWrappedLinear, enable_vram_management
+def test_the_layer_swap_path_reads_a_scaled_source_with_its_scales(tmp_path):
+    """Streamed from disk, or onloaded to host memory as the file stores it: decoded per call."""
+    from vramfx.swap import AutoWrappedLinear, enable_vram_management, onload, swap_stats
 
-    sd, _ = _checkpoint(current=False, layer="0")
+    sd, weight = _checkpoint(current=False, layer="0")
     safetensors.torch.save_file(sd, tmp_path / "m.safetensors")
-    with vramfx.skip_model_initialization():
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8))
-    config = dict(offload_dtype="disk", offload_device="disk", onload_dtype=FP8, onload_device="cpu",
-                  computation_dtype=torch.float32, computation_device="cpu")
-    with pytest.raises(WeightsError, match="0.weight"):
+    x = torch.randn(3, 4)
+    for onloaded in (False, True):
+        bias = sd["0.bias"].to(torch.bfloat16).float() if onloaded else sd["0.bias"]
+        expected = torch.nn.functional.linear(x, weight, bias)
+        with vramfx.skip_model_initialization():
+            model = torch.nn.Sequential(torch.nn.Linear(4, 8))
+        # onload_dtype bf16 would round the bias; the decoded weight keeps its stored fp8 whatever it says.
+        config = dict(offload_dtype="disk", offload_device="disk", onload_dtype=torch.bfloat16, onload_device="cpu",
+                      computation_dtype=torch.float32, computation_device="cpu")
         enable_vram_management(model, module_map={torch.nn.Linear: AutoWrappedLinear}, vram_config=config,
-                               disk_map=vramfx.DiskMap(tmp_path / "m.safetensors"))
+                               vram_limit=0, disk_map=vramfx.DiskMap(tmp_path / "m.safetensors"))
+        if onloaded:
+            onload(model)
+            home = model[0]._vramfx_unit.home[0]
+            assert home.dtype == FP8 and home.numel() == 32, "held as the file stores it, not rounded again"
+        with torch.no_grad():
+            for _ in range(2):
+                assert torch.equal(expected, model(x))
+        assert swap_stats(model).cast_bytes > 0

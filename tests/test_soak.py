@@ -133,3 +133,36 @@ def test_a_thousand_layer_swap_calls_from_disk_leak_nothing(llama_on_disk):
         samples = soak(call, llama_on_disk["expected"])
         del model
     assert_flat(samples)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count descriptors and RssAnon")
+def test_a_hundred_calls_every_tenth_raising_inside_the_model_equal_eager_and_leak_nothing(llama_on_disk):
+    """Every tenth call passes a token the embedding does not have: the graph raises at that node,
+    mid-call with copies in flight, as eager raises. The other calls equal eager; nothing grows."""
+    inputs = llama_on_disk["inputs"]
+    bad = dict(inputs, input_ids=inputs["input_ids"].clone())
+    bad["input_ids"][0, 3] = 10_000  # outside the vocabulary of 128
+    with torch.no_grad(), pytest.raises(IndexError):
+        SOAKED.build().eval()(**bad)  # eager raises too
+    with vramfx.DiskMap(llama_on_disk["folder"]) as weights:
+        empty = build_empty(SOAKED)
+        fast = vramfx.compile(empty, budget=streaming_budget(empty, weights, inputs), weights=weights, device="cpu",
+                              example_kwargs=inputs)
+        assert fast.plan.streamed_bytes > 0
+
+        def calls(first: int, last: int) -> None:
+            for i in range(first, last + 1):
+                if i % 10 == 0:
+                    with pytest.raises(IndexError, match="index out of range"):
+                        fast(**bad)
+                else:
+                    assert torch.equal(llama_on_disk["expected"], fast(**inputs).last_hidden_state), i
+
+        calls(1, 20)  # warm-up: two failed calls included
+        samples = [footprint()]
+        for first in range(21, 101, 20):
+            calls(first, first + 19)
+            samples.append(footprint())
+        assert len(fast.compiled_graphs) == 1 and fast.module_path is None
+        fast.release()
+    assert_flat(samples)

@@ -45,7 +45,7 @@ def test_one_key_wrappers_are_unwrapped(tmp_path, wrapper):
     _assert_same(load_state_dict(path), _tensors())
 
 
-def test_legacy_pickle_format_loads_without_mmap(tmp_path, monkeypatch):
+def test_both_pickle_formats_are_read_into_memory_never_mapped(tmp_path, monkeypatch):
     calls = []
     real_load = torch.load
 
@@ -58,7 +58,8 @@ def test_legacy_pickle_format_loads_without_mmap(tmp_path, monkeypatch):
     torch.save(_tensors(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     _assert_same(load_state_dict(tmp_path / "zip.pt"), _tensors())
     _assert_same(load_state_dict(tmp_path / "legacy.pt"), _tensors())
-    assert [(c["weights_only"], c["mmap"]) for c in calls] == [(True, True), (True, False)]
+    # A mapped checkpoint changes with its file, and faults (SIGBUS) once the file is truncated.
+    assert [(c["weights_only"], c.get("mmap", False)) for c in calls] == [(True, False), (True, False)]
 
 
 def test_safetensors_file_and_folder(tmp_path):

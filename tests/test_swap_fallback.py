@@ -158,25 +158,6 @@ def test_generate_gives_eager_tokens_with_the_kv_cache(kind, tmp_path):
     assert all(p.is_meta for p in empty.parameters()), "the model is left with its meta parameters"
 
 
-def test_a_forward_returning_a_cache_falls_back_and_equals_eager(tmp_path):
-    torch.manual_seed(0)
-    eager = causal_lm("llama").eval()
-    eager.save_pretrained(tmp_path)
-    with vramfx.skip_model_initialization():
-        empty = causal_lm("llama").eval()
-    ids = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = eager(input_ids=ids).logits
-    fast = vramfx.compile(empty, budget="64MiB", weights=tmp_path, device="cpu")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outputs = [fast(input_ids=ids) for _ in range(2)]
-    messages = vramfx_warnings(caught)
-    assert len(messages) == 1 and "DynamicCache" in messages[0]
-    assert all(torch.equal(expected, out.logits) for out in outputs)
-    assert outputs[0].past_key_values.get_seq_length() == 8
-
-
 class Gated(torch.nn.Module):
     """A block owning a parameter of its own around a child: its weights span the child's call."""
 

@@ -160,3 +160,12 @@ def streaming_budget(model: torch.nn.Module, weights: object, inputs: dict[str, 
     """A budget that holds about a quarter of the weights beyond the minimum: most of them stream."""
     weight_bytes = sum(weights.info(k).nbytes for k in weights) if hasattr(weights, "info") else 0
     return minimum_budget(model, weights, inputs, **kwargs) + weight_bytes // 4
+
+
+def further_graph_bytes(model: torch.nn.Module, inputs: dict[str, Any]) -> int:
+    """The host memory compile sets aside for a graph of this call captured after another one:
+    what a budget needs beyond one signature's for each further signature."""
+    from vramfx.capture import capture
+    from vramfx.compiler import graph_host_bytes
+
+    return graph_host_bytes(capture(model, (), inputs), torch.device("cpu"), first=False)

@@ -9,7 +9,12 @@ of every intermediate in ``node.meta["val"]``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+import re
+import threading
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,7 +23,8 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from vramfx.errors import CaptureError
+from vramfx import carried
+from vramfx.errors import CaptureError, VramfxError
 from vramfx.fold_masks import fold_constant_masks
 from vramfx.storage.checkpoint_keys import tensor_aliases
 
@@ -61,8 +67,11 @@ class Captured:
     """The output of capture: a lifted graph and what its placeholders mean.
 
     The graph's placeholders are the weights (``weights``, in order) followed by the user
-    inputs, one per leaf of ``(args, kwargs)`` flattened with ``in_spec``. The graph returns
-    the flat user outputs, which ``out_spec`` rebuilds into the model's output structure.
+    inputs, one per leaf of ``(args, kwargs)`` lifted by :func:`vramfx.carried.lift` and
+    flattened with ``in_spec``. The graph returns the flat user outputs, which ``out_spec``
+    rebuilds into the model's output structure; with ``input_objects`` (objects the call passed,
+    such as a cache), into ``(output, the state of each input object)``
+    (:func:`vramfx.carried.settle` finishes both).
     """
 
     graph_module: torch.fx.GraphModule
@@ -70,6 +79,7 @@ class Captured:
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     device: torch.device
+    input_objects: int = 0
 
     @property
     def name_to_weight(self) -> dict[str, WeightSpec]:
@@ -108,8 +118,12 @@ def capture(
     Raises
     ------
     CaptureError
-        When ``torch.export`` cannot capture the model as one graph; the message carries
-        export's reason, shortened.
+        When ``torch.export`` cannot express the model as one graph: data-dependent control
+        flow, an op with no meta kernel, a type it cannot flatten, a tensor made on another
+        device than the inputs; the message carries export's reason, shortened.
+    Exception
+        Any other error the model's code raised on the example call (a wrong shape, a hook
+        that raised) is raised as it is, with a note: eager raises it too.
 
     Examples
     --------
@@ -118,14 +132,19 @@ def capture(
     ['weight', 'bias']
     """
     device = torch.device(device)
-    kwargs = dict(kwargs or {})
+    call = carried.lift((tuple(args), dict(kwargs or {})))
     aliases = tensor_aliases(model)
     originals = _original_tensors(model)
-    meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, _to_meta, (tuple(args), kwargs))
-    with _meta_state(model, dtype), torch.no_grad():
+    meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, _to_meta, call.tree)
+    refuse_if_forked_mid_capture()
+    with _meta_state(model, dtype), _carrying(model, device), _exporting(), torch.no_grad():
         try:
             exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
-        except Exception as exc:  # export raises many unrelated types; all mean "cannot capture"
+        except Exception as exc:
+            if not export_cannot_express(exc):
+                _add_note(exc, f"vramfx: raised by {type(model).__name__}'s code on this call while capturing it "
+                               "(on meta tensors); eager raises it too. Nothing was cached.")
+                raise
             raise CaptureError(_capture_reason(model, exc)) from exc
 
     gm = exported.graph_module
@@ -135,6 +154,7 @@ def capture(
     weights = _weight_specs(exported, aliases, originals, model)
     _refuse_weight_writes(gm, {p: w.name for w in weights for p in w.placeholders})
     _copy_outputs_that_alias_weights(gm, {p for w in weights for p in w.placeholders})
+    _detach_out_of_place(gm)
     fold_constant_masks(gm)
     gm.recompile()
     return Captured(
@@ -143,12 +163,127 @@ def capture(
         in_spec=exported.call_spec.in_spec,
         out_spec=exported.call_spec.out_spec,
         device=device,
+        input_objects=carried.count_objects(call.tree),
     )
+
+
+# torch.export patches process-wide state (``nn.Module.__call__`` among it) while it traces. A
+# child forked while another thread traced keeps that state half-done, for good: it can neither
+# capture nor run graphs, and says so rather than hang or trace by accident.
+_exports = [0]
+_exports_lock = threading.Lock()
+_forked_mid_capture = [False]
+
+
+@contextlib.contextmanager
+def _exporting() -> Iterator[None]:
+    with _exports_lock:
+        _exports[0] += 1
+    try:
+        yield
+    finally:
+        with _exports_lock:
+            _exports[0] -= 1
+
+
+def _after_fork_in_child() -> None:
+    global _exports_lock
+    _exports_lock = threading.Lock()
+    if _exports[0]:
+        _forked_mid_capture[0] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def refuse_if_forked_mid_capture() -> None:
+    """Raise in a process forked while another thread was capturing a model."""
+    if _forked_mid_capture[0]:
+        raise VramfxError(
+            "this process was forked while another thread was capturing a model with torch.export, "
+            "whose process-wide tracing state was copied half-done: nothing can be captured or run "
+            "here. Fork before the first call of a new input signature or after it returns (compile "
+            "with example_args= to capture up front), or start workers with the 'spawn' method"
+        )
 
 
 def _to_meta(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     dtype = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
     return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=_META)
+
+
+#: Where torch.export's own machinery lives: an error raised there is about what export can express.
+_EXPORT_MACHINERY = tuple(
+    os.path.join(os.path.dirname(torch.__file__), *part.split("/"))
+    for part in ("_export/", "export/", "_dynamo/", "_functorch/", "utils/_pytree.py", "_guards.py")
+)
+#: Errors of tracing on meta tensors that eager on a real device would not meet.
+_META_ARTEFACT = re.compile(r"Meta kernel|fake impl|'Meta' backend|on meta tensors", re.IGNORECASE)
+#: ... such as a tensor the model makes on a fixed device meeting the meta inputs.
+_DEVICE_MIX = re.compile(r"\bdevice.*\bmeta\b.*\b(cpu|cuda)\b|\bdevice.*\b(cpu|cuda)\b.*\bmeta\b", re.DOTALL)
+
+
+def export_cannot_express(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while exporting, means export cannot express the model — not that
+    the call is wrong.
+
+    Yes for export's own kinds of refusal (a guard on data, an output shape that depends on
+    data, an op with no meta kernel, a tensor made on another device than the meta inputs),
+    for anything raised inside export's machinery (a type it cannot flatten) and for vramfx's
+    own :class:`CaptureError`. No for everything the model's code raised on its way (shape
+    errors, a hook's exception): eager raises those too.
+    """
+    from torch._subclasses import fake_tensor
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    refusals = (CaptureError, GuardOnDataDependentSymNode) + tuple(
+        getattr(fake_tensor, name)
+        for name in (
+            "DataDependentOutputException",
+            "DynamicOutputShapeException",
+            "UnsupportedOperatorException",
+            "UnsupportedFakeTensorException",
+            "FakeTensorDeviceMismatchError",
+        )
+        if hasattr(fake_tensor, name)
+    )
+    if isinstance(exc, refusals):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames and frames[-1].filename.startswith(_EXPORT_MACHINERY):
+        return True
+    message = str(exc)
+    return isinstance(exc, (RuntimeError, NotImplementedError)) and bool(
+        _META_ARTEFACT.search(message) or _DEVICE_MIX.search(message)
+    )
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+@contextlib.contextmanager
+def _carrying(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """For the export: ``model.forward`` takes lifted objects (rebuilt around the traced tensors)
+    and returns its objects lifted (:mod:`vramfx.carried`); its signature stays the model's."""
+    had_own = "forward" in model.__dict__
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        (args, kwargs), objects = carried.unlift((args, kwargs), device)
+        return carried.lift_outputs(original(*args, **kwargs), objects)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            model.forward = original
+        else:
+            del model.forward
 
 
 def _capture_reason(model: torch.nn.Module, exc: BaseException) -> str:
@@ -277,6 +412,8 @@ def _weight_specs(
         else:  # a tensor constant export lifted out of forward
             names = (spec.target,)
             value = exported.constants[spec.target]
+            if value.device == _META and value.numel() == 0:  # torch.tensor([]) on meta: nothing to know
+                value = torch.empty(value.shape, dtype=value.dtype)
             if value.device == _META:
                 raise CaptureError(f"tensor constant {spec.target!r} has no value (created on meta)")
         # The export target of a tied weight may be any of its names; keep it first.
@@ -296,6 +433,10 @@ def _weight_specs(
     return tuple(specs.values())
 
 
+#: In-place ops that change a tensor's autograd metadata, never its data.
+_METADATA_ONLY = {torch.ops.aten.detach_.default, torch.ops.aten.requires_grad_.default}
+
+
 def _refuse_weight_writes(gm: torch.fx.GraphModule, weight_placeholders: dict[str, str]) -> None:
     """An in-place op on a weight would change it for later calls, unlike a streamed copy."""
     storage_to_name = {}
@@ -306,7 +447,7 @@ def _refuse_weight_writes(gm: torch.fx.GraphModule, weight_placeholders: dict[st
                 storage_to_name[val.untyped_storage()._cdata] = weight_placeholders[node.name]
     for node in gm.graph.nodes:
         schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
+        if node.op != "call_function" or schema is None or node.target in _METADATA_ONLY:
             continue
         for i, arg in enumerate(schema.arguments):
             if arg.alias_info is None or not arg.alias_info.is_write:
@@ -319,6 +460,14 @@ def _refuse_weight_writes(gm: torch.fx.GraphModule, weight_placeholders: dict[st
                     f"the model writes to buffer {name!r} during forward ({node.target}); vramfx "
                     "compiles inference graphs that leave module state unchanged"
                 )
+
+
+def _detach_out_of_place(gm: torch.fx.GraphModule) -> None:
+    """``detach_`` as ``detach``: the same value, and it also works on the arena's views (a
+    ``torch.tensor([])`` a cache makes is lifted as a constant, and export detaches it in place)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.detach_.default:
+            node.target = torch.ops.aten.detach.default
 
 
 def _copy_outputs_that_alias_weights(gm: torch.fx.GraphModule, weight_placeholders: set[str]) -> None:

@@ -165,7 +165,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """``vramfx plan``: every argument checked first, then load, capture, plan, and write."""
     # Imported here: torch.export and dynamo take seconds, which inspect and bad arguments skip.
     from vramfx.capture import capture
-    from vramfx.compiler import DEFAULT_MARGIN_BYTES, link_bytes_per_s
+    from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes, link_bytes_per_s
     from vramfx.util import ALIGNMENT
     from vramfx.plan.liveness import build_liveness
     from vramfx.plan.schedule import schedule
@@ -185,7 +185,6 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.weights and not Path(args.weights).exists():
         raise ValueError(f"--weights {args.weights}: no such file or directory")
     alignment = ALIGNMENT[device.type]
-    margin_bytes = DEFAULT_MARGIN_BYTES[device.type]
     precision = _precision(args.storage_dtype, args.compute_dtype, args.keep)
 
     progress = Progress()
@@ -206,6 +205,8 @@ def run_plan(args: argparse.Namespace) -> int:
     cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
     with progress.stage("planning"):
         liveness = build_liveness(captured, device=device, storage_dtypes=stored, stored_formats=formats)
+        # As compile plans it: on CPU the margin also holds the graph and the allocator's slack.
+        margin_bytes = compile_margin_bytes(captured, liveness, device, DEFAULT_MARGIN_BYTES[device.type])
         plan = schedule(liveness, budget_bytes, cost_model=cost_model, calls=calls,
                         alignment=alignment, margin_bytes=margin_bytes)
     labels = layer_labels(module_paths(captured, liveness))

@@ -6,6 +6,9 @@ It behaves like the wrapped model where the ecosystem looks (call signature, out
 
 from __future__ import annotations
 
+import collections
+import functools
+import logging
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -16,31 +19,59 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from vramfx.capture import Captured
+from vramfx import carried
+from vramfx.capture import Captured, refuse_if_forked_mid_capture
 from vramfx.errors import CaptureError, RuntimeFailure
+from vramfx.forks import renew_after_fork
 from vramfx.plan.plan import Plan
-from vramfx.runtime.engine import Engine, ResidentStore
+from vramfx.runtime.engine import Engine, ResidentStore, single_threaded_after_fork
 
 MAX_SIGNATURES_BEFORE_WARNING = 8
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class CompiledGraph:
-    """Everything built for one input signature."""
+    """Everything built for one input signature.
+
+    ``graph_bytes`` is the host memory this graph holds outside its plan; ``reserved_bytes``
+    what its plan set aside for every graph the compiled model held when it was planned.
+    """
 
     captured: Captured
     plan: Plan
     graph_module: torch.fx.GraphModule
     engine: Engine
+    graph_bytes: int = 0
+    reserved_bytes: int = 0
+
+    @functools.cached_property
+    def carries(self) -> bool:
+        """Whether calls pass or return objects carried as their tensors (a cache)."""
+        return self.captured.input_objects > 0 or carried.carries(self.captured.out_spec)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """An input signature export cannot express: its calls run module by module."""
+
+    reason: CaptureError
 
 
 def input_signature(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
-    """What a captured graph is specialised on: structure, tensor metadata, non-tensor values."""
+    """What a captured graph is specialised on: structure, tensor metadata, non-tensor values.
+
+    Floats are keyed by ``repr``: ``nan`` keys like ``nan`` (it never equals itself) and ``-0.0``
+    apart from ``0.0`` (they are equal, yet a graph specialised on one is wrong for the other).
+    """
     leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
     key = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             key.append(("tensor", tuple(leaf.shape), leaf.stride(), leaf.dtype, str(leaf.device)))
+        elif isinstance(leaf, (float, complex)):
+            key.append(("value", type(leaf).__qualname__, repr(leaf)))
         else:
             try:
                 hash(leaf)
@@ -62,23 +93,34 @@ class CompiledModule(torch.nn.Module):
     calls from several threads. ``plan`` is the Plan of the most recent input signature.
 
     ``module_path`` makes the module-level path (the model run eagerly, module by module,
-    under the same budget). Calls take it, after one warning naming the cause, once capture
-    fails; ``generate`` always takes it.
+    under the same budget). A call whose input signature export cannot express takes it, after
+    one warning naming the cause; other signatures keep their graphs. ``generate`` always takes
+    it. An error the model raises on a call (eager raises it too) is raised as it is, and
+    nothing is cached or switched.
+
+    It is inference state bound to its device, dtype and weights: ``.to``, ``.half()``,
+    ``.cuda()`` and the like accept only what it was compiled for, ``state_dict()`` reads the
+    stored weights, and copying, pickling, ``load_state_dict`` and training are refused with
+    what to do instead. In a process forked from one that used it, its locks and reader threads
+    are made anew (a CUDA model refuses with a clear error instead).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         device: torch.device,
-        build: Callable[[tuple, dict[str, Any]], CompiledGraph],
+        build: Callable[[tuple, dict[str, Any], ResidentStore, int], CompiledGraph],
         module_path: Callable[[], Any] | None = None,
         dtype: torch.dtype | None = None,
+        stored_state: Callable[[], dict[str, torch.Tensor]] | None = None,
+        replan: Callable[[Captured, ResidentStore, int, int], CompiledGraph] | None = None,
     ) -> None:
         super().__init__()
         self.__dict__["_vramfx_dtype"] = dtype
         self.__dict__["_vramfx_model"] = model
         self.__dict__["_vramfx_device"] = device
         self.__dict__["_vramfx_build"] = build
+        self.__dict__["_vramfx_replan"] = replan
         self.__dict__["_vramfx_cache"] = {}
         self.__dict__["_vramfx_active"] = None
         self.__dict__["_vramfx_latest"] = None
@@ -87,7 +129,14 @@ class CompiledModule(torch.nn.Module):
         self.__dict__["_vramfx_warned"] = False
         self.__dict__["_vramfx_make_module_path"] = module_path
         self.__dict__["_vramfx_module_path"] = None
-        self.__dict__["_vramfx_fallback"] = None  # the CaptureError that sent calls down the module path
+        self.__dict__["_vramfx_warned_fallback"] = False
+        self.__dict__["_vramfx_stored_state"] = stored_state
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # A call another thread was making when the parent forked holds the lock forever here.
+        self.__dict__["_vramfx_lock"] = threading.Lock()
+        single_threaded_after_fork()
 
     # -- behaving like the model -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -125,10 +174,11 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def compiled_graphs(self) -> tuple[CompiledGraph, ...]:
-        return tuple(self.__dict__["_vramfx_cache"].values())
+        return tuple(e for e in self.__dict__["_vramfx_cache"].values() if isinstance(e, CompiledGraph))
 
+    # -- the nn.Module surface: what the method means, or a clear refusal ------------------
     def to(self, *args: Any, **kwargs: Any) -> "CompiledModule":
-        """Moving a compiled model is a no-op to its own device; anything else is an error."""
+        """Moving a compiled model is a no-op to its own device and dtype; anything else is an error."""
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None and _same_device(torch.device(device), self.device) is False:
             raise ValueError(
@@ -136,8 +186,86 @@ class CompiledModule(torch.nn.Module):
                 f"device={str(device)!r} instead of moving it"
             )
         if dtype is not None and dtype != self.dtype:
-            raise ValueError(f"this model was compiled for {self.dtype}; compile it again to change dtype")
+            name = str(dtype).removeprefix("torch.")
+            raise ValueError(
+                f"this model was compiled for {self.dtype}; compile it again with compute_dtype=torch.{name} "
+                "(and inputs in it) instead of casting it"
+            )
         return self
+
+    def cuda(self, device: int | torch.device | None = None) -> "CompiledModule":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self) -> "CompiledModule":
+        return self.to("cpu")
+
+    def half(self) -> "CompiledModule":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "CompiledModule":
+        return self.to(torch.bfloat16)
+
+    def float(self) -> "CompiledModule":
+        return self.to(torch.float32)
+
+    def double(self) -> "CompiledModule":
+        return self.to(torch.float64)
+
+    def type(self, dst_type: torch.dtype | str) -> "CompiledModule":
+        return self.to(dst_type if isinstance(dst_type, torch.dtype) else getattr(torch, str(dst_type).split(".")[-1]))
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "CompiledModule":
+        raise TypeError(
+            "a CompiledModule's weights live in its weights source and its arena, not in tensors this "
+            "method could convert; compile the model again with the device / compute_dtype you want"
+        )
+
+    def train(self, mode: bool = True) -> "CompiledModule":
+        """Inference only: ``train(False)`` (``eval()``) is accepted, training is refused."""
+        if mode:
+            raise TypeError(
+                "a CompiledModule runs inference only (calls run without grad, in eval mode); "
+                "train the original model instead"
+            )
+        return super().train(False)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """The model's weights, read from where they are stored into host memory (the model's
+        size), each floating-point tensor in the dtype it computes in.
+
+        Raises
+        ------
+        WeightsError
+            A weight the model needs is missing from its weights source.
+        """
+        if args:
+            raise TypeError("state_dict() takes keyword arguments only (destination=, prefix=, keep_vars=)")
+        read = self.__dict__["_vramfx_stored_state"]
+        if read is None:
+            raise TypeError("this CompiledModule was made without access to its weights; use the original model's")
+        out = destination if destination is not None else collections.OrderedDict()
+        for name, tensor in read().items():
+            out[prefix + name] = tensor
+        return out
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "a compiled model's weights are read from the weights it was compiled with, and its plans "
+            "depend on them; to run other weights, compile again with weights=<the new DiskMap or state dict>"
+        )
+
+    def __deepcopy__(self, memo: dict) -> "CompiledModule":
+        raise TypeError(
+            "a CompiledModule cannot be copied: it holds reader threads, device memory and open weight "
+            "files. Compile the model again (vramfx.compile(fast.model, ...)) for a second one"
+        )
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError(
+            "a CompiledModule cannot be pickled: it holds reader threads, device memory and open weight "
+            "files. Pickle what you compiled from (the model, a DiskMap) and call vramfx.compile where it "
+            "is unpickled"
+        )
 
     @property
     def module_path(self) -> Any:
@@ -168,49 +296,103 @@ class CompiledModule(torch.nn.Module):
     def prepare(self, args: tuple, kwargs: Mapping[str, Any]) -> CompiledGraph | None:
         """Capture and plan for this call's signature now (compile's ``example_args``).
 
-        Returns None when the model cannot be captured and calls take the module-level path.
+        Returns None when export cannot express this signature and its calls take the
+        module-level path.
         """
         with self.__dict__["_vramfx_lock"]:
-            if self.__dict__["_vramfx_fallback"] is not None:
+            try:
+                call = carried.lift((tuple(args), canonical_kwargs(kwargs)))
+            except CaptureError as exc:
+                self._fall_back(exc, stacklevel=5)
                 return None
-            return self._graph_or_fallback(tuple(args), canonical_kwargs(kwargs), stacklevel=5)
+            entry = self._entry_for(call.tree, stacklevel=5)
+            return entry if isinstance(entry, CompiledGraph) else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        refuse_if_forked_mid_capture()
         kwargs = canonical_kwargs(kwargs)
         with self.__dict__["_vramfx_lock"], torch.no_grad():
-            leaves = pytree.tree_leaves((args, kwargs))
-            self._check_devices(leaves)
-            entry = None
-            if self.__dict__["_vramfx_fallback"] is None:
-                entry = self._graph_or_fallback(args, kwargs, stacklevel=6)
-            if entry is None:
+            try:
+                call = carried.lift((args, kwargs))
+            except CaptureError as exc:  # an object in the call that cannot be carried
+                entry: CompiledGraph | Fallback = self._fall_back(exc, stacklevel=6)
+            else:
+                self._check_devices(pytree.tree_leaves(call.tree))
+                entry = self._entry_for(call.tree, stacklevel=6)
+            if isinstance(entry, Fallback):
                 return self._enter_module_path()(*args, **kwargs)
             self._release_module_path()
             self._activate(entry)
             engine = entry.engine
             engine.begin_call()
             try:
-                flat = entry.graph_module(engine, *leaves)
+                flat = entry.graph_module(engine, *pytree.tree_leaves(call.tree))
                 engine.end_call()
             except Exception as exc:
                 engine.abort()
                 raise _with_node(exc, entry.graph_module) from None
-            return pytree.tree_unflatten(list(flat), entry.captured.out_spec)
+            result = pytree.tree_unflatten(list(flat), entry.captured.out_spec)
+            if not entry.carries:
+                return result
+            return carried.settle(result, call.objects, self.device, states=entry.captured.input_objects > 0)
 
-    def _graph_or_fallback(self, args: tuple, kwargs: dict[str, Any], *, stacklevel: int) -> CompiledGraph | None:
-        """The graph for this signature; None once capture failed and a module path exists."""
-        try:
-            return self._graph_for(args, kwargs)
-        except CaptureError as exc:
-            if self.__dict__["_vramfx_make_module_path"] is None:
-                raise
-            self.__dict__["_vramfx_fallback"] = exc
-            warnings.warn(
-                f"vramfx.compile: {exc}. Running {type(self.model).__name__} module by module instead "
-                "(the layer-swap path, under the same budget): same outputs, slower calls.",
-                stacklevel=stacklevel,
-            )
-            return None
+    def _entry_for(self, tree: tuple, *, stacklevel: int) -> CompiledGraph | Fallback:
+        """The graph for this signature, built on first use; a Fallback for a signature export
+        cannot express (when a module path exists). Any other error propagates, caching nothing."""
+        cache: dict = self.__dict__["_vramfx_cache"]
+        key = input_signature(*tree)
+        entry = cache.get(key)
+        if isinstance(entry, CompiledGraph) and entry.reserved_bytes < self._graph_bytes():
+            cache[key] = entry = self._replanned(entry)
+        if entry is None:
+            try:
+                entry = self.__dict__["_vramfx_build"](*tree, self.__dict__["_vramfx_store"], self._graph_bytes())
+            except CaptureError as exc:
+                entry = self._fall_back(exc, stacklevel=stacklevel + 1)
+            cache[key] = entry
+            if len(cache) > MAX_SIGNATURES_BEFORE_WARNING and not self.__dict__["_vramfx_warned"]:
+                self.__dict__["_vramfx_warned"] = True
+                warnings.warn(
+                    f"{type(self.model).__name__} has been captured for {len(cache)} different input "
+                    "signatures (shapes, dtypes, structure or non-tensor values); each one is "
+                    "exported and planned anew. Keep input shapes fixed, or pad them to a few sizes.",
+                    stacklevel=stacklevel,
+                )
+        if isinstance(entry, CompiledGraph):
+            self.__dict__["_vramfx_latest"] = entry
+        return entry
+
+    def _graph_bytes(self) -> int:
+        """Host memory the compiled graphs held now keep outside their plans."""
+        return sum(e.graph_bytes for e in self.__dict__["_vramfx_cache"].values() if isinstance(e, CompiledGraph))
+
+    def _replanned(self, entry: CompiledGraph) -> CompiledGraph:
+        """``entry`` planned again, setting aside graphs captured since it was planned (its
+        capture is kept). Raises BudgetError when the budget cannot hold them all."""
+        replan = self.__dict__["_vramfx_replan"]
+        if replan is None:
+            return entry
+        if self.__dict__["_vramfx_active"] is entry:
+            entry.engine.deactivate()
+            self.__dict__["_vramfx_active"] = None
+        held = self._graph_bytes() - entry.graph_bytes
+        return replan(entry.captured, self.__dict__["_vramfx_store"], held, entry.graph_bytes)
+
+    def _fall_back(self, exc: CaptureError, *, stacklevel: int) -> Fallback:
+        """This signature runs module by module; one warning per compiled model names the cause."""
+        if self.__dict__["_vramfx_make_module_path"] is None:
+            raise exc
+        message = (
+            f"vramfx.compile: {exc}. Calls with this input signature run {type(self.model).__name__} module "
+            "by module instead (the layer-swap path, under the same budget): same outputs, slower calls. "
+            "Other input signatures keep their compiled graphs."
+        )
+        if self.__dict__["_vramfx_warned_fallback"]:
+            log.info("%s", message)
+        else:
+            self.__dict__["_vramfx_warned_fallback"] = True
+            warnings.warn(message, stacklevel=stacklevel)
+        return Fallback(exc)
 
     def _enter_module_path(self) -> Any:
         """The module-level path, made on first use; the graphs' memory is freed for it."""
@@ -235,24 +417,6 @@ class CompiledModule(torch.nn.Module):
             active.engine.deactivate()
         self.__dict__["_vramfx_active"] = None
         self.__dict__["_vramfx_store"].clear()
-
-    def _graph_for(self, args: tuple, kwargs: dict[str, Any]) -> CompiledGraph:
-        cache: dict = self.__dict__["_vramfx_cache"]
-        key = input_signature(args, kwargs)
-        entry = cache.get(key)
-        if entry is None:
-            entry = self.__dict__["_vramfx_build"](args, kwargs, self.__dict__["_vramfx_store"])
-            cache[key] = entry
-            if len(cache) > MAX_SIGNATURES_BEFORE_WARNING and not self.__dict__["_vramfx_warned"]:
-                self.__dict__["_vramfx_warned"] = True
-                warnings.warn(
-                    f"{type(self.model).__name__} has been captured for {len(cache)} different input "
-                    "signatures (shapes, dtypes, structure or non-tensor values); each one is "
-                    "exported and planned anew. Keep input shapes fixed, or pad them to a few sizes.",
-                    stacklevel=3,
-                )
-        self.__dict__["_vramfx_latest"] = entry
-        return entry
 
     def _activate(self, entry: CompiledGraph) -> None:
         active = self.__dict__["_vramfx_active"]

@@ -13,19 +13,23 @@ from typing import Any
 
 import torch
 
+from vramfx.arguments import require_bool, require_call, require_device, require_int
 from vramfx.budget import parse_budget
-from vramfx.capture import capture
+from vramfx.errors import BudgetError
+from vramfx.measure import release_freed_memory
+from vramfx.capture import Captured, capture
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
+from vramfx.plan.types import Liveness
 from vramfx.plan.schedule import schedule
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore
-from vramfx.util import ALIGNMENT
-from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats
+from vramfx.util import ALIGNMENT, format_bytes
+from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats, stored_state
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,24 @@ DEFAULT_MARGIN_BYTES = {"cpu": 8 * 2**20, "cuda": 64 * 2**20}
 #: their link is the slower of PCIe and the read: 5 GB/s, a PCIe 4 NVMe drive's sequential read
 #: or a warm page cache read by a few threads. A ``cost_model`` argument overrides both.
 CUDA_LINK_BYTES_PER_S = {"host": 20e9, "disk": 5e9}
+#: Host memory a compiled graph keeps on CPU besides what its plan counts: the captured and
+#: rewritten graph modules with their node metadata, the Plan, the engine's bookkeeping, after
+#: capture's temporaries are trimmed. A model's first graph also leaves state in torch's caches.
+#: Measured as RssAnon growth on the test suite's eight architectures (first graph: at most
+#: 1.3 MB + 14 KB per captured node; each further one about 8 KB per node; docs/reliability.md),
+#: rounded up.
+GRAPH_BASE_BYTES = 2**20
+GRAPH_BYTES_PER_NODE = 18 * 2**10
+FURTHER_GRAPH_BYTES_PER_NODE = 9 * 2**10
+#: Freed activation memory the C allocator keeps on CPU, per byte of the activation peak: glibc
+#: raises its mmap threshold to the largest block freed and then serves such blocks from its
+#: heaps, which keep up to twice that threshold free and hold fragments besides. Measured on the
+#: Llama workload of benchmarks/reliability.py: 6-11 MB beyond the plan's activations, weights
+#: and workspace (activation peaks 1.2-4.7 MB), which the 8 MiB default margin plus this covers.
+ALLOCATOR_SLACK_PER_ACTIVATION_BYTE = 2
+#: ... and at most this much: glibc serves blocks above 32 MiB (its mmap threshold's ceiling) by
+#: mmap and returns them when freed, and trims its heap once more than twice that is free at its top.
+ALLOCATOR_SLACK_MAX_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -131,20 +153,28 @@ def compile(
 
     Raises
     ------
+    TypeError, ValueError
+        An argument of the wrong type or value; the message names it. Checked before anything
+        is opened or allocated.
     BudgetError
         No schedule fits (carries ``minimum_bytes``), here or, for a model that cannot be
         captured, on the module-level path it falls back to.
     WeightsError
         Missing weights, or weights whose shape or dtype differ from the model.
+    Exception
+        With an example call, whatever the model raises on it while it is captured (a wrong
+        shape, a hook's error): eager raises it too.
 
     Warns
     -----
     UserWarning
-        Once, naming the cause, when ``torch.export`` cannot capture the model (data-dependent
-        control flow, an unsupported op, a cache object as input or output). Calls then run the
-        model eagerly, module by module, each module's weights fetched along the recorded
-        module order under the same budget (:mod:`vramfx.swap.fallback`): the same outputs,
-        at the layer-swap path's speed. ``fast.generate(...)`` always takes that path.
+        Once, naming the cause, when ``torch.export`` cannot express the model on a call's input
+        signature (data-dependent control flow, an op without a meta kernel, an object it cannot
+        carry). Calls with that signature then run the model eagerly, module by module, each
+        module's weights fetched along the recorded module order under the same budget
+        (:mod:`vramfx.swap.fallback`): the same outputs, at the layer-swap path's speed. Other
+        signatures keep their graphs. ``fast.generate(...)`` always takes that path. Cache
+        objects a call passes or returns (a ``DynamicCache``) stay on the compiled path.
 
     Examples
     --------
@@ -166,9 +196,14 @@ def compile(
     torch.bfloat16
     """
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if calls < 1:
-        raise ValueError(f"calls must be >= 1, got {calls}")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    require_int("calls", calls, minimum=1)
+    if margin_bytes is not None:
+        require_int("margin_bytes", margin_bytes, minimum=0)
+    require_bool("bypass_page_cache", bypass_page_cache)
+    if cost_model is not None and not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model must be a vramfx.CostModel or None, got {type(cost_model).__name__}")
+    example = require_call(example_args, example_kwargs)
     precision = precision_from_arguments(storage_dtype, compute_dtype, keep_in_compute_dtype)
     device = _resolve_device(device)
     budget_bytes = parse_budget(budget, device)
@@ -185,14 +220,26 @@ def compile(
 
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
 
-    def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore) -> CompiledGraph:
-        return build_graph(model, args, kwargs, source, renamed, options, store)
+    def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore, held_bytes: int) -> CompiledGraph:
+        return build_graph(model, args, kwargs, source, renamed, options, store, held_bytes)
+
+    def replan(captured: Captured, store: ResidentStore, held_bytes: int, graph_bytes: int) -> CompiledGraph:
+        return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
+
+    def read_state() -> dict[str, torch.Tensor]:
+        return stored_state(model, source, renamed=renamed, compute_dtype=compute_dtype)
 
     compiled = CompiledModule(
-        model, device, build, module_path=lambda: module_path(model, source, options), dtype=compute_dtype
+        model,
+        device,
+        build,
+        replan=replan,
+        module_path=lambda: module_path(model, source, options),
+        dtype=compute_dtype,
+        stored_state=read_state,
     )
-    if example_args is not None or example_kwargs is not None:
-        compiled.prepare(tuple(example_args or ()), example_kwargs or {})
+    if example is not None:
+        compiled.prepare(*example)
     return compiled
 
 
@@ -204,30 +251,96 @@ def build_graph(
     renamed: Mapping[str, str],
     options: CompileOptions,
     store: ResidentStore,
+    held_bytes: int = 0,
 ) -> CompiledGraph:
-    """Run every stage for one input signature (``renamed``: model name → checkpoint key)."""
+    """Run every stage for one input signature (``renamed``: model name → checkpoint key).
+
+    ``held_bytes``: host memory the compiled model's other graphs hold (:func:`graph_host_bytes`).
+    """
     precision = options.precision
     compute_dtype = precision.compute_dtype if precision is not None else None
     captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
+    graph_bytes = graph_host_bytes(captured, options.device, first=not held_bytes)
+    return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
+
+
+def plan_graph(
+    model: torch.nn.Module,
+    captured: Captured,
+    source: Any,
+    renamed: Mapping[str, str],
+    options: CompileOptions,
+    store: ResidentStore,
+    held_bytes: int,
+    graph_bytes: int,
+) -> CompiledGraph:
+    """Every stage after capture: weights, liveness, schedule, rewrite, engine.
+
+    On CPU, where the budget is what the process grows by, the plan's margin also sets aside the
+    host memory compiled graphs hold outside their plans, this one's (``graph_bytes``) and the
+    others' (``held_bytes``), and the freed activation memory the C allocator keeps.
+    """
+    precision = options.precision
     storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
     refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
     stored = {name: ref.dtype for name, ref in refs.items()}
     liveness = build_liveness(
         captured, device=options.device, storage_dtypes=stored, stored_formats=stored_formats(refs, options.device)
     )
-    plan = schedule(
-        liveness,
-        options.budget_bytes,
-        cost_model=options.cost_model,
-        calls=options.calls,
-        alignment=ALIGNMENT.get(options.device.type, 64),
-        margin_bytes=options.margin_bytes,
-    )
+    reserved = held_bytes + graph_bytes
+    slack = allocator_slack_bytes(liveness, options.device)
+    try:
+        plan = schedule(
+            liveness,
+            options.budget_bytes,
+            cost_model=options.cost_model,
+            calls=options.calls,
+            alignment=ALIGNMENT.get(options.device.type, 64),
+            margin_bytes=options.margin_bytes + reserved + slack,
+        )
+    except BudgetError as exc:
+        if not reserved + slack:
+            raise
+        raise BudgetError(
+            f"{exc} Besides margin_bytes ({format_bytes(options.margin_bytes)}), the margin counts host "
+            f"memory measured outside the plan: {format_bytes(reserved)} the compiled graphs hold (graph "
+            f"modules, node metadata, bookkeeping) and {format_bytes(slack)} of freed activations the C "
+            f"allocator keeps (see docs/reliability.md).",
+            minimum_bytes=exc.minimum_bytes,
+        ) from None
     if log.isEnabledFor(logging.INFO):
         log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
     graph_module = rewrite(captured, plan)
     engine = make_engine(plan, refs, options.device, store, bypass_page_cache=options.bypass_page_cache)
-    return CompiledGraph(captured, plan, graph_module, engine)
+    if options.device.type == "cpu":
+        # Capture's temporaries are freed by now, but the C allocator keeps freed pages (RssAnon,
+        # what a CPU budget is measured by) until trimmed; trimmed, the arena can reuse them.
+        release_freed_memory()
+    return CompiledGraph(captured, plan, graph_module, engine, graph_bytes=graph_bytes, reserved_bytes=reserved)
+
+
+def allocator_slack_bytes(liveness: Liveness, device: torch.device) -> int:
+    """Freed activation memory the C allocator keeps, on CPU: :data:`ALLOCATOR_SLACK_PER_ACTIVATION_BYTE`
+    times the activation peak, at most :data:`ALLOCATOR_SLACK_MAX_BYTES`."""
+    if device.type != "cpu":
+        return 0
+    return min(ALLOCATOR_SLACK_PER_ACTIVATION_BYTE * liveness.activation_peak_bytes, ALLOCATOR_SLACK_MAX_BYTES)
+
+
+def compile_margin_bytes(captured: Captured, liveness: Liveness, device: torch.device, margin_bytes: int) -> int:
+    """The margin compile plans a model's first graph with: ``margin_bytes`` plus, on CPU, the
+    graph's host memory and the allocator's slack (for tools that plan as compile does)."""
+    return margin_bytes + graph_host_bytes(captured, device) + allocator_slack_bytes(liveness, device)
+
+
+def graph_host_bytes(captured: Captured, device: torch.device, *, first: bool = True) -> int:
+    """Host memory a compiled graph holds outside its plan, on CPU (where the budget is host
+    memory): for a model's ``first`` graph :data:`GRAPH_BASE_BYTES` + :data:`GRAPH_BYTES_PER_NODE`
+    per captured node, for a further one :data:`FURTHER_GRAPH_BYTES_PER_NODE` per node."""
+    if device.type != "cpu":
+        return 0
+    nodes = len(captured.graph_module.graph.nodes)
+    return GRAPH_BASE_BYTES + GRAPH_BYTES_PER_NODE * nodes if first else FURTHER_GRAPH_BYTES_PER_NODE * nodes
 
 
 def module_path(model: torch.nn.Module, source: Any, options: CompileOptions) -> Any:
@@ -258,7 +371,7 @@ def link_bytes_per_s(device: torch.device, source: Any) -> float | None:
 def _resolve_device(device: torch.device | str | None) -> torch.device:
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = require_device("device", device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for, but CUDA is not available; use device='cpu'")

@@ -98,6 +98,8 @@ def convert(
         names = ", ".join(dtype_name(d) for d in STORAGE_DTYPES)
         raise ValueError(f"dtype must be one of {names}, got {dtype!r}")
     keep = keep_items(keep_in_compute_dtype)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be the torch.nn.Module the checkpoint is for, or None; got {type(model).__name__}")
     dst = Path(dst)
     if dst.exists():
         raise ValueError(f"dst {dst} exists; remove it or pass another path")

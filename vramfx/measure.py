@@ -1,7 +1,8 @@
 """Measuring memory the way the budget is defined: RssAnon on CPU, max_memory_allocated on CUDA.
 
 Tests and benchmarks use these; the library itself only reads :func:`memory_in_use`, where a first
-call measures its activations.
+call measures its activations, and trims freed memory after a capture (:func:`release_freed_memory`),
+so the arena reuses capture's pages instead of growing RssAnon.
 """
 
 from __future__ import annotations

@@ -81,9 +81,9 @@ def precision_from_arguments(
     ValueError
         Naming the argument that is not a supported dtype or keep list.
     """
-    if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+    if storage_dtype is not None and not (isinstance(storage_dtype, torch.dtype) and storage_dtype in STORAGE_DTYPES):
         raise ValueError(f"storage_dtype must be one of {_names(STORAGE_DTYPES)}, got {storage_dtype!r}")
-    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype in COMPUTE_DTYPES):
         raise ValueError(f"compute_dtype must be one of {_names(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     if (
         storage_dtype is not None
@@ -110,7 +110,12 @@ def keep_items(keep_in_compute_dtype: KeepSpec) -> tuple[KeepItem, ...]:
     """
     if keep_in_compute_dtype is None:
         return ()
-    items = (keep_in_compute_dtype,) if isinstance(keep_in_compute_dtype, (str, type)) else tuple(keep_in_compute_dtype)
+    if isinstance(keep_in_compute_dtype, (str, type)):
+        items: tuple = (keep_in_compute_dtype,)
+    elif isinstance(keep_in_compute_dtype, (list, tuple, set, frozenset)):
+        items = tuple(keep_in_compute_dtype)
+    else:
+        items = (keep_in_compute_dtype,)  # refused below, named
     for item in items:
         if isinstance(item, str) and item:
             continue

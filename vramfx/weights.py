@@ -18,7 +18,7 @@ from vramfx.errors import WeightsError
 from vramfx.plan.types import StoredFormat
 from vramfx.precision import exactly_widens
 from vramfx.quant.decoders import Decoder
-from vramfx.storage.converted import ConvertedSource, serve_converted
+from vramfx.storage.converted import ConvertedSource, read_stored, serve_converted
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.foreign import source_of
 from vramfx.storage.formats import interpret, open_weights
@@ -179,6 +179,55 @@ def stored_formats(refs: Mapping[str, WeightRef], device: torch.device) -> dict[
         for name, ref in refs.items()
         if ref.decoder is not None
     }
+
+
+def stored_state(
+    model: torch.nn.Module,
+    weights: WeightSource | None,
+    *,
+    renamed: Mapping[str, str] | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model's state dict with every meta tensor read from ``weights`` into host memory.
+
+    Real tensors are the model's own (detached). Tied names share one tensor, read once. A
+    weight the source decodes (GGUF, scaled fp8) is decoded into the model's dtype. Floating-point
+    tensors are given in ``compute_dtype`` when one is set.
+
+    Raises
+    ------
+    WeightsError
+        Listing every meta tensor ``weights`` does not hold.
+    """
+    state = model.state_dict(keep_vars=True)
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, tensor in state.items():
+        names.setdefault(id(tensor), []).append(name)
+        tensors[id(tensor)] = tensor
+    values: dict[int, torch.Tensor] = {}
+    missing: list[str] = []
+    for identity, tensor in tensors.items():
+        if not tensor.is_meta:
+            values[identity] = tensor.detach()
+            continue
+        key = find_key(weights, names[identity], renamed or {}) if weights is not None else None
+        if key is None:
+            missing.append(names[identity][0])
+            continue
+        decoder = decoder_of(weights, key)
+        if decoder is None:
+            values[identity] = read_stored(weights, key)
+            continue
+        raw = torch.empty(decoder.nbytes, dtype=torch.uint8)  # GGUF blocks, scaled fp8: decoded
+        weights.read_into(key, raw)
+        values[identity] = torch.empty(tuple(decoder.shape), dtype=compute_dtype or tensor.dtype)
+        decoder.decode_into(raw.view(decoder.stored_dtype), values[identity])
+    if missing:
+        raise WeightsError(_report(missing, [], weights))
+    if compute_dtype is not None:
+        values = {i: v.to(compute_dtype) if v.is_floating_point() else v for i, v in values.items()}
+    return {name: values[id(tensor)] for name, tensor in state.items()}
 
 
 def _held_dtype(

@@ -173,6 +173,10 @@ class CostModel:
             )
         values = dict(_DEFAULTS[kind])
         if link_bytes_per_s is not None:
+            if isinstance(link_bytes_per_s, bool) or not isinstance(link_bytes_per_s, (int, float)) or not (
+                0 < link_bytes_per_s < float("inf")
+            ):
+                raise ValueError(f"link_bytes_per_s must be a positive, finite number of bytes per second, got {link_bytes_per_s!r}")
             values["link_bytes_per_s"] = float(link_bytes_per_s)
         return cls(**values)
 
@@ -201,8 +205,8 @@ class CostModel:
         """
         import torch
 
+        base = cls.for_device(device, link_bytes_per_s=link_bytes_per_s)  # checks both arguments first
         dev = torch.device(device)
-        base = cls.for_device(dev, link_bytes_per_s=link_bytes_per_s)
 
         def sync() -> None:
             if dev.type == "cuda":

@@ -49,6 +49,9 @@ class CpuEngine(Engine):
             self._reader.shutdown(wait=True)
             self._reader = None
 
+    def _forget_workers(self) -> None:
+        self._reader = None
+
     def _allocate(self, nbytes: int) -> torch.Tensor:
         # The CPU allocator aligns to 64 bytes, which the plan's offsets keep for every slot.
         # Touched at once: the budget counts the buffer whole, and so then does RssAnon.
@@ -60,7 +63,10 @@ class CpuEngine(Engine):
         return view_bytes(buffer, 0, ref)
 
     def _start(self, transfer: Transfer, views: tuple[torch.Tensor, ...]) -> Future:
-        assert self._reader is not None and self._arena is not None, "engine used before activate()"
+        assert self._arena is not None, "engine used before activate()"
+        if self._reader is None:  # a child forked after activate(): the parent's thread is not here
+            self._start_workers()
+        assert self._reader is not None
         jobs = [
             (self.refs[name], self._arena[off : off + size])
             for name, off, size in zip(transfer.names, transfer.offsets, transfer.sizes)

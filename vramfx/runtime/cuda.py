@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from vramfx.errors import VramfxError
 from vramfx.plan.plan import Plan, Transfer
 from vramfx.runtime.arena import reuse_predecessors
 from vramfx.runtime.chunks import Chunk, Member, Piece, Segment, plan_chunks, whole
@@ -107,6 +108,7 @@ class CudaEngine(Engine):
         self._chunks: dict[int, tuple[Chunk, ...]] = {}
         self._host: dict[str, torch.Tensor] = {}
         self._pipeline: StagingPipeline | None = None
+        self._forked = False
 
     @property
     def staging_bytes(self) -> int:
@@ -114,6 +116,21 @@ class CudaEngine(Engine):
         return self._pipeline.host_bytes if self._pipeline is not None else 0
 
     # -- workers ---------------------------------------------------------------------------
+    def activate(self) -> None:
+        if self._forked:
+            raise VramfxError(
+                "this model was compiled for CUDA in a parent process, and CUDA cannot be used in a "
+                "process forked from one that used it; start workers with the 'spawn' method "
+                "(multiprocessing.set_start_method('spawn')) and compile the model in each of them"
+            )
+        super().activate()
+
+    def _forget_workers(self) -> None:
+        self._forked = True
+        self._pipeline = None
+        self._host, self._chunks = {}, {}
+        self._dropped.clear()
+
     def _start_workers(self) -> None:
         if self._pipeline is not None:
             return

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from vramfx.errors import VramfxError, WeightsError
+from vramfx.forks import renew_after_fork
 from vramfx.plan.plan import Plan, Transfer
 from vramfx.runtime.arena import reserved_ranges
 from vramfx.runtime.sources import on_device
@@ -100,6 +101,18 @@ def layout(
     return stored, cast, at
 
 
+def single_threaded_after_fork() -> None:
+    """In a forked child, run torch's CPU ops on one thread when its thread pool is OpenMP's.
+
+    GNU OpenMP's pool does not survive ``fork``: a child's first parallel op waits forever on
+    threads that only the parent has (eager too). torch's DataLoader workers run on one thread
+    for the same reason; so does a child that uses a vramfx model.
+    """
+    if torch.get_num_threads() > 1 and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        torch.set_num_threads(1)
+        log.info("vramfx: forked child: torch's OpenMP thread pool does not survive fork; running on one thread")
+
+
 class ResidentStore:
     """Weights kept on the device across calls, shared by the plans of one compiled module.
 
@@ -160,6 +173,15 @@ class Engine(ABC):
         self._waited: set[int] = set()  # pending transfers whose copy has been waited for
         self._loaded: list[Loaded] = []  # loads off the plan not yet unloaded
         self._active = False
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the copies in flight were the parent's and its workers are gone;
+        forget both (workers start again on first use). Residents and the arena were copied."""
+        self._pending.clear()
+        self._waited.clear()
+        self._forget_workers()
+        single_threaded_after_fork()
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -415,3 +437,6 @@ class Engine(ABC):
 
     def _stop_workers(self) -> None:
         """Stop background workers."""
+
+    def _forget_workers(self) -> None:
+        """Drop background workers without joining them: in a forked child they do not exist."""

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from vramfx.forks import renew_after_fork
+
 from vramfx.storage.source import TensorInfo, WeightSource
 
 __all__ = ["ConvertedSource", "read_stored", "serve_converted"]
@@ -56,6 +58,11 @@ class ConvertedSource:
             self.add(key, chain)
         self.keep = keep
         self._converted: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # A reader thread converting when the parent forked holds the lock forever here.
         self._lock = threading.Lock()
 
     def __contains__(self, key: object) -> bool:

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from vramfx.arguments import require_device
 from vramfx.errors import WeightsError
-from vramfx.storage.files import PathLike, resolve_safetensors
+from vramfx.forks import renew_after_fork
+from vramfx.storage.files import PathLike, open_regular, resolve_safetensors
 from vramfx.storage.safetensors_header import read_header
 from vramfx.storage.source import TensorInfo
 
@@ -115,7 +117,7 @@ class DiskMap(Mapping[str, torch.Tensor]):
         if key_map is not None and not (isinstance(key_map, Mapping) or callable(key_map)):
             raise ValueError(f"key_map={key_map!r} must be a dict or a callable from old to new name.")
         self._args = (source, device, dtype, key_map)
-        self.device = torch.device(device)
+        self.device = require_device("device", device)
         self.dtype = dtype
         self._local = threading.local()
         self._warn_lock = threading.Lock()
@@ -126,6 +128,14 @@ class DiskMap(Mapping[str, torch.Tensor]):
         except BaseException:
             self.close()
             raise
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Locks a reader thread held when the parent forked stay locked forever in the child;
+        # the descriptors stay valid there (reads are pread: no shared file offset).
+        self._warn_lock = threading.Lock()
+        for f in self._files:
+            f.lock = threading.Lock()
 
     def _open(self, source: PathLike | Sequence[PathLike], key_map: KeyMap | None) -> None:
         """Open every file, read and check its header, and build the key table."""
@@ -155,8 +165,8 @@ class DiskMap(Mapping[str, torch.Tensor]):
             self._entries[new] = entry
 
     def _open_file(self, path: Path) -> _File:
-        """Open ``path`` read-only and record its identity."""
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        """Open ``path`` read-only, if it is a regular file, and record its identity."""
+        fd = open_regular(path)
         try:
             st = os.fstat(fd)
         except BaseException:
@@ -329,7 +339,8 @@ class DiskMap(Mapping[str, torch.Tensor]):
                     self._refuse_direct(f, OSError(errno.EINVAL, "O_DIRECT is not available"))
                     return None
                 try:
-                    fd = os.open(f.path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                    # O_NONBLOCK: should the path have become a FIFO, do not wait on it.
+                    fd = os.open(f.path, os.O_RDONLY | os.O_DIRECT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
                 except OSError as err:
                     if err.errno != errno.EINVAL:
                         raise

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vramfx.errors import WeightsError
 
-__all__ = ["PICKLE_SUFFIXES", "Layout", "is_pickle_index", "read_index", "resolve_safetensors"]
+__all__ = ["PICKLE_SUFFIXES", "Layout", "is_pickle_index", "open_regular", "read_index", "resolve_safetensors"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -89,25 +90,83 @@ def resolve_safetensors(source: PathLike | Sequence[PathLike]) -> Layout:
     )
 
 
-def read_index(index: Path) -> dict[str, Path]:
-    """The ``weight_map`` of a sharded checkpoint's index, with shard paths next to the index.
+def open_regular(path: PathLike, flags: int = os.O_RDONLY) -> int:
+    """A file descriptor for ``path`` if it is a regular file (or a link to one).
+
+    Never blocks: a FIFO or a device named like a weights file is refused, not read.
 
     Raises
     ------
     WeightsError
-        If the index is not JSON with a ``weight_map`` of names to file names, or names a shard
-        that does not exist.
+        Naming ``path`` and what it is: missing, a directory, a FIFO, a device, unreadable.
+
+    Examples
+    --------
+    >>> open_regular("/")
+    Traceback (most recent call last):
+        ...
+    vramfx.errors.WeightsError: / is a directory, not a regular file; weights are read from regular files only.
     """
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise WeightsError(f"{index}: not a checkpoint index with a weight_map ({err!r}).") from None
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise WeightsError(f"{path} does not exist.") from None
+    except OSError as err:
+        raise WeightsError(f"{path} cannot be opened for reading: {err.strerror or err}.") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise WeightsError(f"{path} is a {_kind(mode)}, not a regular file; weights are read from regular files only.")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def read_index(index: Path) -> dict[str, Path]:
+    """The ``weight_map`` of a sharded checkpoint's index, with shard paths next to the index.
+
+    Shard names are relative to the index's folder: one that leaves it (``..``, an absolute
+    path) is refused. A shard that is a symbolic link (as in the hub's cache) is followed.
+
+    Raises
+    ------
+    WeightsError
+        If the index is not a regular file holding JSON with a ``weight_map`` of names to file
+        names, or names a shard outside its folder, missing, or not a regular file.
+    """
+    fd = open_regular(index)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read()
+    try:
+        weight_map = json.loads(raw.decode("utf-8"))["weight_map"]
+    except (UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else repr(err)
+        raise WeightsError(f"{index}: not a checkpoint index with a weight_map ({reason}).") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WeightsError(f"{index}: weight_map must map tensor names to shard file names.")
-    shards = {name: index.parent / name for name in weight_map.values()}
-    for name, shard in sorted(shards.items()):
-        if not shard.is_file():
+    shards = {}
+    for name in sorted(set(weight_map.values())):
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise WeightsError(
+                f"{index} names shard {name!r}, which is not a file in the index's folder; an index may "
+                f"only name shards next to it (a folder below is fine, '..' and absolute paths are not)."
+            )
+        shard = index.parent / relative
+        if not shard.exists():
             raise WeightsError(f"{index} names shard {name!r}, which does not exist ({shard}).")
+        if not shard.is_file():
+            raise WeightsError(f"{index} names shard {name!r}, which is not a regular file ({shard}).")
+        shards[name] = shard
     return {key: shards[name] for key, name in weight_map.items()}
 
 

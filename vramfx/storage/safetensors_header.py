@@ -75,7 +75,8 @@ def read_header(fd: int, path: str, file_size: int) -> tuple[dict[str, TensorInf
     ------
     WeightsError
         If the header length runs past the end of the file or over ``MAX_HEADER_BYTES``, the
-        JSON is malformed, a dtype is unknown, a shape does not match its byte length, or data
+        JSON is malformed (or nested too deeply, or holds an integer too long to read), a dtype
+        is unknown, a shape does not match its byte length, or data
         offsets lie outside the data area or overlap. The message names ``path`` and the tensor.
 
     Examples
@@ -108,8 +109,10 @@ def read_header(fd: int, path: str, file_size: int) -> tuple[dict[str, TensorInf
     raw = _pread_exact(fd, header_len, 8, path)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, ValueError) as err:  # ValueError: malformed, or an integer too long to read
         raise WeightsError(f"{path}: header is not valid UTF-8 JSON ({err}).") from None
+    except RecursionError:
+        raise WeightsError(f"{path}: header JSON is nested too deeply to be a safetensors header.") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: header is a JSON {type(header).__name__}, expected an object.")
 
@@ -142,7 +145,7 @@ def _check_entry(name: str, entry: Any, data_size: int, path: str) -> tuple[int,
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise WeightsError(f"{path}: tensor {name!r} lacks dtype, shape or data_offsets in the header.")
     dtype_name = entry["dtype"]
-    if dtype_name not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
         known = ", ".join(SAFETENSORS_DTYPES)
         raise WeightsError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r} (known: {known}).")
     shape = entry["shape"]

@@ -6,15 +6,15 @@ import logging
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from vramfx.arguments import require_device
 from vramfx.errors import WeightsError
 from vramfx.storage.diskmap import DiskMap
-from vramfx.storage.files import PICKLE_SUFFIXES, PathLike, is_pickle_index, read_index
+from vramfx.storage.files import PICKLE_SUFFIXES, PathLike, is_pickle_index, open_regular, read_index
 
 __all__ = ["load_state_dict"]
 
@@ -63,8 +63,8 @@ def load_state_dict(
     Returns
     -------
     dict[str, torch.Tensor]
-        Name to tensor. Pickles in the zip format are memory-mapped (``mmap=True``), so CPU
-        tensors left uncast are backed by the file's pages.
+        Name to tensor, read into memory: a file changed or truncated afterwards changes
+        nothing here.
 
     Raises
     ------
@@ -91,6 +91,7 @@ def load_state_dict(
         dtype = torch_dtype
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch.dtype (e.g. torch.bfloat16).")
+    device = require_device("device", device)
     if isinstance(path, (list, tuple)) and any(_pickle_files(p) is not None for p in path):
         state: dict[str, torch.Tensor] = {}
         for part in path:
@@ -134,9 +135,7 @@ def _pickle_files(path: PathLike | Sequence[PathLike]) -> list[Path] | None:
             )
         p = candidates[0]
     if p.suffix in PICKLE_SUFFIXES:
-        if not p.is_file():
-            raise WeightsError(f"{p} does not exist.")
-        return [p]
+        return [p]  # opened as a regular file, or refused naming what it is, when read
     if is_pickle_index(p):
         return sorted(set(read_index(p).values()))
     return None
@@ -144,20 +143,15 @@ def _pickle_files(path: PathLike | Sequence[PathLike]) -> list[Path] | None:
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     """Unpickle ``file`` with weights_only; unwrap one-key wrappers; check it is names to tensors."""
-    try:
-        # mmap needs the zip format of torch.save; the legacy format is read into memory.
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except pickle.UnpicklingError as err:
-        raise WeightsError(
-            f"{file} is not a weights-only pickle, so vramfx will not unpickle it (that could run "
-            f"code from the file). torch says: {_unpickler_reason(err)}\n"
-            f"If you trust the file, convert it once to safetensors and load that instead:\n"
-            f"  python -c \"import torch, safetensors.torch as st; "
-            f"sd = torch.load('{file}', weights_only=False); sd = sd.get('state_dict', sd); "
-            f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{file.with_suffix('.safetensors')}')\""
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise WeightsError(f"{file} could not be read as a torch checkpoint: {err}") from None
+    # Read into memory, never mapped: a file changed or truncated later cannot change the
+    # tensors, nor fault (SIGBUS) on a page that is gone.
+    with os.fdopen(open_regular(file), "rb") as f:
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise _not_weights_only(file, err) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise WeightsError(f"{file} could not be read as a torch checkpoint: {err}") from None
     while isinstance(obj, Mapping) and len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS:
         obj = next(iter(obj.values()))
     if not isinstance(obj, Mapping):
@@ -170,6 +164,18 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
             f"a one-key wrapper ({', '.join(_WRAPPER_KEYS)}) is unwrapped, other layouts are not."
         )
     return dict(obj)
+
+
+def _not_weights_only(file: Path, err: pickle.UnpicklingError) -> WeightsError:
+    """The refusal of a pickle that is not weights-only, with a one-line conversion."""
+    return WeightsError(
+        f"{file} is not a weights-only pickle, so vramfx will not unpickle it (that could run "
+        f"code from the file). torch says: {_unpickler_reason(err)}\n"
+        f"If you trust the file, convert it once to safetensors and load that instead:\n"
+        f"  python -c \"import torch, safetensors.torch as st; "
+        f"sd = torch.load('{file}', weights_only=False); sd = sd.get('state_dict', sd); "
+        f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{file.with_suffix('.safetensors')}')\""
+    )
 
 
 def _unpickler_reason(err: pickle.UnpicklingError) -> str:

@@ -12,6 +12,7 @@ values the op sees; a preparing dtype only decides how kept weights are held, ne
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,8 +129,10 @@ def parse_vram_limit(vram_limit: int | float | str | None, device: torch.device)
     if isinstance(vram_limit, bool):
         raise ValueError(f"vram_limit={vram_limit!r} is a bool; pass a number of GB, a size such as '8GiB', or None")
     if isinstance(vram_limit, numbers.Real):
-        if not vram_limit >= 0:
-            raise ValueError(f"vram_limit={vram_limit!r} must be >= 0 (GB, as 2**30 bytes)")
+        if not vram_limit >= 0 or math.isinf(vram_limit):
+            raise ValueError(
+                f"vram_limit={vram_limit!r} must be a finite number >= 0 (GB, as 2**30 bytes); pass None for no limit"
+            )
         return int(float(vram_limit) * GIGABYTE)
     if isinstance(vram_limit, str):
         try:

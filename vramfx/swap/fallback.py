@@ -1,7 +1,7 @@
 """The module-level path ``vramfx.compile`` falls back to, and runs ``generate`` through.
 
-When ``torch.export`` cannot capture a model (data-dependent control flow, an unsupported op, a
-cache object as input or output), the model still runs under its budget: eagerly, with every
+When ``torch.export`` cannot capture a model for an input signature (data-dependent control flow,
+an unsupported op, a ``StaticCache``), the model still runs under its budget: eagerly, with every
 module that holds parameters served by the layer-swap runtime, as if wrapped. Nothing in the
 model's structure changes; each module's ``forward`` is patched on the instance for the call
 and restored after it.

@@ -24,6 +24,7 @@ from vramfx.plan.types import Liveness, WeightLife
 from vramfx.runtime.sources import on_device
 from vramfx.storage.ref import WeightRef
 from vramfx.util import dtype_name
+from vramfx.weights import stored_formats
 
 
 class FlopCount(TorchDispatchMode):
@@ -177,9 +178,10 @@ def to_liveness(
         else:
             merged.append([position, end])
     lives = []
+    decoded = stored_formats({r.name: r for rs in weights.values() for r in rs}, device)
     for unit in sorted(uses, key=lambda u: uses[u][0]):
         for ref in weights.get(unit, ()):
-            cast = ref.compute_dtype is not None and ref.compute_dtype != ref.dtype
+            cast = ref.decoder is not None or (ref.compute_dtype is not None and ref.compute_dtype != ref.dtype)
             lives.append(
                 WeightLife(
                     name=ref.name,
@@ -190,6 +192,7 @@ def to_liveness(
                     dtype=dtype_name(ref.dtype),
                     compute_dtype=dtype_name(ref.compute_dtype) if cast else None,
                     compute_nbytes=math.prod(ref.shape) * ref.compute_dtype.itemsize if cast else 0,  # type: ignore[union-attr]
+                    format=decoded[ref.name].format if ref.name in decoded else None,
                 )
             )
     flops = tuple(record.flops) if len(record.flops) == n else (0.0,) * n
@@ -199,6 +202,6 @@ def to_liveness(
         activation_bytes=(activation_peak_bytes,) * n,
         flops=flops,
         memory_bytes=tuple(sum(r.nbytes for r in weights.get(u, ())) for u in record.order),
-        workspace_bytes=workspace_bytes,
+        workspace_bytes=max([workspace_bytes, *(d.workspace_bytes for d in decoded.values())]),
         position_names=tuple(names[u] for u in record.order),
     )

@@ -33,12 +33,13 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from vramfx.errors import BudgetError, VramfxError
+from vramfx.forks import renew_after_fork
 from vramfx.measure import memory_in_use
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan
@@ -204,6 +205,15 @@ class SwapRuntime:
         self._calls = 0
         self._counts = CallCounts()  # the latest call's
         self._held_peak = 0
+        renew_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child starts with no call in progress and a lock nobody holds (the parent's
+        thread that held it does not exist here); the engine renews its own workers."""
+        self._lock = threading.RLock()
+        self._call = None
+        self._opened = []
+        self._passes = PassFinder()
 
     def add(self, unit: Unit) -> Unit:
         """Serve ``unit`` from now on."""
@@ -541,6 +551,13 @@ def bind(unit: Unit) -> tuple[WeightRef, ...]:
     for i, slot in enumerate(unit.slots):
         home = unit.home[i]
         held, compute = unit.held_dtype(i), unit.compute_dtypes[i]
+        if unit.decoded(i):  # a stored run, decoded on the device per call
+            ref = slot.ref
+            assert ref is not None
+            source, key = (HostSource({slot.name: home.detach()}), slot.name) if home is not None else (ref.source, ref.key)
+            refs.append(replace(ref, name=slot.name, source=source, key=key, requires_grad=slot.requires_grad,
+                                compute_dtype=compute))
+            continue
         if unit.placed(i):
             if home is None or home.dtype == compute:
                 continue  # used as it is

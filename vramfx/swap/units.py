@@ -33,7 +33,7 @@ from vramfx.storage.checkpoint_keys import checkpoint_key_map, tensor_aliases
 from vramfx.storage.converted import read_stored
 from vramfx.storage.ref import WeightRef
 from vramfx.swap.config import Placement
-from vramfx.weights import find_key
+from vramfx.weights import decoder_of, find_key
 
 _LISTED = 10
 
@@ -109,8 +109,16 @@ class Unit:
         home = self.home[i]
         return home.dtype if home is not None else self.disk_dtypes[i]
 
+    def decoded(self, i: int) -> bool:
+        """Whether slot ``i`` rests as a run its decoder turns into values (GGUF, scaled fp8): moved
+        and held as stored whatever the placement's dtype, decoded on the device per call."""
+        ref = self.slots[i].ref
+        return ref is not None and ref.decoder is not None
+
     def held_dtype(self, i: int) -> torch.dtype:
         """The dtype slot ``i`` is moved and held in on the device."""
+        if self.decoded(i):
+            return self.stored_dtype(i)
         return moved_dtype(self.stored_dtype(i), self.compute_dtypes[i])
 
     def set_disk_dtype(self, i: int, dtype: torch.dtype) -> None:
@@ -197,6 +205,13 @@ def rest_dtype(dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
     return wanted
 
 
+def read_run(ref: WeightRef) -> torch.Tensor:
+    """``ref``'s stored bytes in host memory, as the flat run of its stored dtype."""
+    raw = torch.empty(ref.nbytes, dtype=torch.uint8)
+    ref.read_into(raw)
+    return raw.view(ref.dtype)
+
+
 @torch.no_grad()
 def read_tensor(ref: WeightRef, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A new tensor on ``device`` in ``dtype`` holding ``ref``'s stored values (rounded once)."""
@@ -229,9 +244,13 @@ class UnitBuilder:
                 self.missing.append(name)
             return None
         info = source.info(key)  # type: ignore[union-attr]
-        if tuple(info.shape) != tuple(shape):
-            self.mismatched.append(f"{key}: stored {tuple(info.shape)}, model expects {tuple(shape)}")
+        decoder = decoder_of(source, key)  # GGUF blocks, scaled fp8: a flat run decoded per call
+        stored_shape = tuple(decoder.shape) if decoder is not None else tuple(info.shape)
+        if stored_shape != tuple(shape):
+            self.mismatched.append(f"{key}: stored {stored_shape}, model expects {tuple(shape)}")
             return None
+        if decoder is not None:
+            return WeightRef(name, source, key, tuple(shape), decoder.stored_dtype, decoder.nbytes, decoder=decoder)  # type: ignore[arg-type]
         return WeightRef(name, source, key, tuple(shape), info.dtype, info.nbytes)  # type: ignore[arg-type]
 
     def slots(self, root: torch.nn.Module, prefix: str, *, recursive: bool, required: bool) -> tuple[Slot, ...]:
@@ -290,6 +309,16 @@ def move_home(unit: Unit, placement: Placement) -> bool:
     moved = False
     for i, slot in enumerate(unit.slots):
         home = unit.home[i]
+        if unit.decoded(i):  # its stored run, as the file holds it: the placement's dtype does not apply
+            assert slot.ref is not None
+            want = placement.device
+            if want is None and home is not None:
+                unit.set_home(i, None)
+                moved = True
+            elif want is not None and (home is None or home.device != want):
+                unit.set_home(i, read_run(slot.ref).to(want) if home is None else home.detach().to(want))
+                moved = True
+            continue
         if placement.on_disk:
             assert slot.ref is not None, "a unit placed on disk has every weight in the disk map"
             dtype = rest_dtype(slot.ref.dtype, placement.dtype)
