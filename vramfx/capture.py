@@ -24,6 +24,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from vramfx import carried
+from vramfx.adapters.scales import ScaleSlot, lift_scales, scales_as_buffers
 from vramfx.errors import CaptureError, VramfxError
 from vramfx.fold_masks import fold_constant_masks
 from vramfx.storage.checkpoint_keys import tensor_aliases
@@ -71,7 +72,8 @@ class Captured:
     flattened with ``in_spec``. The graph returns the flat user outputs, which ``out_spec``
     rebuilds into the model's output structure; with ``input_objects`` (objects the call passed,
     such as a cache), into ``(output, the state of each input object)``
-    (:func:`vramfx.carried.settle` finishes both).
+    (:func:`vramfx.carried.settle` finishes both). ``adapter_scales`` are the LoRA scales the
+    graph reads as attributes, to be filled before each call (:mod:`vramfx.adapters.scales`).
     """
 
     graph_module: torch.fx.GraphModule
@@ -80,6 +82,7 @@ class Captured:
     out_spec: pytree.TreeSpec
     device: torch.device
     input_objects: int = 0
+    adapter_scales: tuple[ScaleSlot, ...] = ()
 
     @property
     def name_to_weight(self) -> dict[str, WeightSpec]:
@@ -133,19 +136,20 @@ def capture(
     """
     device = torch.device(device)
     call = carried.lift((tuple(args), dict(kwargs or {})))
-    aliases = tensor_aliases(model)
-    originals = _original_tensors(model)
     meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, _to_meta, call.tree)
     refuse_if_forked_mid_capture()
-    with _meta_state(model, dtype), _carrying(model, device), _exporting(), torch.no_grad():
-        try:
-            exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
-        except Exception as exc:
-            if not export_cannot_express(exc):
-                _add_note(exc, f"vramfx: raised by {type(model).__name__}'s code on this call while capturing it "
-                               "(on meta tensors); eager raises it too. Nothing was cached.")
-                raise
-            raise CaptureError(_capture_reason(model, exc)) from exc
+    with scales_as_buffers(model) as scale_buffers:
+        aliases = tensor_aliases(model)
+        originals = _original_tensors(model)
+        with _meta_state(model, dtype), _carrying(model, device), _exporting(), torch.no_grad():
+            try:
+                exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
+            except Exception as exc:
+                if not export_cannot_express(exc):
+                    _add_note(exc, f"vramfx: raised by {type(model).__name__}'s code on this call while capturing "
+                                   "it (on meta tensors); eager raises it too. Nothing was cached.")
+                    raise
+                raise CaptureError(_capture_reason(model, exc)) from exc
 
     gm = exported.graph_module
     _check_outputs(exported)
@@ -156,6 +160,7 @@ def capture(
     _copy_outputs_that_alias_weights(gm, {p for w in weights for p in w.placeholders})
     _detach_out_of_place(gm)
     fold_constant_masks(gm)
+    weights, scales = lift_scales(gm, weights, scale_buffers)
     gm.recompile()
     return Captured(
         graph_module=gm,
@@ -164,6 +169,7 @@ def capture(
         out_spec=exported.call_spec.out_spec,
         device=device,
         input_objects=carried.count_objects(call.tree),
+        adapter_scales=scales,
     )
 
 

@@ -37,6 +37,7 @@ class CompiledGraph:
 
     ``graph_bytes`` is the host memory this graph holds outside its plan; ``reserved_bytes``
     what its plan set aside for every graph the compiled model held when it was planned.
+    ``adapters`` keeps its adapter values current (:class:`vramfx.adapters.binding.AdapterBinding`).
     """
 
     captured: Captured
@@ -45,6 +46,7 @@ class CompiledGraph:
     engine: Engine
     graph_bytes: int = 0
     reserved_bytes: int = 0
+    adapters: Any = None
 
     @functools.cached_property
     def carries(self) -> bool:
@@ -114,8 +116,10 @@ class CompiledModule(torch.nn.Module):
         dtype: torch.dtype | None = None,
         stored_state: Callable[[], dict[str, torch.Tensor]] | None = None,
         replan: Callable[[Captured, ResidentStore, int, int], CompiledGraph] | None = None,
+        adapter_state: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
+        self.__dict__["_vramfx_adapter_state"] = adapter_state
         self.__dict__["_vramfx_dtype"] = dtype
         self.__dict__["_vramfx_model"] = model
         self.__dict__["_vramfx_device"] = device
@@ -305,7 +309,7 @@ class CompiledModule(torch.nn.Module):
             except CaptureError as exc:
                 self._fall_back(exc, stacklevel=5)
                 return None
-            entry = self._entry_for(call.tree, stacklevel=5)
+            entry = self._entry_for(call.tree, self._adapters(), stacklevel=5)
             return entry if isinstance(entry, CompiledGraph) else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -318,10 +322,13 @@ class CompiledModule(torch.nn.Module):
                 entry: CompiledGraph | Fallback = self._fall_back(exc, stacklevel=6)
             else:
                 self._check_devices(pytree.tree_leaves(call.tree))
-                entry = self._entry_for(call.tree, stacklevel=6)
+                adapters = self._adapters()
+                entry = self._entry_for(call.tree, adapters, stacklevel=6)
             if isinstance(entry, Fallback):
                 return self._enter_module_path()(*args, **kwargs)
             self._release_module_path()
+            if entry.adapters is not None:
+                entry.adapters.refresh(adapters, self.__dict__["_vramfx_store"])
             self._activate(entry)
             engine = entry.engine
             engine.begin_call()
@@ -336,11 +343,19 @@ class CompiledModule(torch.nn.Module):
                 return result
             return carried.settle(result, call.objects, self.device, states=entry.captured.input_objects > 0)
 
-    def _entry_for(self, tree: tuple, *, stacklevel: int) -> CompiledGraph | Fallback:
-        """The graph for this signature, built on first use; a Fallback for a signature export
-        cannot express (when a module path exists). Any other error propagates, caching nothing."""
+    def _adapters(self) -> Any:
+        """The model's adapter state now (:func:`vramfx.adapters.state.adapter_state`), or None."""
+        read = self.__dict__["_vramfx_adapter_state"]
+        return read() if read is not None else None
+
+    def _entry_for(self, tree: tuple, adapters: Any, *, stacklevel: int) -> CompiledGraph | Fallback:
+        """The graph for this signature and adapter structure, built on first use; a Fallback for
+        a signature export cannot express (when a module path exists). Any other error
+        propagates, caching nothing."""
         cache: dict = self.__dict__["_vramfx_cache"]
         key = input_signature(*tree)
+        if adapters is not None:  # adapter values are refreshed per call; their structure is captured
+            key = (key, adapters.structure)
         entry = cache.get(key)
         if isinstance(entry, CompiledGraph) and entry.reserved_bytes < self._graph_bytes():
             cache[key] = entry = self._replanned(entry)

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from vramfx.adapters.binding import bind_adapters
+from vramfx.adapters.hosting import mark_streamed
+from vramfx.adapters.state import adapter_state
 from vramfx.arguments import require_bool, require_call, require_device, require_int
 from vramfx.budget import parse_budget
 from vramfx.errors import BudgetError
@@ -219,6 +222,7 @@ def compile(
     )
 
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
+    mark_streamed(p for p in model.parameters() if p.is_meta)  # adapters added later stay on the host
 
     def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore, held_bytes: int) -> CompiledGraph:
         return build_graph(model, args, kwargs, source, renamed, options, store, held_bytes)
@@ -237,6 +241,7 @@ def compile(
         module_path=lambda: module_path(model, source, options),
         dtype=compute_dtype,
         stored_state=read_state,
+        adapter_state=lambda: adapter_state(model),
     )
     if example is not None:
         compiled.prepare(*example)
@@ -283,6 +288,7 @@ def plan_graph(
     precision = options.precision
     storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
     refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
+    refs, adapters = bind_adapters(adapter_state(model), captured, refs, options.device)
     stored = {name: ref.dtype for name, ref in refs.items()}
     liveness = build_liveness(
         captured, device=options.device, storage_dtypes=stored, stored_formats=stored_formats(refs, options.device)
@@ -316,7 +322,9 @@ def plan_graph(
         # Capture's temporaries are freed by now, but the C allocator keeps freed pages (RssAnon,
         # what a CPU budget is measured by) until trimmed; trimmed, the arena can reuse them.
         release_freed_memory()
-    return CompiledGraph(captured, plan, graph_module, engine, graph_bytes=graph_bytes, reserved_bytes=reserved)
+    return CompiledGraph(
+        captured, plan, graph_module, engine, graph_bytes=graph_bytes, reserved_bytes=reserved, adapters=adapters
+    )
 
 
 def allocator_slack_bytes(liveness: Liveness, device: torch.device) -> int:

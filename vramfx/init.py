@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
+from vramfx.adapters.hosting import mark_streamed
+
 __all__ = ["skip_model_initialization"]
 
 _INIT_NAMES = tuple(
@@ -85,6 +87,8 @@ def _param_mover(device: torch.device) -> Callable[[nn.Module, str, nn.Parameter
         # _make_subclass keeps Parameter subclasses without calling their constructors.
         moved = torch.Tensor._make_subclass(type(param), data, param.requires_grad)
         moved.__dict__.update(param.__dict__)
+        if moved.is_meta:
+            mark_streamed((moved,))
         return moved
 
     return hook

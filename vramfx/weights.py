@@ -18,6 +18,7 @@ from vramfx.errors import WeightsError
 from vramfx.plan.types import StoredFormat
 from vramfx.precision import exactly_widens
 from vramfx.quant.decoders import Decoder
+from vramfx.storage.checkpoint_keys import adapter_free_name
 from vramfx.storage.converted import ConvertedSource, read_stored, serve_converted
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.foreign import source_of
@@ -252,8 +253,10 @@ def _held_dtype(
 
 
 def find_key(weights: WeightSource, names: Sequence[str], renamed: Mapping[str, str]) -> str | None:
-    """The key ``weights`` holds a tensor under: any of its ``names`` (tied twins), or the checkpoint
-    key ``renamed`` maps one of them to. Both front ends bind weights with it."""
+    """The key ``weights`` holds a tensor under: any of its ``names`` (tied twins), the name it had
+    before an adapter wrapped its layer (:func:`~vramfx.storage.checkpoint_keys.adapter_free_name`),
+    or the checkpoint key ``renamed`` maps one of them to. Both front ends bind weights with it."""
+    names = [*names, *(n for n in map(adapter_free_name, names) if n not in names)]
     candidates = [*names, *(renamed[n] for n in names if n in renamed)]
     return next((n for n in candidates if n in weights), None)
 

@@ -46,6 +46,7 @@ def checkpoint_key_map(model: torch.nn.Module, checkpoint_keys: Iterable[str]) -
     if not isinstance(model, PreTrainedModel):
         return {}
     model_keys = {name: True for name, _ in model.state_dict(keep_vars=True).items()}
+    model_keys.update({adapter_free_name(name): True for name in model_keys})
     prefix = getattr(model, "base_model_prefix", "") or ""
     rename = _transformers_renamer(model, prefix, model_keys)
     out: dict[str, str] = {}
@@ -92,3 +93,28 @@ def tensor_aliases(model: torch.nn.Module) -> dict[int, tuple[str, ...]]:
     for name, t in model.named_buffers(remove_duplicate=False):
         names.setdefault(id(t), []).append(name)
     return {k: tuple(v) for k, v in names.items()}
+
+
+#: What a PEFT model's names add to the base model's: the wrapper ``get_peft_model`` puts around
+#: the model, and the ``base_layer`` a LoRA layer keeps the wrapped layer under.
+_PEFT_MODEL_PREFIX = "base_model.model."
+_BASE_LAYER = ".base_layer."
+
+
+def adapter_free_name(name: str) -> str:
+    """The name a tensor of an adapter-wrapped model had before the adapter was added, which is
+    the name the base checkpoint stores it under (``X.base_layer.weight`` is stored as
+    ``X.weight``). Weight binding (:func:`vramfx.weights.find_key`) tries it after a tensor's own
+    names; checkpoint renaming maps it too.
+
+    Examples
+    --------
+    >>> adapter_free_name("blocks.0.attn.to_q.base_layer.weight")
+    'blocks.0.attn.to_q.weight'
+    >>> adapter_free_name("base_model.model.model.layers.0.mlp.up_proj.base_layer.bias")
+    'model.layers.0.mlp.up_proj.bias'
+    """
+    name = name.removeprefix(_PEFT_MODEL_PREFIX)
+    while _BASE_LAYER in name:
+        name = name.replace(_BASE_LAYER, ".")
+    return name

@@ -37,6 +37,15 @@ class HostSource(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._tensors)
 
+    def replace(self, key: str, tensor: torch.Tensor) -> None:
+        """Serve ``tensor`` under ``key`` from now on: the model replaced the tensor it holds there
+        (an adapter swapped in) between calls. Its shape and dtype must be the old one's."""
+        old = self._tensors[key]
+        if tensor.shape != old.shape or tensor.dtype != old.dtype:
+            raise ValueError(f"{key}: cannot replace a {tuple(old.shape)} {old.dtype} tensor by a "
+                             f"{tuple(tensor.shape)} {tensor.dtype} one")
+        self._tensors[key] = tensor.detach().contiguous()
+
     def info(self, key: str) -> TensorInfo:
         t = self._tensors[key]
         return TensorInfo(tuple(t.shape), t.dtype, t.numel() * t.element_size())

@@ -1,0 +1,133 @@
+"""One compiled graph's adapter values, kept current before every call.
+
+A graph is captured and planned for one adapter structure (:mod:`vramfx.adapters.state`); the
+values it reads are brought up to date before each call, at the cost of a copy at most:
+
+- LoRA scales: the graph's scale attributes are filled with the layers' current ``scaling``;
+- adapter tensors in host memory: where the model now holds another tensor under a name (an
+  adapter replaced, unloaded and loaded again, ``swap_tensors``), the graph's source serves the
+  new one and a resident copy of the old one is dropped, so it is loaded again. On a CPU, host
+  tensors are read where they lie, so values written in place are seen as they are; on another
+  device a resident copy cannot tell values written in place through ``.data`` (as PEFT's
+  hot swap writes them), so resident copies of adapter tensors are made again on every call;
+- fused adapters: the base weight's decoder (:class:`~vramfx.adapters.fused.FusedLora`) reads
+  the merged adapters' current values and scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from vramfx.adapters.fused import FusedLora
+from vramfx.adapters.scales import ScaleSlot
+from vramfx.adapters.state import AdapterState, refuse_unsupported_merge
+from vramfx.errors import VramfxError
+from vramfx.storage.host import HostSource
+from vramfx.storage.ref import WeightRef
+
+
+@dataclass
+class _Watched:
+    """A graph weight the model holds as a host tensor of an adapter layer."""
+
+    weight: str
+    tensor_name: str
+    source: HostSource
+    key: str
+    fingerprint: tuple
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """Which tensor, where its data lies, and its in-place write count (inference tensors keep none)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = None
+    return id(t), t.data_ptr(), version
+
+
+class AdapterBinding:
+    """Refreshes one graph's adapter values from the model's current :class:`AdapterState`."""
+
+    def __init__(self, state: AdapterState, slots: tuple[ScaleSlot, ...], device: torch.device) -> None:
+        self.state = state
+        self.slots = slots
+        self.copies_each_call = device.type != "cpu"
+        self.watched: list[_Watched] = []
+
+    def merged_of(self, layer: str):
+        """The merged adapters' ``(A, B, scale, fan_in_fan_out)`` of ``layer``, read at decode time."""
+
+        def merged() -> list[tuple[torch.Tensor, torch.Tensor, float, bool]]:
+            state = self.state
+            module = state.layers[layer]
+            fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
+            return [
+                (module.lora_A[a].weight.detach(), module.lora_B[a].weight.detach(), state.scales[(layer, a)],
+                 fan_in_fan_out)
+                for a in state.merged.get(layer, ())
+            ]
+
+        return merged
+
+    def refresh(self, state: AdapterState, store: object) -> None:
+        """Bring the graph's adapter values up to ``state`` (same structure); drop stale residents
+        from ``store`` (the compiled model's ResidentStore) so activation loads them again."""
+        self.state = state
+        for slot in self.slots:
+            slot.value.fill_(state.scales[(slot.layer, slot.adapter)])
+        for w in self.watched:
+            current = state.tensors.get(w.tensor_name)
+            if current is None:
+                raise VramfxError(f"adapter tensor {w.tensor_name} disappeared without a change of adapter structure")
+            fingerprint = _fingerprint(current)
+            if fingerprint != w.fingerprint:
+                w.source.replace(w.key, current.detach())
+                w.fingerprint = fingerprint
+                store.drop(w.weight)
+            elif self.copies_each_call or fingerprint[2] is None:
+                store.drop(w.weight)
+
+
+def bind_adapters(
+    state: AdapterState | None,
+    captured: object,
+    refs: Mapping[str, WeightRef],
+    device: torch.device,
+) -> tuple[dict[str, WeightRef], AdapterBinding | None]:
+    """The graph's weight refs with fused adapters applied, and the binding that keeps its adapter
+    values current; ``(refs, None)`` for a model without adapters.
+
+    Raises
+    ------
+    VramfxError
+        A merged adapter that cannot be fused after the fetch (DoRA, ``lora_bias``, a layer other
+        than ``nn.Linear``).
+    """
+    if state is None:
+        return dict(refs), None
+    refuse_unsupported_merge(state)
+    binding = AdapterBinding(state, captured.adapter_scales, device)
+    out = dict(refs)
+    specs = captured.name_to_weight
+    for name, ref in refs.items():
+        tensor_name = next((a for a in specs[name].aliases if a in state.tensors), None)
+        if tensor_name is not None and isinstance(ref.source, HostSource):
+            tensor = state.tensors[tensor_name]
+            ref.source.replace(ref.key, tensor.detach())  # a replan keeps an older capture's tensor
+            binding.watched.append(_Watched(name, tensor_name, ref.source, ref.key, _fingerprint(tensor)))
+    by_alias = {a: spec for spec in captured.weights for a in spec.aliases}
+    for layer, adapters in state.merged.items():
+        spec = by_alias.get(f"{layer}.base_layer.weight" if layer else "base_layer.weight")
+        if spec is None or spec.value is not None:  # a weight the model holds: PEFT merged into it
+            continue
+        ref = out[spec.name]
+        module = state.layers[layer]
+        rank = sum(module.lora_A[a].weight.shape[0] for a in adapters)
+        fused = FusedLora(spec.shape, ref.dtype, ref.nbytes, binding.merged_of(layer), rank, inner=ref.decoder)
+        out[spec.name] = dataclasses.replace(ref, decoder=fused, compute_dtype=ref.compute_dtype or spec.dtype)
+    return out, binding
