@@ -147,7 +147,7 @@ def test_pipeline_load_lora_weights_on_a_compiled_transformer(tmp_path, monkeypa
     for pipe in (eager_pipe, fast_pipe):
         pipe.transformer.unload_lora()
     assert_equal(t.expected(), fast(**t.inputs))
-    assert count.made == (0, 0)
+    assert count.captures == 0  # the base graph, captured first (planned again: see above)
 
 
 @pytest.mark.xfail(reason="pipeline-level set_adapters/unload_lora_weights look for ModelMixin components; "
