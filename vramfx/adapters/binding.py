@@ -6,8 +6,9 @@ values it reads are brought up to date before each call, at the cost of a copy a
 - LoRA scales: the graph's scale attributes are filled with the layers' current ``scaling``;
 - adapter tensors in host memory: where the model now holds another tensor under a name (an
   adapter replaced, unloaded and loaded again, ``swap_tensors``), the graph's source serves the
-  new one and a resident copy of the old one is dropped, so it is loaded again. On a CPU, host
-  tensors are read where they lie, so values written in place are seen as they are; on another
+  new one and a resident copy of the old one is dropped, so it is loaded again (so is one another
+  graph of the same model left under the same name). On a CPU, host tensors are read where they
+  lie, so values written in place are seen as they are; on another
   device a resident copy cannot tell values written in place through ``.data`` (as PEFT's
   hot swap writes them), so resident copies of adapter tensors are made again on every call;
 - fused adapters: the base weight's decoder (:class:`~vramfx.adapters.fused.FusedLora`) reads
@@ -90,6 +91,10 @@ class AdapterBinding:
                 w.fingerprint = fingerprint
                 store.drop(w.weight)
             elif self.copies_each_call or fingerprint[2] is None:
+                store.drop(w.weight)
+            elif w.weight in store and store[w.weight].data_ptr() != current.data_ptr():
+                # The store is shared by the compiled model's graphs: another structure's graph
+                # (another rank under the same name) may have left its tensor there.
                 store.drop(w.weight)
 
 
