@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from vramfx.errors import VramfxError
+
 _HOST = torch.device("cpu")
 #: Streamed meta parameters by ``id`` (tensors compare by value, so no WeakSet), held weakly.
 _streamed: dict[int, weakref.ref] = {}
@@ -45,6 +47,21 @@ def is_streamed(tensor: object) -> bool:
     return ref is not None and ref() is tensor
 
 
+def adapter_home(layer: Any) -> tuple[torch.device, torch.dtype | None] | None:
+    """Where adapters wrapping ``layer`` keep their weights, and in which dtype; None where PEFT's
+    rule (the layer's weight's device and dtype) holds.
+
+    A layer of the layer-swap path names its own (its computation device and dtype: adapters
+    are used there, as its hot-loaded LoRA lists are); a layer whose weight vramfx streams into
+    compiled graphs has them in host memory, in its dtype.
+    """
+    home = getattr(layer, "vramfx_adapter_home", None)
+    if home is not None:
+        return home
+    weight = getattr(layer, "weight", None)
+    return (_HOST, weight.dtype) if is_streamed(weight) else None
+
+
 def install_if_loaded() -> None:
     """Teach PEFT (once, if it is imported) where adapters of streamed layers go."""
     if _installed[0] or "peft.tuners.tuners_utils" not in sys.modules:
@@ -61,9 +78,8 @@ def install_if_loaded() -> None:
         @functools.wraps(device_of)
         def device_and_dtype(self: Any, base_layer: Any) -> tuple:
             device, dtype = device_of(self, base_layer)
-            if device is not None and device.type == "meta" and is_streamed(getattr(base_layer, "weight", None)):
-                return _HOST, dtype
-            return device, dtype
+            home = adapter_home(base_layer)
+            return (device, dtype) if home is None else home
 
         BaseTunerLayer._get_base_layer_device_and_dtype = device_and_dtype
         from peft.tuners.lora.model import LoraModel
@@ -80,15 +96,36 @@ def _keeping_host(replace_module: Any) -> Any:
 
     @functools.wraps(replace_module)
     def replace(self: Any, parent: Any, child_name: str, new_module: Any, child: Any) -> Any:
-        if not is_streamed(getattr(child, "weight", None)):
+        home = adapter_home(child)
+        if home is None:
             return replace_module(self, parent, child_name, new_module, child)
-        held = {n: p for n, p in new_module.named_parameters() if not p.is_meta and ".base_layer" not in f".{n}"}
+        held = {n: p.data for n, p in new_module.named_parameters() if not p.is_meta and ".base_layer" not in f".{n}"}
         result = replace_module(self, parent, child_name, new_module, child)
-        for name, param in held.items():
+        for name, data in held.items():
             owner, _, leaf = name.rpartition(".")
             module = new_module.get_submodule(owner)
-            if module._parameters[leaf].is_meta:  # moved as a new meta Parameter: put the host one back
-                module._parameters[leaf] = param
+            moved = module._parameters[leaf]
+            if moved.device != data.device:  # PEFT moved it to the wrapped layer's device: put it back
+                module._parameters[leaf] = torch.nn.Parameter(data, requires_grad=moved.requires_grad)
+        watch_fusion(new_module)
         return result
 
     return replace
+
+
+def watch_fusion(layer: torch.nn.Module) -> None:
+    """Refuse, at its next call, an adapter fused into a layer the layer-swap path moves in per call."""
+    base = getattr(layer, "base_layer", None)
+    if getattr(base, "vramfx_adapter_home", None) is None:
+        return
+    if not any(hook is _refuse_fused for hook in layer._forward_pre_hooks.values()):
+        layer.register_forward_pre_hook(_refuse_fused)
+
+
+def _refuse_fused(layer: torch.nn.Module, args: tuple) -> None:
+    if getattr(layer, "merged", False):
+        raise VramfxError(
+            f"adapter(s) {', '.join(layer.merged_adapters)} are fused into a layer the layer-swap path moves "
+            "in per call, whose weights (on disk, or kept on the device) do not see a fusion: unfuse them "
+            "(unfuse_lora()) to run them unfused, or use vramfx.compile, which fuses after each fetch"
+        )

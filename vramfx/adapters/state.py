@@ -47,6 +47,15 @@ def tuner_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
+def is_adapter_layer(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a PEFT adapter layer (its wrapped layer is its ``base_layer``)."""
+    if "peft.tuners.tuners_utils" not in sys.modules:
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
 def adapter_state(model: torch.nn.Module) -> AdapterState | None:
     """The adapter state of ``model``; None when it has no adapter layers.
 

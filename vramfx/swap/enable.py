@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from vramfx.adapters.hosting import watch_fusion
+from vramfx.adapters.state import is_adapter_layer
 from vramfx.swap.config import DISK
 from vramfx.swap.maps import resolve_module_map
 from vramfx.swap.patch import bound_calls
@@ -146,6 +148,9 @@ def enable_vram_management(
             wrapped[id(child)] = cls(child, name=name, binding=binding)
         setattr(parent, attr, wrapped[id(child)])
     materialise(loose, binding.config.device, binding.config.computation)
+    for module in model.modules():
+        if is_adapter_layer(module):
+            watch_fusion(module)
     return _enabled(model, binding)
 
 
@@ -255,10 +260,11 @@ def _matches(
     found = []
 
     def walk(module: torch.nn.Module, prefix: str) -> None:
+        adapter = is_adapter_layer(module)
         for attr, child in module.named_children():
             name = f"{prefix}.{attr}" if prefix else attr
-            if isinstance(child, SwapSwitches):
-                continue
+            if isinstance(child, SwapSwitches) or (adapter and attr != "base_layer"):
+                continue  # a PEFT layer's adapters are not streamed: they stay on the device
             cls = next((w for t, w in module_map.items() if isinstance(child, t)), None)
             if cls is not None:
                 found.append((module, attr, name, child, cls))

@@ -133,6 +133,15 @@ class SwapSwitches:
         """Move this module's weights to their preparing state: on the computation device."""
         self._vramfx_binding.move([self], 2)
 
+    @property
+    def vramfx_adapter_home(self) -> tuple[torch.device, torch.dtype | None]:
+        """Where PEFT adapters wrapping this module keep their weights: the computation device, in
+        the computation dtype (:func:`vramfx.adapters.hosting.adapter_home`). Like hot-loaded LoRA
+        lists, they are used there and not counted in ``vram_limit``."""
+        config = self._vramfx_binding.config
+        dtype = next((s.dtype for s in self._vramfx_unit.slots if s.dtype.is_floating_point), None)
+        return config.device, config.computation.dtype_for(dtype) if dtype is not None else None
+
     def _vramfx_bind(
         self, root: torch.nn.Module, name: str, binding: Binding | None, *, recursive: bool = True, **standalone: Any
     ) -> None:
