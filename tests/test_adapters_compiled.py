@@ -185,3 +185,25 @@ def test_adapter_values_refresh_without_new_capture_or_plan(tmp_path, monkeypatc
     add_lora([t.eager, fast], t.targets, "a", seed=4, r=8)
     assert_equal(t.expected(), fast(**t.inputs))
     assert count.made == (1, 1)
+
+
+def test_generate_with_adapters_takes_the_module_path(tmp_path):
+    t = twins("llama", tmp_path)
+    add_lora([t.eager, t.empty], t.targets, "a", seed=1)
+    fast = compiled(t)
+    ids = t.inputs["input_ids"]
+
+    def same_tokens():
+        with torch.no_grad():
+            expected = t.eager.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(expected, fast.generate(ids, max_new_tokens=4, do_sample=False))
+
+    same_tokens()
+    for m in (t.eager, fast.model):
+        set_active(m, ["a"], [3.0])
+    same_tokens()
+    add_lora([t.eager, fast], t.targets, "b", seed=2)  # a new structure: the module path is made again
+    for m in (t.eager, fast.model):
+        set_active(m, ["a", "b"], [0.5, 1.5])
+    same_tokens()
+    assert_equal(t.expected(), fast(**t.inputs))

@@ -39,3 +39,11 @@ def test_diffsynth_benchmark_smoke_runs_and_prints_weight_waits():
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "DiffSynth layers" in done.stdout and "waits" in done.stdout
+
+
+def test_lora_benchmark_smoke_runs_and_checks_outputs():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora.py"), "--smoke"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "hot swap + next call" in done.stdout and "rank-8 LoRA" in done.stdout

@@ -410,9 +410,16 @@ class CompiledModule(torch.nn.Module):
         return Fallback(exc)
 
     def _enter_module_path(self) -> Any:
-        """The module-level path, made on first use; the graphs' memory is freed for it."""
+        """The module-level path, made on first use and again after the adapter structure changed
+        (its units are the model's parameters when it was made); the graphs' memory is freed for it."""
         self._release_graphs()
         path = self.__dict__["_vramfx_module_path"]
+        adapters = self._adapters()
+        structure = adapters.structure if adapters is not None else None
+        if path is not None and self.__dict__.get("_vramfx_module_path_adapters") != structure:
+            path.release()
+            path = None
+        self.__dict__["_vramfx_module_path_adapters"] = structure
         if path is None:
             make = self.__dict__["_vramfx_make_module_path"]
             if make is None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from vramfx.adapters.binding import bind_adapters
+from vramfx.adapters.hosting import install as install_adapter_hosting
 from vramfx.adapters.hosting import mark_streamed
 from vramfx.adapters.state import adapter_state
 from vramfx.arguments import require_bool, require_call, require_device, require_int
@@ -223,6 +224,7 @@ def compile(
 
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
     mark_streamed(p for p in model.parameters() if p.is_meta)  # adapters added later stay on the host
+    install_adapter_hosting()
 
     def build(args: tuple, kwargs: dict[str, Any], store: ResidentStore, held_bytes: int) -> CompiledGraph:
         return build_graph(model, args, kwargs, source, renamed, options, store, held_bytes)

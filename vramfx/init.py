@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
+from vramfx.adapters.hosting import install as install_adapter_hosting
 from vramfx.adapters.hosting import mark_streamed
 
 __all__ = ["skip_model_initialization"]
@@ -41,6 +42,10 @@ def skip_model_initialization(device: torch.device | str = "meta") -> Iterator[N
       weights that will be overwritten by loading;
     - buffers are left alone: they are real and keep their computed values (a rotary
       ``inv_freq``, a position-id table), because ``compile`` takes them from the module.
+
+    PEFT adapters added later to a layer built here (``add_adapter``, ``load_lora_adapter``) keep
+    their weights in host memory, where :func:`vramfx.compile` plans them, instead of following
+    the meta weight they wrap (:mod:`vramfx.adapters.hosting`).
 
     Everything is restored on exit, also when the block raises. Blocks nest; the innermost
     ``device`` wins. The patches are process-wide while the block runs, as with accelerate's
@@ -75,6 +80,7 @@ def skip_model_initialization(device: torch.device | str = "meta") -> Iterator[N
         for container, name, old in reversed(undo):
             _set(container, name, old)
         handle.remove()
+    install_adapter_hosting()
 
 
 def _param_mover(device: torch.device) -> Callable[[nn.Module, str, nn.Parameter | None], Any]:

@@ -10,6 +10,7 @@ any other weight. Other meta models keep PEFT's behaviour.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 import threading
 import weakref
@@ -33,7 +34,6 @@ def mark_streamed(parameters: Iterable[torch.Tensor]) -> None:
         for p in parameters:
             if p.is_meta:
                 _streamed[id(p)] = weakref.ref(p, functools.partial(_forget, id(p)))
-    install_if_loaded()
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -62,10 +62,17 @@ def adapter_home(layer: Any) -> tuple[torch.device, torch.dtype | None] | None:
     return (_HOST, weight.dtype) if is_streamed(weight) else None
 
 
-def install_if_loaded() -> None:
-    """Teach PEFT (once, if it is imported) where adapters of streamed layers go."""
-    if _installed[0] or "peft.tuners.tuners_utils" not in sys.modules:
+def install() -> None:
+    """Teach PEFT (once) where adapters of streamed layers go.
+
+    PEFT is imported here only when it is installed and a library that adds adapters with it
+    (transformers, diffusers) is already imported, which makes the import cheap.
+    """
+    if _installed[0]:
         return
+    if "peft.tuners.tuners_utils" not in sys.modules:
+        if not any(m in sys.modules for m in ("transformers", "diffusers")) or not _peft_installed():
+            return
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
     with _lock:
@@ -88,6 +95,11 @@ def install_if_loaded() -> None:
             if "_replace_module" in vars(tuner):
                 tuner._replace_module = _keeping_host(vars(tuner)["_replace_module"])
         _installed[0] = True
+
+
+@functools.cache
+def _peft_installed() -> bool:
+    return importlib.util.find_spec("peft") is not None
 
 
 def _keeping_host(replace_module: Any) -> Any:
