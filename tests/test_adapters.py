@@ -113,3 +113,37 @@ def test_base_weights_are_found_under_their_checkpoint_names():
     assert find_key(stored, ["proj.base_layer.weight"], {}) == "proj.weight"
     assert find_key(stored, ["base_model.model.out.base_layer.bias"], {}) == "out.bias"
     assert find_key(stored, ["proj.lora_A.a.weight"], {}) is None
+
+
+class _FakeEngine:
+    def __init__(self) -> None:
+        from vramfx.runtime.engine import ResidentStore
+
+        self.store = ResidentStore()
+        self.deactivated = 0
+
+    def deactivate(self) -> None:
+        self.deactivated += 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_binding_drops_stale_residents_and_restarts_engines_off_the_cpu(device):
+    from vramfx.adapters.binding import bind_adapters
+
+    model = with_lora()
+    captured = capture(model, (torch.randn(2, 8),))
+    from vramfx.weights import resolve_weights
+
+    refs = resolve_weights(captured.weights, None)
+    refs, binding = bind_adapters(adapter_state(model), captured, refs, torch.device(device))
+    engine = _FakeEngine()
+    name = "proj.lora_A.a.weight"
+    engine.store.put(name, model.proj.lora_A["a"].weight.detach())
+    binding.refresh(adapter_state(model), engine)  # nothing changed
+    assert (name in engine.store) == (device == "cpu") and engine.deactivated == 0
+    engine.store.put(name, model.proj.lora_A["a"].weight.detach())
+    torch.utils.swap_tensors(model.proj.lora_A["a"].weight, torch.nn.Parameter(torch.zeros(2, 8)))
+    binding.refresh(adapter_state(model), engine)  # the model holds other memory under the name
+    assert name not in engine.store and engine.deactivated == (device != "cpu")
+    assert torch.equal(refs[name].source[refs[name].key], torch.zeros(2, 8))
+    assert {s.value.item() for s in binding.slots} == {2.0}

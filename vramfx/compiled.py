@@ -328,7 +328,7 @@ class CompiledModule(torch.nn.Module):
                 return self._enter_module_path()(*args, **kwargs)
             self._release_module_path()
             if entry.adapters is not None:
-                entry.adapters.refresh(adapters, self.__dict__["_vramfx_store"])
+                entry.adapters.refresh(adapters, entry.engine)
             self._activate(entry)
             engine = entry.engine
             engine.begin_call()

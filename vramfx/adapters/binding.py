@@ -75,10 +75,13 @@ class AdapterBinding:
 
         return merged
 
-    def refresh(self, state: AdapterState, store: object) -> None:
-        """Bring the graph's adapter values up to ``state`` (same structure); drop stale residents
-        from ``store`` (the compiled model's ResidentStore) so activation loads them again."""
+    def refresh(self, state: AdapterState, engine: object) -> None:
+        """Bring the graph's adapter values up to ``state`` (same structure): drop stale residents
+        from the engine's store (shared by the compiled model's graphs) so activation loads them
+        again, and, off the CPU, stop an engine whose copy workers hold a replaced tensor's memory."""
         self.state = state
+        store = engine.store
+        replaced = False
         for slot in self.slots:
             slot.value.fill_(state.scales[(slot.layer, slot.adapter)])
         for w in self.watched:
@@ -90,12 +93,16 @@ class AdapterBinding:
                 w.source.replace(w.key, current.detach())
                 w.fingerprint = fingerprint
                 store.drop(w.weight)
+                replaced = True
             elif self.copies_each_call or fingerprint[2] is None:
                 store.drop(w.weight)
             elif w.weight in store and store[w.weight].data_ptr() != current.data_ptr():
                 # The store is shared by the compiled model's graphs: another structure's graph
                 # (another rank under the same name) may have left its tensor there.
                 store.drop(w.weight)
+        if replaced and self.copies_each_call:
+            # A CUDA engine maps (and pins) streamed host tensors when it starts: start it again.
+            engine.deactivate()
 
 
 def bind_adapters(
