@@ -207,3 +207,26 @@ def test_generate_with_adapters_takes_the_module_path(tmp_path):
         set_active(m, ["a", "b"], [0.5, 1.5])
     same_tokens()
     assert_equal(t.expected(), fast(**t.inputs))
+
+
+def test_adapters_in_another_dtype_than_the_compute_dtype_are_cast_where_read(tmp_path):
+    t = twins("flux", tmp_path)
+    add_lora([t.eager, t.empty], t.targets, "a", seed=1)  # float32 adapters, computed in bfloat16
+    t.eager.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in t.inputs.items()}
+    fast = vramfx.compile(t.empty, budget=BUDGET, weights=vramfx.DiskMap(tmp_path), device="cpu",
+                          compute_dtype=torch.bfloat16)
+
+    def expected():
+        with torch.no_grad():
+            return t.eager(**inputs)
+
+    assert_equal(expected(), fast(**inputs))
+    for m in (t.eager, fast.model):  # a hot swap in place: the float32 values are read again
+        torch.manual_seed(7)
+        for name, p in m.named_parameters():
+            if ".lora_B.a." in name:
+                p.data.copy_(torch.randn_like(p))
+    assert_equal(expected(), fast(**inputs))
+    assert len(fast.compiled_graphs) == 1

@@ -128,10 +128,18 @@ def bind_adapters(
     specs = captured.name_to_weight
     for name, ref in refs.items():
         tensor_name = next((a for a in specs[name].aliases if a in state.tensors), None)
-        if tensor_name is not None and isinstance(ref.source, HostSource):
-            tensor = state.tensors[tensor_name]
-            ref.source.replace(ref.key, tensor.detach())  # a replan keeps an older capture's tensor
-            binding.watched.append(_Watched(name, tensor_name, ref.source, ref.key, _fingerprint(tensor)))
+        if tensor_name is None or specs[name].value is None:
+            continue
+        tensor = state.tensors[tensor_name].detach()
+        if not isinstance(ref.source, HostSource):
+            # Converted once into another dtype (a compute dtype): read the model's own tensor
+            # instead, cast where it is read, so a new value is never missed.
+            ref = out[name] = dataclasses.replace(
+                ref, source=HostSource({name: tensor}), key=name, dtype=tensor.dtype,
+                nbytes=tensor.numel() * tensor.element_size(), compute_dtype=specs[name].dtype,
+            )
+        ref.source.replace(ref.key, tensor)  # a replan keeps an older capture's tensor
+        binding.watched.append(_Watched(name, tensor_name, ref.source, ref.key, _fingerprint(tensor)))
     by_alias = {a: spec for spec in captured.weights for a in spec.aliases}
     for layer, adapters in state.merged.items():
         spec = by_alias.get(f"{layer}.base_layer.weight" if layer else "base_layer.weight")
