@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vramfx
-from lora_models import Counter, add_lora, assert_equal, delete_adapter, lora_state_dict, set_active, twins
+from lora_models import Counter, add_lora, assert_equal, delete_adapter, lora_layers, lora_state_dict, set_active, twins
 from tiny_models import minimum_budget
 from vramfx.measure import PeakMemory, release_freed_memory
 
@@ -106,14 +106,20 @@ def test_unloading_returns_to_the_base_graph(tmp_path, monkeypatch):
     assert count.captures == 2 and count.plans == 3
 
 
-def test_fused_lora_is_applied_after_the_fetch(tmp_path, monkeypatch):
-    t = twins("flux", tmp_path)
+@pytest.mark.parametrize("arch_name", ["flux", "wan", "llama"])
+def test_fused_lora_is_applied_after_the_fetch(arch_name, tmp_path, monkeypatch):
+    t = twins(arch_name, tmp_path)
     add_lora([t.eager, t.empty], t.targets, "a", seed=1)
     fast = compiled(t)
     assert_equal(t.expected(), fast(**t.inputs))
     stored = {k: vramfx.DiskMap(tmp_path)[k] for k in vramfx.DiskMap(tmp_path)}
-    for m in (t.eager, fast):
-        m.fuse_lora(lora_scale=0.5)
+    for m in (t.eager, fast.model):
+        if hasattr(m, "fuse_lora"):
+            m.fuse_lora(lora_scale=0.5)  # diffusers: scales the layers, then PEFT's merge
+        else:
+            for layer in lora_layers(m):
+                layer.scale_layer(0.5)
+                layer.merge()
     expected = t.expected()
     out = fast(**t.inputs)
     assert_equal(expected, out)
