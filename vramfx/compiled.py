@@ -369,7 +369,7 @@ class CompiledModule(torch.nn.Module):
                 self.__dict__["_vramfx_warned"] = True
                 warnings.warn(
                     f"{type(self.model).__name__} has been captured for {len(cache)} different input "
-                    "signatures (shapes, dtypes, structure or non-tensor values); each one is "
+                    "signatures (shapes, dtypes, structure, non-tensor values or adapter structures); each one is "
                     "exported and planned anew. Keep input shapes fixed, or pad them to a few sizes.",
                     stacklevel=stacklevel,
                 )
