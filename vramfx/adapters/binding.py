@@ -130,7 +130,8 @@ def bind_adapters(
         tensor_name = next((a for a in specs[name].aliases if a in state.tensors), None)
         if tensor_name is None or specs[name].value is None:
             continue
-        tensor = state.tensors[tensor_name].detach()
+        held = state.tensors[tensor_name]
+        tensor = held.detach()
         if not isinstance(ref.source, HostSource):
             # Converted once into another dtype (a compute dtype): read the model's own tensor
             # instead, cast where it is read, so a new value is never missed.
@@ -139,7 +140,7 @@ def bind_adapters(
                 nbytes=tensor.numel() * tensor.element_size(), compute_dtype=specs[name].dtype,
             )
         ref.source.replace(ref.key, tensor)  # a replan keeps an older capture's tensor
-        binding.watched.append(_Watched(name, tensor_name, ref.source, ref.key, _fingerprint(tensor)))
+        binding.watched.append(_Watched(name, tensor_name, ref.source, ref.key, _fingerprint(held)))
     by_alias = {a: spec for spec in captured.weights for a in spec.aliases}
     for layer, adapters in state.merged.items():
         spec = by_alias.get(f"{layer}.base_layer.weight" if layer else "base_layer.weight")
