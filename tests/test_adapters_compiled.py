@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import vramfx
-from lora_models import Counter, add_lora, assert_equal, delete_adapter, lora_layers, lora_state_dict, set_active, twins
+from lora_models import (Counter, add_lora, assert_equal, delete_adapter, lora_config, lora_layers, lora_state_dict,
+                         set_active, twins)
 from tiny_models import minimum_budget
 from vramfx.measure import PeakMemory, release_freed_memory
 
@@ -236,3 +237,44 @@ def test_adapters_in_another_dtype_than_the_compute_dtype_are_cast_where_read(tm
                 p.data.copy_(torch.randn_like(p))
     assert_equal(expected(), fast(**inputs))
     assert len(fast.compiled_graphs) == 1
+
+
+def test_fused_then_unloaded_keeps_the_fusion_and_unfused_drops_it(tmp_path, monkeypatch):
+    t = twins("flux", tmp_path)
+    base = t.expected()
+    add_lora([t.eager, t.empty], t.targets, "a", seed=1)
+    for m in (t.eager, t.empty):  # fused before compile, on the empty model: recorded with its weights
+        m.fuse_lora(lora_scale=0.7)
+    fast = compiled(t)
+    assert_equal(t.expected(), fast(**t.inputs))
+    for m in (t.eager, fast):  # diffusers' "fuse, then drop the adapters": the fusion stays
+        m.unload_lora()
+    assert_equal(t.expected(), fast(**t.inputs))
+    assert [w.format for w in fast.plan.weights if w.format] and not any("lora_" in w.name for w in fast.plan.weights)
+
+    t2 = twins("flux", tmp_path / "again")
+    add_lora([t2.empty], t2.targets, "a", seed=1)
+    fast2 = compiled(t2)
+    fast2.fuse_lora()
+    fast2(**t2.inputs)
+    fast2.unfuse_lora()
+    fast2.unload_lora()
+    assert_equal(base, fast2(**t2.inputs))  # unfused exactly: no rounding left behind
+
+
+def test_a_fusion_vramfx_did_not_see_is_refused(tmp_path):
+    from peft import inject_adapter_in_model
+
+    t = twins("flux", tmp_path)
+    with torch.device("meta"):  # built outside vramfx: PEFT's merge into its meta weights is not recorded
+        from tiny_models import ARCHS
+
+        model = ARCHS["flux"].build().eval()
+    inject_adapter_in_model(lora_config(t.targets), model, adapter_name="a")
+    for layer in lora_layers(model):  # adapter values in host memory, base weights meta
+        for part in (layer.lora_A["a"], layer.lora_B["a"]):
+            part.to_empty(device="cpu")
+            torch.nn.init.normal_(part.weight)
+    model.fuse_lora()
+    with pytest.raises(vramfx.VramfxError, match="did not see the fusion"):
+        vramfx.compile(model, budget=BUDGET, weights=vramfx.DiskMap(tmp_path), device="cpu", example_kwargs=t.inputs)

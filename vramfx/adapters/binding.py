@@ -11,8 +11,8 @@ values it reads are brought up to date before each call, at the cost of a copy a
   lie, so values written in place are seen as they are; on another
   device a resident copy cannot tell values written in place through ``.data`` (as PEFT's
   hot swap writes them), so resident copies of adapter tensors are made again on every call;
-- fused adapters: the base weight's decoder (:class:`~vramfx.adapters.fused.FusedLora`) reads
-  the merged adapters' current values and scales.
+- fused adapters: the base weight's decoder (:class:`~vramfx.adapters.fused.FusedLora`) adds
+  the merges recorded with the weight (:mod:`vramfx.adapters.fusions`), as they are now.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from vramfx.adapters.fused import FusedLora
 from vramfx.adapters.scales import ScaleSlot
-from vramfx.adapters.state import AdapterState, refuse_unsupported_merge
+from vramfx.adapters.state import AdapterState, refuse_unrecorded_merge
 from vramfx.errors import VramfxError
 from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef
@@ -60,18 +60,12 @@ class AdapterBinding:
         self.copies_each_call = device.type != "cpu"
         self.watched: list[_Watched] = []
 
-    def merged_of(self, layer: str):
-        """The merged adapters' ``(A, B, scale, fan_in_fan_out)`` of ``layer``, read at decode time."""
+    def fused_into(self, weight: str):
+        """The ``(A, B, scale, fan_in_fan_out)`` of each adapter fused into ``weight`` (as recorded
+        when it was merged), read at decode time from the state of the latest refresh."""
 
         def merged() -> list[tuple[torch.Tensor, torch.Tensor, float, bool]]:
-            state = self.state
-            module = state.layers[layer]
-            fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
-            return [
-                (module.lora_A[a].weight.detach(), module.lora_B[a].weight.detach(), state.scales[(layer, a)],
-                 fan_in_fan_out)
-                for a in state.merged.get(layer, ())
-            ]
+            return [(f.a, f.b, f.scale, f.fan_in_fan_out) for f in self.state.fused.get(weight, ())]
 
         return merged
 
@@ -117,12 +111,12 @@ def bind_adapters(
     Raises
     ------
     VramfxError
-        A merged adapter that cannot be fused after the fetch (DoRA, ``lora_bias``, a layer other
-        than ``nn.Linear``).
+        An adapter merged into a streamed weight without a record of the merge.
     """
     if state is None:
         return dict(refs), None
-    refuse_unsupported_merge(state)
+    by_alias = {a: spec for spec in captured.weights for a in spec.aliases}
+    refuse_unrecorded_merge(state, lambda name: name in by_alias and by_alias[name].value is None)
     binding = AdapterBinding(state, captured.adapter_scales, device)
     out = dict(refs)
     specs = captured.name_to_weight
@@ -141,14 +135,12 @@ def bind_adapters(
             )
         ref.source.replace(ref.key, tensor)  # a replan keeps an older capture's tensor
         binding.watched.append(_Watched(name, tensor_name, ref.source, ref.key, _fingerprint(held)))
-    by_alias = {a: spec for spec in captured.weights for a in spec.aliases}
-    for layer, adapters in state.merged.items():
-        spec = by_alias.get(f"{layer}.base_layer.weight" if layer else "base_layer.weight")
+    for weight, fusions in state.fused.items():
+        spec = by_alias.get(weight)
         if spec is None or spec.value is not None:  # a weight the model holds: PEFT merged into it
             continue
         ref = out[spec.name]
-        module = state.layers[layer]
-        rank = sum(module.lora_A[a].weight.shape[0] for a in adapters)
-        fused = FusedLora(spec.shape, ref.dtype, ref.nbytes, binding.merged_of(layer), rank, inner=ref.decoder)
+        rank = sum(f.a.shape[0] for f in fusions)
+        fused = FusedLora(spec.shape, ref.dtype, ref.nbytes, binding.fused_into(weight), rank, inner=ref.decoder)
         out[spec.name] = dataclasses.replace(ref, decoder=fused, compute_dtype=ref.compute_dtype or spec.dtype)
     return out, binding

@@ -4,7 +4,8 @@ PEFT puts a new adapter's weights on the device of the layer it wraps. For a lay
 meta (built under :func:`vramfx.skip_model_initialization`, or compiled from such a model), that
 moves the adapter's loaded values to ``meta``, where they are lost. For the meta weights vramfx
 knows it streams, the adapter is kept on the host instead, in the layer's dtype, and planned like
-any other weight. Other meta models keep PEFT's behaviour.
+any other weight. Other meta models keep PEFT's behaviour. A LoRA merged into such a weight is
+recorded with it (:mod:`vramfx.adapters.fusions`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vramfx.adapters.fusions import recording
 from vramfx.errors import VramfxError
 
 _HOST = torch.device("cpu")
@@ -89,7 +91,10 @@ def install() -> None:
             return (device, dtype) if home is None else home
 
         BaseTunerLayer._get_base_layer_device_and_dtype = device_and_dtype
+        from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.lora.model import LoraModel
+
+        LoraLinear.merge, LoraLinear.unmerge = recording(LoraLinear.merge, LoraLinear.unmerge, is_streamed)
 
         for tuner in (BaseTuner, LoraModel):
             if "_replace_module" in vars(tuner):

@@ -10,11 +10,12 @@ the slots of another) costs no capture and no plan; a structural change selects 
 from __future__ import annotations
 
 import sys
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
 
+from vramfx.adapters.fusions import Fusion, any_fused, fusions_of
 from vramfx.errors import VramfxError
 
 #: Module attributes of an adapter layer that change what its forward computes.
@@ -28,7 +29,9 @@ class AdapterState:
     ``structure`` keys the graph cache. ``scales`` are each LoRA layer's ``scaling`` by
     ``(layer name, adapter)``; ``tensors`` every parameter and buffer of the adapter layers (the
     wrapped layers' included) by state-dict name; ``layers`` the adapter layers by name;
-    ``merged`` the adapters merged into each layer's base weight, by layer name, in merge order.
+    ``merged`` the adapters merged into each layer's base weight, by layer name, in merge order;
+    ``fused`` the merges recorded with streamed weights, by parameter name
+    (:mod:`vramfx.adapters.fusions`), which outlive the adapter layers.
     """
 
     structure: Hashable
@@ -36,6 +39,7 @@ class AdapterState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     merged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     layers: dict[str, torch.nn.Module] = field(default_factory=dict)
+    fused: dict[str, tuple[Fusion, ...]] = field(default_factory=dict)
 
 
 def tuner_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -65,8 +69,13 @@ def adapter_state(model: torch.nn.Module) -> AdapterState | None:
         For a merged adapter whose fusion into a streamed weight is not supported.
     """
     layers = tuner_layers(model)
-    if not layers:
+    fused = {n: fusions_of(p) for n, p in model.named_parameters()} if any_fused() else {}
+    fused = {n: f for n, f in fused.items() if f}
+    if not layers and not fused:
         return None
+    if not layers:
+        return AdapterState((("fused", tuple((n, tuple(x.adapter for x in f)) for n, f in fused.items())),),
+                            fused=fused)
     from peft.tuners.lora import LoraLayer
 
     structure = []
@@ -97,7 +106,8 @@ def adapter_state(model: torch.nn.Module) -> AdapterState | None:
         structure.append(item)
         if layer.merged_adapters:
             merged[name] = tuple(layer.merged_adapters)
-    return AdapterState(tuple(structure), scales, tensors, merged, dict(layers))
+    structure.append(("fused", tuple((n, tuple(x.adapter for x in f)) for n, f in fused.items())))
+    return AdapterState(tuple(structure), scales, tensors, merged, dict(layers), fused)
 
 
 def _layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -126,21 +136,22 @@ def _hashable(value: object) -> Hashable:
     return value
 
 
-def refuse_unsupported_merge(state: AdapterState) -> None:
-    """A merged adapter vramfx cannot apply after the fetch is refused, never run unmerged."""
+def refuse_unrecorded_merge(state: AdapterState, streamed: Callable[[str], bool]) -> None:
+    """An adapter merged into a streamed weight without a record of it (merged before vramfx
+    knew the weight, or of a kind it cannot apply) would run unmerged: refused instead.
+
+    ``streamed(name)`` says whether the parameter of that name is read from the weights source.
+    """
     for name, adapters in state.merged.items():
-        layer = state.layers[name]
-        base = layer.get_base_layer()
-        for adapter in adapters:
-            unsupported = (
-                not isinstance(base, torch.nn.Linear)
-                or adapter in getattr(layer, "lora_variant", {})
-                or bool(getattr(layer, "lora_bias", {}).get(adapter, False))
-                or adapter not in getattr(layer, "lora_A", {})
+        weight = f"{name}.base_layer.weight" if name else "base_layer.weight"
+        if not streamed(weight):
+            continue  # a weight the model holds: PEFT merged into it
+        recorded = {f.adapter for f in state.fused.get(weight, ())}
+        missing = [a for a in adapters if a not in recorded]
+        if missing:
+            raise VramfxError(
+                f"adapter(s) {', '.join(missing)} are fused into {name}, whose weight is streamed from the "
+                "checkpoint, but vramfx did not see the fusion (it happened before the model was built under "
+                "vramfx.skip_model_initialization or compiled, or it is not plain LoRA on nn.Linear): "
+                "unfuse them (unfuse_lora()) and fuse again after compile, or keep them unfused"
             )
-            if unsupported:
-                raise VramfxError(
-                    f"adapter {adapter!r} is fused into {name} ({type(layer).__name__} over "
-                    f"{type(base).__name__}), which vramfx can fuse after the fetch only for plain LoRA on "
-                    "nn.Linear (no DoRA, no lora_bias): unfuse it (unfuse_lora()) to run it unfused"
-                )
