@@ -23,6 +23,13 @@ import torch
 from vramfx.errors import VramfxError
 
 
+SWAPPED_FUSION = (
+    "adapters cannot be fused into layers the layer-swap path moves in per call (their weights, on disk or "
+    "kept on the device, would not see it): keep them unfused there, or use vramfx.compile, which adds "
+    "fused adapters after each fetch"
+)
+
+
 @dataclass(frozen=True)
 class Fusion:
     """One adapter merged into a weight: ``weight += scale * (B @ A)`` (transposed with ``fan_in_fan_out``)."""
@@ -46,6 +53,12 @@ def fusions_of(weight: torch.Tensor) -> tuple[Fusion, ...]:
 
 def any_fused() -> bool:
     return bool(_fused)
+
+
+def refuse_fused(model: torch.nn.Module) -> None:
+    """Refuse a model holding weights with recorded fusions, for the layer-swap path."""
+    if any_fused() and any(fusions_of(p) for p in model.parameters()):
+        raise VramfxError(SWAPPED_FUSION)
 
 
 def _record(weight: torch.Tensor, fusion: Fusion) -> None:
@@ -79,6 +92,8 @@ def recording(merge: Any, unmerge: Any, is_streamed: Any) -> tuple[Any, Any]:
     @functools.wraps(merge)
     def recorded_merge(self: Any, *args: Any, **kwargs: Any) -> Any:
         base = self.get_base_layer()
+        if getattr(base, "vramfx_adapter_home", None) is not None:
+            raise VramfxError(SWAPPED_FUSION)
         weight = getattr(base, "weight", None)
         if not is_streamed(weight):
             return merge(self, *args, **kwargs)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vramfx.adapters.fusions import recording
+from vramfx.adapters.fusions import SWAPPED_FUSION, recording
 from vramfx.errors import VramfxError
 
 _HOST = torch.device("cpu")
@@ -141,8 +141,4 @@ def watch_fusion(layer: torch.nn.Module) -> None:
 
 def _refuse_fused(layer: torch.nn.Module, args: tuple) -> None:
     if getattr(layer, "merged", False):
-        raise VramfxError(
-            f"adapter(s) {', '.join(layer.merged_adapters)} are fused into a layer the layer-swap path moves "
-            "in per call, whose weights (on disk, or kept on the device) do not see a fusion: unfuse them "
-            "(unfuse_lora()) to run them unfused, or use vramfx.compile, which fuses after each fetch"
-        )
+        raise VramfxError(f"{', '.join(layer.merged_adapters)} fused: unfuse them (unfuse_lora()); {SWAPPED_FUSION}")

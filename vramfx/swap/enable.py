@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from vramfx.adapters.fusions import refuse_fused
 from vramfx.adapters.hosting import watch_fusion
 from vramfx.adapters.state import is_adapter_layer
 from vramfx.swap.config import DISK
@@ -124,6 +125,7 @@ def enable_vram_management(
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if _ATTRIBUTE in model.__dict__:
         raise ValueError(f"{type(model).__name__} already has vram management enabled")
+    refuse_fused(model)  # a fusion recorded with a streamed weight would be streamed without it
     module_map = resolve_module_map(module_map)
     vram_config = _with_quantize(model, vram_config, quantize)
     whole = next((w for t, w in module_map.items() if isinstance(model, t)), None)
