@@ -410,16 +410,19 @@ class CompiledModule(torch.nn.Module):
         return Fallback(exc)
 
     def _enter_module_path(self) -> Any:
-        """The module-level path, made on first use and again after the adapter structure changed
+        """The module-level path, made on first use and again after the model's adapters changed
         (its units are the model's parameters when it was made); the graphs' memory is freed for it."""
         self._release_graphs()
         path = self.__dict__["_vramfx_module_path"]
         adapters = self._adapters()
-        structure = adapters.structure if adapters is not None else None
-        if path is not None and self.__dict__.get("_vramfx_module_path_adapters") != structure:
+        # Its units hold the adapter tensors the model held when it was made.
+        held = (adapters.structure, tuple(map(id, adapters.tensors.values()))) if adapters is not None else None
+        if path is not None and self.__dict__.get("_vramfx_module_path_adapters") != held:
             path.release()
             path = None
-        self.__dict__["_vramfx_module_path_adapters"] = structure
+        elif path is not None and adapters is not None and self.device.type != "cpu":
+            path.release()  # its copies on the device would miss adapter values written in place
+        self.__dict__["_vramfx_module_path_adapters"] = held
         if path is None:
             make = self.__dict__["_vramfx_make_module_path"]
             if make is None:
