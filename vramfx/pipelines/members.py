@@ -36,7 +36,7 @@ class Turns:
         if previous is not None:
             previous.compiled.release(keep_resident=previous.kept)
             if unit.options.device.type == "cpu":
-                release_freed_memory()  # the budget is RssAnon: hand the freed arena back first
+                release_freed_memory(collect_garbage=False)  # the budget is RssAnon: hand the freed arena back first
         self.current = unit
 
     def release_all(self, *, keep_kept: bool = True) -> None:

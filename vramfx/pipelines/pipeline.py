@@ -23,6 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from vramfx.budget import parse_budget
+from vramfx.capture import capture
 from vramfx.compiled import input_signature
 from vramfx.compiler import _resolve_device
 from vramfx.errors import BudgetError
@@ -103,7 +104,7 @@ class PipelineBudget:
             record.example = (args, dict(kwargs))
         key = (member.name, method, input_signature(args, kwargs))
         if key not in self._dry_outputs:
-            self._dry_outputs[key] = _zeros_like_output(member.model, method, args, kwargs, self.device)
+            self._dry_outputs[key] = _zeros_like_output(self.unit(member, method).compiled.model, args, kwargs, self.device)
         out = self._dry_outputs[key]
         record.io_bytes = max(record.io_bytes, _tensor_bytes((args, kwargs)) + _tensor_bytes(out))
         return out
@@ -353,12 +354,22 @@ def _call_key(args: tuple, kwargs: dict) -> tuple:
     return input_signature(tuple(shape_of(a) for a in args), kept)
 
 
-def _zeros_like_output(model: torch.nn.Module, method: str, args: tuple, kwargs: dict, device: torch.device) -> Any:
-    """What ``model.method`` returns, as zeros: the model run on meta tensors gives the shapes."""
+def _zeros_like_output(target: torch.nn.Module, args: tuple, kwargs: dict, device: torch.device) -> Any:
+    """What ``target(*args, **kwargs)`` returns, as zeros of the same shapes and dtypes.
+
+    The model run on meta tensors says what; where its code reads a value (``mask.all()``), its
+    capture does instead (the graph's outputs carry their shapes).
+    """
     meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"),
                                                   (args, kwargs))
-    with torch.no_grad():
-        out = getattr(model, method)(*meta_args, **meta_kwargs)
+    try:
+        with torch.no_grad():
+            out = target(*meta_args, **meta_kwargs)
+    except RuntimeError:
+        captured = capture(target, args, kwargs, device=device)
+        output = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
+        leaves = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in pytree.tree_leaves(output.args[0])]
+        out = pytree.tree_unflatten(leaves, captured.out_spec)
     return pytree.tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device), out)
 
 
