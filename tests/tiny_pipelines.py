@@ -106,3 +106,23 @@ WAN_CALL = dict(prompt="a red dog in space", negative_prompt="blue", height=16, 
 
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def eager_pipeline(cls: type, root: Path) -> Any:
+    """``cls.from_pretrained(root)`` with every weight moved into fresh memory.
+
+    ``from_pretrained`` may leave tensors where the safetensors file put them (8-byte aligned),
+    and some CPU kernels round differently on such memory; vramfx's arenas are aligned as torch's
+    own allocations are, so the reference is taken with weights in torch's own memory.
+    """
+    pipe = cls.from_pretrained(str(root))
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in [*component.parameters(), *component.buffers()]:
+                tensor.data = tensor.data.clone()
+    return pipe
+
+
+def output_of(result: Any) -> torch.Tensor:
+    """The images or frames a pipeline call returned."""
+    return result.images if hasattr(result, "images") else result.frames

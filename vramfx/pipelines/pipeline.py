@@ -35,6 +35,8 @@ from vramfx.util import format_bytes
 
 log = logging.getLogger(__name__)
 
+#: The budget units are first captured and planned under, before their shares are known.
+UNLIMITED_BYTES = 2**62
 #: Generations a unit kept across generations is planned for (its resident weights load once).
 KEPT_GENERATIONS = 100
 #: The pipeline's own tensors between units (embeddings, latents, the decoded image and the
@@ -136,43 +138,58 @@ class PipelineBudget:
             unit = self.unit(members[name], method)
             unit.calls = record.calls
             unit.options = dataclasses.replace(unit.options, calls=record.calls)
-        failures: dict[str, BudgetError] = {}
         for (name, method), record in recorded.items():
-            error = self._prepare(members[name], method, record.example)
-            if error is not None:
-                failures[self.unit(members[name], method).name] = error
+            self._capture(self.unit(members[name], method), record.example)
+        self._set_kept(frozenset())
+        failures = self._replan_all()
+        for (name, method), record in recorded.items():
+            unit = self.unit(members[name], method)
+            if unit.name in failures and method != "forward" and _offers_tiling(members[name].model):
+                failures = self._tiled(members[name], method, record.example, failures)
         if not failures:
             self._choose_kept()
             failures = self._replan_all()
+            if failures:  # the predictions said it fits; never leave a kept set that does not
+                self._set_kept(frozenset())
+                failures = self._replan_all()
         if failures:
             self._raise(failures)
 
-    def _prepare(self, member: PipelineMember, method: str, example: tuple) -> BudgetError | None:
-        """Capture and plan one unit for its example call; a VAE whose decode does not fit its
-        share gets the tiling and slicing it offers, and is planned again."""
-        unit = self.unit(member, method)
+    def _capture(self, unit: Unit, example: tuple) -> None:
+        """Capture ``unit`` for its example call, planned at first as if alone with no limit: every
+        unit's graph must exist before any share can be computed. Plans are remade after."""
+        budget_bytes = unit.options.budget_bytes
+        unit.options = dataclasses.replace(unit.options, budget_bytes=UNLIMITED_BYTES)
         try:
             unit.compiled.prepare(*example)
-            return None
-        except BudgetError as exc:
-            if method == "forward" or not _offers_tiling(member.model):
-                return exc
-            first = exc
-        _enable_tiling(member.model)
+        finally:
+            unit.options = dataclasses.replace(unit.options, budget_bytes=budget_bytes)
+
+    def _tiled(self, member: PipelineMember, method: str, example: tuple,
+               failures: dict[str, BudgetError]) -> dict[str, BudgetError]:
+        """A VAE entry point that does not fit its share, planned again with the tiling and
+        slicing the model offers. If that does not fit either, the model is left untiled."""
         old = self.units.pop((member.name, method))
+        first = failures[old.name]
+        _set_tiling(member.model, True)
         unit = self.unit(member, method)
         unit.calls, unit.options = old.calls, old.options
-        try:
-            unit.compiled.prepare(*example)
-        except BudgetError as exc:
-            return exc
+        self._capture(unit, example)
+        retried = self._replan_all()
+        if unit.name in retried:
+            _set_tiling(member.model, False)
+            self.units[(member.name, method)] = old
+            failures = dict(failures)
+            failures[old.name] = retried[unit.name]  # the smallest it can get: tiled
+            self._replan_all()
+            return failures
         warnings.warn(
-            f"vramfx.compile_pipeline: {member.name}.{method} does not fit its share of the budget whole "
+            f"vramfx.compile_pipeline: {unit.name} does not fit its share of the budget whole "
             f"({first.args[0].split(';')[0]}); it runs with {type(member.model).__name__}'s tiling and slicing "
             "enabled, as enable_tiling() / enable_slicing() would (outputs equal eager's with them enabled)",
-            stacklevel=4,
+            stacklevel=5,
         )
-        return None
+        return retried
 
     def _choose_kept(self) -> None:
         """Which units keep their resident weights between generations, by predicted cost."""
@@ -197,7 +214,10 @@ class PipelineBudget:
             except BudgetError:
                 return None
 
-        kept = choose_kept(costs, seconds, self.tensor_bytes)
+        self._set_kept(choose_kept(costs, seconds, self.tensor_bytes))
+
+    def _set_kept(self, kept: frozenset[str]) -> None:
+        """Units in ``kept`` keep their weights between generations and are planned for many calls."""
         for unit in self.units.values():
             unit.kept = unit.name in kept
             calls = unit.calls * (KEPT_GENERATIONS if unit.kept else 1)
@@ -397,7 +417,9 @@ def _offers_tiling(model: torch.nn.Module) -> bool:
     return callable(getattr(model, "enable_tiling", None)) and not getattr(model, "use_tiling", False)
 
 
-def _enable_tiling(model: torch.nn.Module) -> None:
-    model.enable_tiling()
-    if callable(getattr(model, "enable_slicing", None)):
-        model.enable_slicing()
+def _set_tiling(model: torch.nn.Module, enabled: bool) -> None:
+    """``enable_tiling``/``enable_slicing`` (or their ``disable_``) where the model offers them."""
+    for what in ("tiling", "slicing"):
+        switch = getattr(model, f"{'enable' if enabled else 'disable'}_{what}", None)
+        if callable(switch):
+            switch()
