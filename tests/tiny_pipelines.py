@@ -38,8 +38,10 @@ def t5_tokenizer() -> Any:
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=32)
 
 
-def save_flux(root: Path, seed: int = 0) -> Path:
-    """A tiny FluxPipeline (CLIP and T5 text encoders, transformer, VAE) saved under ``root``."""
+def save_flux(root: Path, seed: int = 0, *, scale: int = 1) -> Path:
+    """A tiny FluxPipeline (CLIP and T5 text encoders, transformer, VAE) saved under ``root``;
+    ``scale`` multiplies every width and the transformer's depth (benchmarks use a larger one)."""
+    s = scale
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -47,18 +49,19 @@ def save_flux(root: Path, seed: int = 0) -> Path:
     clip = clip_tokenizer(root / "_clip_vocab")
     t5 = t5_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=len(clip), hidden_size=32 * s, intermediate_size=64 * s, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, projection_dim=32 * s, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )).eval()
     text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(t5), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=len(t5), d_model=32 * s, d_kv=8 * s, d_ff=64 * s, num_layers=2, num_heads=4,
     )).eval()
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+        patch_size=1, in_channels=16, num_layers=s, num_single_layers=s, attention_head_dim=16 * s,
+        num_attention_heads=2, joint_attention_dim=32 * s, pooled_projection_dim=32 * s,
+        axes_dims_rope=(4 * s, 6 * s, 6 * s),
     ).eval()
     vae = AutoencoderKL(
-        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        block_out_channels=(16 * s, 32 * s), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
         scaling_factor=0.3611, shift_factor=0.1159,
     ).eval()
