@@ -100,3 +100,21 @@ def test_a_new_call_shape_is_planned_before_it_runs(saved, monkeypatch):
 def test_pipeline_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="has no model_index.json"):
         compile_pipeline(FluxPipeline, tmp_path, budget="1GB", device="cpu")
+
+
+def test_vramfx_plan_shows_each_component_of_a_pipeline(saved, tmp_path, capsys):
+    from vramfx.cli import EXIT_BUDGET, EXIT_OK, main
+
+    _, root, call, _ = saved["flux"]
+    target = tmp_path / "workload.py"
+    target.write_text(
+        "from diffusers import FluxPipeline\nfrom vramfx.workload import PipelineWorkload\n"
+        f"def build():\n    return PipelineWorkload(FluxPipeline, {str(root)!r}, {dict(call)!r})\n"
+    )
+    assert main(["plan", f"{target}:build", "--budget", "1GB", "--device", "cpu"]) == EXIT_OK
+    shown = capsys.readouterr().out
+    for unit in ("text_encoder ", "text_encoder_2", "transformer", "vae.decode"):
+        assert unit in shown
+    assert "planned peak" in shown
+    assert main(["plan", f"{target}:build", "--budget", "1MB", "--device", "cpu"]) == EXIT_BUDGET
+    assert "below the minimum" in capsys.readouterr().err

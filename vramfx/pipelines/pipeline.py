@@ -121,6 +121,8 @@ class PipelineBudget:
             fit its share; nothing has run.
         """
         states = _rng_states(args, kwargs)
+        progress = pipeline.__dict__.get("_progress_bar_config")
+        pipeline._progress_bar_config = {**(progress or {}), "disable": True}  # a dry run shows no steps
         self._recording = {}
         try:
             dry = {k: v for k, v in kwargs.items() if k not in ("callback_on_step_end", "callback")}
@@ -130,6 +132,10 @@ class PipelineBudget:
             self._recording = None
             self._dry_outputs.clear()
             _restore_rng(states)
+            if progress is None:
+                del pipeline._progress_bar_config
+            else:
+                pipeline._progress_bar_config = progress
         members = {m.name: m for m in pipeline.components.values() if isinstance(m, PipelineMember)}
         self.tensor_bytes = max(
             self.tensor_bytes, PIPELINE_TENSOR_FACTOR * sum(r.io_bytes for r in recorded.values())
