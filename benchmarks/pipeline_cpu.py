@@ -16,7 +16,7 @@ RssAnon it grew by over a generation (its weights loaded before, where it loads 
   variant that does keep weights off memory: ``block_level`` one block per group, and whole
   components (every block in one group), diffusers' model offload from disk.
 
-    python benchmarks/pipeline_cpu.py [--scale 8] [--steps 8] [--size 128] [--generations 3]
+    python benchmarks/pipeline_cpu.py [--scale 8] [--steps 8] [--size 64] [--generations 3]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=8, help="times the tiny pipeline's widths and depth")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128, help="image height and width")
+    parser.add_argument("--size", type=int, default=64, help="image height and width")
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--budget-fraction", type=float, default=0.3)
     args = parser.parse_args()

@@ -182,13 +182,13 @@ class PipelineBudget:
         unit.calls, unit.options = old.calls, old.options
         self._capture(unit, example)
         retried = self._replan_all()
-        if unit.name in retried:
+        if retried:
+            # Left untiled either way; the minimum stated is the smaller of the two, every unit's
+            # counted with the other's graphs (a tiled decode's graph is larger).
             _set_tiling(member.model, False)
             self.units[(member.name, method)] = old
-            failures = dict(failures)
-            failures[old.name] = retried[unit.name]  # the smallest it can get: tiled
             self._replan_all()
-            return failures
+            return min(failures, retried, key=lambda f: pipeline_minimum({n: e.minimum_bytes for n, e in f.items()}))
         warnings.warn(
             f"vramfx.compile_pipeline: {unit.name} does not fit its share of the budget whole "
             f"({first.args[0].split(';')[0]}); it runs with {type(member.model).__name__}'s tiling and slicing "
