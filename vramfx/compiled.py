@@ -293,6 +293,8 @@ class CompiledModule(torch.nn.Module):
             store = self.__dict__["_vramfx_store"]
             fresh = {k: replan(e.captured, store, total - e.graph_bytes, e.graph_bytes) for k, e in graphs.items()}
             self._release_graphs()
+            self._release_module_path()
+            self.__dict__["_vramfx_module_path"] = None  # made again, with the new margin, on its next call
             latest = self.__dict__["_vramfx_latest"]
             for key, entry in fresh.items():
                 if graphs[key] is latest:
