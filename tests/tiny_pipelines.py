@@ -62,7 +62,7 @@ def save_flux(root: Path, seed: int = 0, *, scale: int = 1) -> Path:
     ).eval()
     vae = AutoencoderKL(
         block_out_channels=(16 * s, 32 * s), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32 * s,
         scaling_factor=0.3611, shift_factor=0.1159,
     ).eval()
     pipe = FluxPipeline(

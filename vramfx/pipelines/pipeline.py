@@ -210,6 +210,7 @@ class PipelineBudget:
                 kept_bytes = plan.resident_bytes
                 reload = plan.predicted.first_call_seconds - plan.predicted.seconds_per_call
             costs.append(UnitCost(unit.name, unit.calls, unit.graph_bytes, kept_bytes, reload))
+            unit.kept_bytes = kept_bytes or 0
         by_name = {u.name: u for u in self.units.values()}
 
         @functools.lru_cache(maxsize=None)
@@ -226,6 +227,8 @@ class PipelineBudget:
         """Units in ``kept`` keep their weights between generations and are planned for many calls."""
         for unit in self.units.values():
             unit.kept = unit.name in kept
+            if not unit.kept:
+                unit.kept_bytes = 0
             calls = unit.calls * (KEPT_GENERATIONS if unit.kept else 1)
             unit.options = dataclasses.replace(unit.options, calls=calls)
         self.kept = frozenset(kept)
@@ -237,6 +240,15 @@ class PipelineBudget:
                 unit.replan()
             except BudgetError as exc:
                 failures[unit.name] = exc
+        for unit in self.units.values():
+            plan = unit.compiled.plan
+            if unit.kept and plan is not None and plan.resident_bytes > unit.kept_bytes:
+                # The others were planned around kept_bytes; holding more would break their budget.
+                failures[unit.name] = BudgetError(
+                    f"{unit.name} would keep {format_bytes(plan.resident_bytes)}, more than the "
+                    f"{format_bytes(unit.kept_bytes)} the others were planned around",
+                    minimum_bytes=self.budget_bytes + plan.resident_bytes - unit.kept_bytes,
+                )
         return failures
 
     def _raise(self, failures: dict[str, BudgetError]) -> None:

@@ -68,6 +68,9 @@ class Unit:
     plan_at: Callable[[int, int], Any]
     calls: int = 1
     kept: bool = False
+    #: Device bytes it holds between its calls when kept: fixed when it is chosen (all its weights
+    #: resident), so the others' plans never depend on the order plans are remade in.
+    kept_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -78,11 +81,6 @@ class Unit:
         """Host memory its captured graphs hold outside their plans (CPU)."""
         return sum(g.graph_bytes for g in self.compiled.compiled_graphs)
 
-    @property
-    def kept_bytes(self) -> int:
-        """Device bytes it holds between its calls when kept: its plan's resident weights."""
-        plan = self.compiled.plan
-        return plan.resident_bytes if self.kept and plan is not None else 0
 
     def replan(self) -> None:
         """Plan every captured signature again under the current reserve and options."""
