@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import vramfx  # noqa: E402
 from vramfx.measure import PeakMemory, release_freed_memory  # noqa: E402
 from vramfx.util import format_bytes  # noqa: E402
-from tiny_pipelines import FLUX_CALL, generator, output_of, save_flux  # noqa: E402
+from tiny_pipelines import FLUX_CALL, eager_pipeline, generator, output_of, save_flux  # noqa: E402
 
 
 def main() -> None:
@@ -62,13 +62,13 @@ def main() -> None:
         budget = max(minimum, int(args.budget_fraction * weight_bytes) + minimum // 2)
 
         def eager():
-            return FluxPipeline.from_pretrained(str(root))
+            return eager_pipeline(FluxPipeline, root)  # weights in torch's own memory, as the tests compare
 
         def compiled():
             return vramfx.compile_pipeline(FluxPipeline, root, budget=budget, device="cpu", example=call)
 
         def model_offload():
-            pipe = FluxPipeline.from_pretrained(str(root))
+            pipe = eager_pipeline(FluxPipeline, root)
             pipe.enable_model_cpu_offload(device="cpu")
             return pipe
 
