@@ -561,3 +561,23 @@ def test_the_module_surface_refuses_what_a_compiled_model_cannot_do():
         fast.share_memory()
     x = torch.randn(2, 8)
     assert torch.equal(model(x).detach(), fast(x)), "nothing refused changed the model"
+
+
+def test_release_can_keep_resident_weights_and_replan_keeps_the_capture():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        expected = model(x)
+    fast = vramfx.compile(model, budget="64MiB", device="cpu", example_args=(x,))
+    assert torch.equal(fast(x), expected)
+    resident = set(fast.plan.resident)
+    assert resident
+    store = fast.__dict__["_vramfx_store"]
+    fast.release(keep_resident=True)
+    assert all(name in store for name in resident)
+    fast.release()
+    assert not any(name in store for name in resident)
+    captured = fast.compiled_graphs[0].captured
+    fast.replan()
+    assert fast.compiled_graphs[0].captured is captured and fast.plan is fast.compiled_graphs[0].plan
+    assert torch.equal(fast(x), expected)

@@ -23,8 +23,9 @@ from vramfx.storage.scaled_fp8 import ScaledFP8Map
 if TYPE_CHECKING:
     from vramfx.compiled import CompiledModule
     from vramfx.compiler import compile
+    from vramfx.pipelines import compile_pipeline
 
-_LAZY = {"compile": "vramfx.compiler", "CompiledModule": "vramfx.compiled"}
+_LAZY = {"compile": "vramfx.compiler", "CompiledModule": "vramfx.compiled", "compile_pipeline": "vramfx.pipelines"}
 
 __all__ = [
     "BudgetError",
@@ -38,6 +39,7 @@ __all__ = [
     "VramfxError",
     "WeightsError",
     "compile",
+    "compile_pipeline",
     "convert",
     "load_state_dict",
     "parse_budget",

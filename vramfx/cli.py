@@ -47,7 +47,7 @@ from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.formats import open_weights
 from vramfx.util import dtype_name, format_bytes, format_seconds
 from vramfx.weights import WeightRef, resolve_weights, stored_formats
-from vramfx.workload import load_workload
+from vramfx.workload import PipelineWorkload, load_workload
 
 if TYPE_CHECKING:
     from vramfx.capture import Captured
@@ -190,6 +190,13 @@ def run_plan(args: argparse.Namespace) -> int:
     progress = Progress()
     with progress.stage(f"loading {args.target}"):
         workload = load_workload(args.target)
+    if isinstance(workload, PipelineWorkload):
+        with progress.stage("planning every component of the pipeline on meta"):
+            from vramfx.pipelines.report import plan_pipeline_table
+
+            shown = plan_pipeline_table(workload, budget_bytes, device, args.budget)
+        print(shown)
+        return EXIT_OK
     with progress.stage(f"capturing {type(workload.model).__name__} on meta"):
         captured = capture(workload.model, workload.args, workload.kwargs, device=device,
                            dtype=precision.compute_dtype if precision else None)

@@ -276,11 +276,34 @@ class CompiledModule(torch.nn.Module):
         """The module-level path, once a fallback or ``generate`` made it; else None."""
         return self.__dict__["_vramfx_module_path"]
 
-    def release(self) -> None:
-        """Free the arena and resident weights; the next call loads them again."""
+    def release(self, *, keep_resident: bool = False) -> None:
+        """Free the arena and resident weights; the next call loads them again. With
+        ``keep_resident``, the active plan's resident weights stay for the next call."""
         with self.__dict__["_vramfx_lock"]:
+            self._release_graphs(keep_resident=keep_resident)
+            self._release_module_path()
+
+    def replan(self) -> None:
+        """Plan every captured input signature again, keeping its capture: for when what the
+        budget must leave to others changed (the ``replan`` function given reads it). All or
+        nothing: a BudgetError leaves every plan as it was."""
+        replan = self.__dict__["_vramfx_replan"]
+        if replan is None:
+            return
+        with self.__dict__["_vramfx_lock"]:
+            cache: dict = self.__dict__["_vramfx_cache"]
+            graphs = {k: e for k, e in cache.items() if isinstance(e, CompiledGraph)}
+            total = self._graph_bytes()
+            store = self.__dict__["_vramfx_store"]
+            fresh = {k: replan(e.captured, store, total - e.graph_bytes, e.graph_bytes) for k, e in graphs.items()}
             self._release_graphs()
             self._release_module_path()
+            self.__dict__["_vramfx_module_path"] = None  # made again, with the new margin, on its next call
+            latest = self.__dict__["_vramfx_latest"]
+            for key, entry in fresh.items():
+                if graphs[key] is latest:
+                    self.__dict__["_vramfx_latest"] = entry
+            cache.update(fresh)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's own ``generate`` (transformers), run on the module-level path.
@@ -436,12 +459,13 @@ class CompiledModule(torch.nn.Module):
         if path is not None:
             path.release()
 
-    def _release_graphs(self) -> None:
+    def _release_graphs(self, *, keep_resident: bool = False) -> None:
         active = self.__dict__["_vramfx_active"]
         if active is not None:
             active.engine.deactivate()
         self.__dict__["_vramfx_active"] = None
-        self.__dict__["_vramfx_store"].clear()
+        if not keep_resident:
+            self.__dict__["_vramfx_store"].clear()
 
     def _activate(self, entry: CompiledGraph) -> None:
         active = self.__dict__["_vramfx_active"]

@@ -36,7 +36,17 @@ class Workload:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def load_workload(target: str) -> Workload:
+@dataclass(frozen=True)
+class PipelineWorkload:
+    """A whole diffusers pipeline to plan: its class, the folder it was saved to, and the keyword
+    arguments of one call (``prompt``, ``height``, ``num_inference_steps``, ...)."""
+
+    pipeline: Any
+    root: str | Path
+    call: dict[str, Any] = field(default_factory=dict)
+
+
+def load_workload(target: str) -> Workload | PipelineWorkload:
     """Find the function ``target`` names, call it, and check what it returns.
 
     Parameters
@@ -48,7 +58,7 @@ def load_workload(target: str) -> Workload:
 
     Returns
     -------
-    Workload
+    Workload, or the :class:`PipelineWorkload` the function returned
 
     Raises
     ------
@@ -70,6 +80,8 @@ def load_workload(target: str) -> Workload:
         result = function()
     except (Exception, SystemExit) as exc:  # any failure in user code is the user's to see, in one line
         raise TargetError(f"{target} raised {type(exc).__name__}: {_one_line(exc)}") from exc
+    if isinstance(result, PipelineWorkload):
+        return result
     return as_workload(result, target)
 
 
