@@ -25,6 +25,7 @@ from vramfx.errors import CaptureError, RuntimeFailure
 from vramfx.forks import renew_after_fork
 from vramfx.plan.plan import Plan
 from vramfx.runtime.engine import Engine, ResidentStore, single_threaded_after_fork
+from vramfx.util import format_bytes
 
 MAX_SIGNATURES_BEFORE_WARNING = 8
 
@@ -114,8 +115,12 @@ class CompiledModule(torch.nn.Module):
         dtype: torch.dtype | None = None,
         stored_state: Callable[[], dict[str, torch.Tensor]] | None = None,
         replan: Callable[[Captured, ResidentStore, int, int], CompiledGraph] | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
-        super().__init__()
+        # Not super().__init__(): in a class made by vramfx.compiled_class the next class in the
+        # MRO is the model's own, whose __init__ builds a model.
+        torch.nn.Module.__init__(self)
+        self.__dict__["_vramfx_budget_bytes"] = budget_bytes
         self.__dict__["_vramfx_dtype"] = dtype
         self.__dict__["_vramfx_model"] = model
         self.__dict__["_vramfx_device"] = device
@@ -171,6 +176,44 @@ class CompiledModule(torch.nn.Module):
         """The Plan of the most recent input signature, or None before the first capture."""
         latest = self.__dict__["_vramfx_latest"]
         return latest.plan if latest is not None else None
+
+    def named_children(self) -> Any:
+        """The model's submodules: methods that walk the module tree (setting attention
+        processors, counting parameters) walk the model's."""
+        return self.model.named_children()
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True) -> Any:
+        """This module, then the model's submodules under their names in the model."""
+        memo = set() if memo is None else memo
+        memo.add(self)
+        yield prefix, self
+        for name, module in self.model.named_modules(memo=memo, prefix=prefix, remove_duplicate=remove_duplicate):
+            if module is not self.model:
+                yield name, module
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
+        """The model's parameters (meta where the checkpoint holds them)."""
+        return self.model.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
+        return self.model.named_buffers(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def __repr__(self) -> str:
+        name = type(self.model).__name__
+        budget = self.__dict__.get("_vramfx_budget_bytes")
+        parts = [f"budget={format_bytes(budget)}" if budget is not None else None, f"device={self.device}"]
+        graphs = self.compiled_graphs
+        if graphs:
+            plan = graphs[-1].plan
+            parts.append(
+                f"{len(graphs)} graph(s), plan: peak {format_bytes(plan.peak_bytes)}, "
+                f"{format_bytes(plan.streamed_bytes)} streamed per call"
+            )
+        else:
+            parts.append("not captured yet")
+        if self.module_path is not None:
+            parts.append("module path in use")
+        return f"Compiled[{name}](" + ", ".join(p for p in parts if p) + ")"
 
     @property
     def compiled_graphs(self) -> tuple[CompiledGraph, ...]:

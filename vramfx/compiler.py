@@ -19,6 +19,7 @@ from vramfx.errors import BudgetError
 from vramfx.measure import release_freed_memory
 from vramfx.capture import Captured, capture
 from vramfx.compiled import CompiledGraph, CompiledModule
+from vramfx.compiled_class import compiled_class
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.types import Liveness
@@ -229,7 +230,7 @@ def compile(
     def read_state() -> dict[str, torch.Tensor]:
         return stored_state(model, source, renamed=renamed, compute_dtype=compute_dtype)
 
-    compiled = CompiledModule(
+    compiled = compiled_class(type(model))(
         model,
         device,
         build,
@@ -237,6 +238,7 @@ def compile(
         module_path=lambda: module_path(model, source, options),
         dtype=compute_dtype,
         stored_state=read_state,
+        budget_bytes=budget_bytes,
     )
     if example is not None:
         compiled.prepare(*example)
