@@ -23,8 +23,9 @@ from vramfx.storage.scaled_fp8 import ScaledFP8Map
 if TYPE_CHECKING:
     from vramfx.compiled import CompiledModule
     from vramfx.compiler import compile
+    from vramfx.pretrained import from_pretrained
 
-_LAZY = {"compile": "vramfx.compiler", "CompiledModule": "vramfx.compiled"}
+_LAZY = {"compile": "vramfx.compiler", "CompiledModule": "vramfx.compiled", "from_pretrained": "vramfx.pretrained"}
 
 __all__ = [
     "BudgetError",
@@ -39,6 +40,7 @@ __all__ = [
     "WeightsError",
     "compile",
     "convert",
+    "from_pretrained",
     "load_state_dict",
     "parse_budget",
     "skip_model_initialization",

@@ -5,6 +5,7 @@ Each stage is a function of the previous stage's output; this module only passes
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -77,23 +78,11 @@ class CompileOptions:
     precision: Precision | None = None
 
 
-def compile(
-    model: torch.nn.Module,
-    budget: int | str,
-    *,
-    weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str] | None = None,
-    device: torch.device | str | None = None,
-    example_args: tuple | None = None,
-    example_kwargs: Mapping[str, Any] | None = None,
-    calls: int = 10,
-    cost_model: CostModel | None = None,
-    margin_bytes: int | None = None,
-    bypass_page_cache: bool = False,
-    storage_dtype: torch.dtype | None = None,
-    compute_dtype: torch.dtype | None = None,
-    keep_in_compute_dtype: KeepSpec = "auto",
-) -> CompiledModule:
+def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs: Any) -> CompiledModule:
     """Compile ``model`` to run under ``budget`` bytes of device memory.
+
+    ``vramfx.compile(ModelClass, folder, budget=...)`` reads a saved model folder instead and is
+    :func:`vramfx.from_pretrained`.
 
     Parameters
     ----------
@@ -149,8 +138,9 @@ def compile(
     Returns
     -------
     CompiledModule
-        Called like ``model``; returns the same output structure. Inference only: calls run
-        without grad, one at a time.
+        Called like ``model``; returns the same output structure. An instance of the model's own
+        class too (:mod:`vramfx.compiled_class`), so pipelines take it in the model's place.
+        Inference only: calls run without grad, one at a time.
 
     Raises
     ------
@@ -196,6 +186,30 @@ def compile(
     >>> fast(torch.randn(2, 64, dtype=torch.bfloat16)).dtype
     torch.bfloat16
     """
+    if isinstance(model, type):
+        from vramfx.pretrained import from_pretrained
+
+        return from_pretrained(model, *args, **kwargs)
+    return compile_model(model, *args, **kwargs)
+
+
+def compile_model(
+    model: torch.nn.Module,
+    budget: int | str,
+    *,
+    weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    example_args: tuple | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    calls: int = 10,
+    cost_model: CostModel | None = None,
+    margin_bytes: int | None = None,
+    bypass_page_cache: bool = False,
+    storage_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+    keep_in_compute_dtype: KeepSpec = "auto",
+) -> CompiledModule:
+    """:func:`compile` for a model instance (the class form goes to :func:`vramfx.from_pretrained`)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     require_int("calls", calls, minimum=1)
@@ -243,6 +257,10 @@ def compile(
     if example is not None:
         compiled.prepare(*example)
     return compiled
+
+
+# What help() and editors show: the instance form's arguments.
+compile.__signature__ = inspect.signature(compile_model)  # type: ignore[attr-defined]
 
 
 def build_graph(
