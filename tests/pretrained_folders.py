@@ -78,13 +78,13 @@ def flux_image(pipe) -> torch.Tensor:
 def tiny_llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    return LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def save_causal_lm(folder: Path, *, dtype: torch.dtype = torch.float32, max_shard_size: str = "40KB"):
-    """A tiny LlamaForCausalLM with seeded weights, saved sharded in ``dtype``; returned in eval mode
+def save_causal_lm(folder: Path, *, dtype: torch.dtype = torch.float32, max_shard_size: str = "2MB"):
+    """A small LlamaForCausalLM (7 MB) with seeded weights, saved sharded in ``dtype``; returned in eval mode
     as transformers loads it back (``from_pretrained(folder, dtype=dtype)``)."""
     from transformers import LlamaForCausalLM
 

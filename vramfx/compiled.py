@@ -322,18 +322,24 @@ class CompiledModule(torch.nn.Module):
             self._release_module_path()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's own ``generate`` (transformers), run on the module-level path.
+        """The model's own ``generate`` (transformers), its calls on captured graphs.
 
-        Decoding calls the model once per token with a growing KV cache: a new shape every
-        step, which a captured graph would have to be exported and planned for each time.
-        Instead nothing is captured: the prompt's call streams every module's weights
-        synchronously and records the order modules run in; each later step fetches weights
-        ahead along that order, under the same budget. Tokens equal eager's.
+        Without a cache chosen by the caller, a static KV cache keeps shapes fixed across
+        decoding steps, so the prompt runs on one captured graph and every step on another
+        (:mod:`vramfx.generation`). Tokens equal eager's with the same cache. A model transformers
+        cannot give a static cache runs each step with the cache it would use; a step export
+        cannot express runs module by module, after one warning.
         """
-        if not callable(getattr(type(self.model), "generate", None)):
-            raise AttributeError(f"{type(self.model).__name__} has no generate()")
-        with self.__dict__["_vramfx_lock"]:
-            return self._enter_module_path().generate(*args, **kwargs)
+        model_class = type(self.model)
+        if not callable(getattr(model_class, "generate", None)):
+            raise AttributeError(f"{model_class.__name__} has no generate()")
+        if not isinstance(self, model_class):
+            # A CompiledModule not made by compile: only the module path can run the model's generate.
+            with self.__dict__["_vramfx_lock"]:
+                return self._enter_module_path().generate(*args, **kwargs)
+        from vramfx.generation import generate_on_graphs
+
+        return generate_on_graphs(self, model_class, *args, **kwargs)
 
     # -- calling ---------------------------------------------------------------------------
     def prepare(self, args: tuple, kwargs: Mapping[str, Any]) -> CompiledGraph | None:
