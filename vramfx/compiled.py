@@ -23,6 +23,7 @@ from vramfx import carried
 from vramfx.capture import Captured, refuse_if_forked_mid_capture
 from vramfx.errors import CaptureError, RuntimeFailure
 from vramfx.forks import renew_after_fork
+from vramfx.model_state import changed, snapshot
 from vramfx.plan.plan import Plan
 from vramfx.runtime.engine import Engine, ResidentStore, single_threaded_after_fork
 from vramfx.util import format_bytes
@@ -136,6 +137,7 @@ class CompiledModule(torch.nn.Module):
         self.__dict__["_vramfx_module_path"] = None
         self.__dict__["_vramfx_warned_fallback"] = False
         self.__dict__["_vramfx_stored_state"] = stored_state
+        self.__dict__["_vramfx_snapshot"] = snapshot(model)
         renew_after_fork(self)
 
     def _after_fork_in_child(self) -> None:
@@ -349,6 +351,7 @@ class CompiledModule(torch.nn.Module):
         module-level path.
         """
         with self.__dict__["_vramfx_lock"]:
+            self._follow_model_changes()
             try:
                 call = carried.lift((tuple(args), canonical_kwargs(kwargs)))
             except CaptureError as exc:
@@ -361,6 +364,7 @@ class CompiledModule(torch.nn.Module):
         refuse_if_forked_mid_capture()
         kwargs = canonical_kwargs(kwargs)
         with self.__dict__["_vramfx_lock"], torch.no_grad():
+            self._follow_model_changes()
             try:
                 call = carried.lift((args, kwargs))
             except CaptureError as exc:  # an object in the call that cannot be carried
@@ -384,6 +388,23 @@ class CompiledModule(torch.nn.Module):
             if not entry.carries:
                 return result
             return carried.settle(result, call.objects, self.device, states=entry.captured.input_objects > 0)
+
+    def _follow_model_changes(self) -> None:
+        """Drop every graph and the module path when the model changed since they were made
+        (:mod:`vramfx.model_state`): the next call captures the model as it is now."""
+        now = snapshot(self.model)
+        what = changed(self.__dict__["_vramfx_snapshot"], now)
+        if what is None:
+            return
+        cache: dict = self.__dict__["_vramfx_cache"]
+        if cache or self.__dict__["_vramfx_module_path"] is not None:
+            log.info("%s changed since it was captured (%s): capturing it again", type(self.model).__name__, what)
+        self._release_graphs()
+        self._release_module_path()
+        cache.clear()
+        self.__dict__["_vramfx_latest"] = None
+        self.__dict__["_vramfx_module_path"] = None
+        self.__dict__["_vramfx_snapshot"] = now
 
     def _entry_for(self, tree: tuple, *, stacklevel: int) -> CompiledGraph | Fallback:
         """The graph for this signature, built on first use; a Fallback for a signature export
