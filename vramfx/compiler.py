@@ -25,6 +25,7 @@ from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.types import Liveness
 from vramfx.plan.schedule import schedule
+from vramfx.progress import step
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
@@ -279,7 +280,8 @@ def build_graph(
     """
     precision = options.precision
     compute_dtype = precision.compute_dtype if precision is not None else None
-    captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
+    with step(f"capturing {type(model).__name__}"):
+        captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
     graph_bytes = graph_host_bytes(captured, options.device, first=not held_bytes)
     return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
 
@@ -300,6 +302,20 @@ def plan_graph(
     host memory compiled graphs hold outside their plans, this one's (``graph_bytes``) and the
     others' (``held_bytes``), and the freed activation memory the C allocator keeps.
     """
+    with step(f"planning {type(model).__name__}"):
+        return _plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
+
+
+def _plan_graph(
+    model: torch.nn.Module,
+    captured: Captured,
+    source: Any,
+    renamed: Mapping[str, str],
+    options: CompileOptions,
+    store: ResidentStore,
+    held_bytes: int,
+    graph_bytes: int,
+) -> CompiledGraph:
     precision = options.precision
     storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
     refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
