@@ -122,19 +122,24 @@ def causal_lm(kind: str) -> torch.nn.Module:
     return GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=256, n_layer=2, n_head=4, n_positions=64, **special))
 
 
+def saved_causal_lm(kind: str, folder) -> tuple:
+    """The eager model saved to ``folder``, the same built empty, a prompt, eager's greedy tokens."""
+    torch.manual_seed(0)
+    eager = causal_lm(kind).eval()
+    eager.save_pretrained(folder)
+    with vramfx.skip_model_initialization():
+        empty = causal_lm(kind).eval()
+    ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    return eager, empty, ids, eager.generate(ids, max_new_tokens=6, do_sample=False)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_generate_on_the_module_path_gives_eager_tokens_with_the_kv_cache(kind, tmp_path):
     """The module path's generate (a model transformers cannot give a static cache, or a step
     export cannot express): each step fetches weights ahead along the recorded module order."""
     from vramfx.swap.fallback import ModulePath
 
-    torch.manual_seed(0)
-    eager = causal_lm(kind).eval()
-    eager.save_pretrained(tmp_path)
-    with vramfx.skip_model_initialization():
-        empty = causal_lm(kind).eval()
-    ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(0))
-    expected = eager.generate(ids, max_new_tokens=6, do_sample=False)
+    eager, empty, ids, expected = saved_causal_lm(kind, tmp_path)
 
     steps = []
 
@@ -162,13 +167,7 @@ def test_generate_on_the_module_path_gives_eager_tokens_with_the_kv_cache(kind, 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_compiled_generate_gives_eager_tokens_on_graphs(kind, tmp_path):
-    torch.manual_seed(0)
-    eager = causal_lm(kind).eval()
-    eager.save_pretrained(tmp_path)
-    with vramfx.skip_model_initialization():
-        empty = causal_lm(kind).eval()
-    ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(0))
-    expected = eager.generate(ids, max_new_tokens=6, do_sample=False)
+    eager, empty, ids, expected = saved_causal_lm(kind, tmp_path)
     weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
     fast = vramfx.compile(empty, budget=32 * 2**20 + weight_bytes // 2, weights=vramfx.DiskMap(tmp_path), device="cpu")
     with warnings.catch_warnings(record=True) as caught:

@@ -240,7 +240,8 @@ def compile_model(
         return build_graph(model, args, kwargs, source, renamed, options, store, held_bytes)
 
     def replan(captured: Captured, store: ResidentStore, held_bytes: int, graph_bytes: int) -> CompiledGraph:
-        return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
+        with step(f"planning {type(model).__name__}"):
+            return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
 
     def read_state() -> dict[str, torch.Tensor]:
         return stored_state(model, source, renamed=renamed, compute_dtype=compute_dtype)
@@ -283,7 +284,8 @@ def build_graph(
     with step(f"capturing {type(model).__name__}"):
         captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
     graph_bytes = graph_host_bytes(captured, options.device, first=not held_bytes)
-    return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
+    with step(f"planning {type(model).__name__}"):
+        return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
 
 
 def plan_graph(
@@ -302,20 +304,6 @@ def plan_graph(
     host memory compiled graphs hold outside their plans, this one's (``graph_bytes``) and the
     others' (``held_bytes``), and the freed activation memory the C allocator keeps.
     """
-    with step(f"planning {type(model).__name__}"):
-        return _plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
-
-
-def _plan_graph(
-    model: torch.nn.Module,
-    captured: Captured,
-    source: Any,
-    renamed: Mapping[str, str],
-    options: CompileOptions,
-    store: ResidentStore,
-    held_bytes: int,
-    graph_bytes: int,
-) -> CompiledGraph:
     precision = options.precision
     storage = storage_dtypes(model, captured.weights, precision) if precision is not None else None
     refs = resolve_weights(captured.weights, source, renamed=renamed, storage=storage)
