@@ -39,3 +39,15 @@ def test_diffsynth_benchmark_smoke_runs_and_prints_weight_waits():
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "DiffSynth layers" in done.stdout and "waits" in done.stdout
+
+
+def test_generate_benchmark_smoke_runs_every_runner(tmp_path):
+    out = tmp_path / "generate.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VRAMFX_PROGRESS": "0"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_cpu.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {"eager (dynamic cache)", "vramfx graphs", "vramfx module path", "accelerate disk_offload"} <= {
+        r["runner"] for r in rows}
+    assert "module path used: False" in done.stdout
