@@ -36,9 +36,6 @@ REFUSED: dict[str, str] = {
     "gradient_checkpointing_enable": "a compiled model runs inference only; train the original model",
     "tie_weights": "tied weights are read once from the checkpoint already; nothing to do",
     "init_weights": "weights come from the checkpoint a compiled model was compiled with",
-    "to_empty": "a compiled model's memory is planned; compile again for another device",
-    "requires_grad_": "a compiled model runs inference only; train the original model",
-    "share_memory": "a compiled model streams its weights; share the weights files instead",
 }
 
 _CLASSES: dict[type, type] = {}

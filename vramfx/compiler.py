@@ -246,7 +246,12 @@ def compile_model(
     def read_state() -> dict[str, torch.Tensor]:
         return stored_state(model, source, renamed=renamed, compute_dtype=compute_dtype)
 
-    compiled = compiled_class(type(model))(
+    try:
+        cls = compiled_class(type(model))
+    except TypeError as exc:  # a class that cannot be subclassed so: the plain wrapper still runs it
+        log.info("%s; the compiled model is a plain CompiledModule", exc)
+        cls = CompiledModule
+    compiled = cls(
         model,
         device,
         build,
