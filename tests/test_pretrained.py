@@ -225,3 +225,24 @@ def test_a_pipeline_root_needs_a_subfolder_when_the_class_is_ambiguous(tmp_path)
         vramfx.from_pretrained(FluxTransformer2DModel, tmp_path, budget="24MiB", device="cpu")
     with pytest.raises(TypeError, match="torch_dtype must be a torch.dtype"):
         vramfx.from_pretrained(FluxTransformer2DModel, tmp_path, budget="24MiB", torch_dtype="bf16")
+
+
+def test_a_bf16_transformers_folder_equals_eager_in_bf16(tmp_path, export_state_paid):
+    from transformers import LlamaModel
+
+    torch.manual_seed(0)
+    ARCHS["llama"].build().to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    eager = in_torch_memory(LlamaModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval())
+    inputs = ARCHS["llama"].inputs()
+    with torch.no_grad():
+        expected = eager(**inputs)
+    budget = minimum_budget(LlamaModel, tmp_path, inputs) + eager_bytes(eager) // 2
+    release_freed_memory()
+    with PeakMemory("cpu") as peak:
+        fast = vramfx.compile(LlamaModel, tmp_path, budget=budget, device="cpu")
+        out = fast(**inputs)
+    assert peak.growth_bytes <= budget, (peak.growth_bytes, budget)
+    assert_same_output(expected, out)
+    assert fast.dtype == torch.bfloat16 and fast.plan.streamed_bytes > 0
+    # Buffers transformers computes in float32 stay so, as in eager.
+    assert fast.model.rotary_emb.inv_freq.dtype == eager.rotary_emb.inv_freq.dtype
