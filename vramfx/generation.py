@@ -39,8 +39,9 @@ def generate_on_graphs(compiled: Any, model_class: type, *args: Any, **kwargs: A
     chosen = any(name in kwargs for name in CACHE_CHOICES) or getattr(config, "cache_implementation", None)
     if not chosen and static_cache_supported(model_class):
         kwargs["cache_implementation"] = "static"
-    # The compiled graphs are the compiled form; torch.compile on top only adds graph breaks.
-    kwargs.setdefault("disable_compile", True)
+    if hasattr(config, "disable_compile"):  # transformers >= 4.50 compiles static-cache decoding itself
+        # The compiled graphs are the compiled form; torch.compile on top only adds graph breaks.
+        kwargs.setdefault("disable_compile", True)
     with torch.no_grad(), warnings.catch_warnings():
         # transformers reads the device from parameters, meta here; the compiled model's is right.
         warnings.filterwarnings("ignore", message=r"You are calling \.generate\(\) with the `input_ids` being on a device")
