@@ -105,6 +105,7 @@ class _Shown:
             self._bar = tqdm(total=self._total, desc=f"vramfx: {self._text}", file=sys.stderr, leave=False,
                              bar_format=fmt, initial=self._done, disable=False)
             self._bar.start_t -= SHOW_AFTER_S  # elapsed counts from the step's start
+            self._bar.refresh()
         while not self._closed.wait(REDRAW_S):
             with self._lock:
                 self._bar.refresh()
