@@ -47,3 +47,15 @@ def test_lora_benchmark_smoke_runs_and_checks_outputs():
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "hot swap + next call" in done.stdout and "rank-8 LoRA" in done.stdout
+
+
+def test_generate_benchmark_smoke_runs_every_runner(tmp_path):
+    out = tmp_path / "generate.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VRAMFX_PROGRESS": "0"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_cpu.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {"eager (dynamic cache)", "vramfx graphs", "vramfx module path", "accelerate disk_offload"} <= {
+        r["runner"] for r in rows}
+    assert "module path used: False" in done.stdout

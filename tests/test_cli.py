@@ -392,3 +392,36 @@ def test_bad_precision_options_are_one_line_errors(folder, capsys, extra, match)
     assert main(["plan", f"{folder}/workload.py:llama", "--budget", "100MB", *extra]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
+
+
+def test_key_map_renames_stored_keys(folder, llama_weights, capsys, tmp_path):
+    import safetensors.torch
+
+    with DiskMap(llama_weights) as weights:
+        tensors = {k: weights[k] for k in weights}
+    path = tmp_path / "renamed.safetensors"
+    safetensors.torch.save_file({"net." + k.replace("layers.", "blocks."): v for k, v in tensors.items()}, path)
+    prefixes = ["--key-map", "net.blocks.=layers.", "--key-map", "net.="]
+    assert main(["plan", f"{folder}/workload.py:llama", "--budget", "1GB", "--device", "cpu",
+                 "--weights", str(path), *prefixes]) == 0
+    assert re.search(r"all \d+ graph weights match", capsys.readouterr().out)
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"net." + k.replace("layers.", "blocks."): k for k in tensors}))
+    assert main(["plan", f"{folder}/workload.py:llama", "--budget", "1GB", "--device", "cpu",
+                 "--weights", str(path), "--key-map", str(mapping)]) == 0
+    assert main(["plan", f"{folder}/workload.py:llama", "--budget", "1GB", "--key-map", "x"]) == 1
+    assert "--key-map and --variant apply to --weights" in capsys.readouterr().err
+
+
+def test_variant_reads_the_variants_files(folder, capsys, tmp_path):
+    torch.manual_seed(0)
+    model = ARCHS["llama"].build()
+    model.save_pretrained(tmp_path)
+    model.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
+    capsys.readouterr()
+    assert main(["plan", f"{folder}/workload.py:llama", "--budget", "1GB", "--device", "cpu",
+                 "--weights", str(tmp_path), "--variant", "fp16", "--storage-dtype", "float16"]) == 0
+    assert re.search(r"all \d+ graph weights match", capsys.readouterr().out)
+    assert main(["plan", f"{folder}/workload.py:llama", "--budget", "1GB", "--device", "cpu",
+                 "--weights", str(tmp_path), "--variant", "bf16"]) == 1
+    assert "holds no weights in variant 'bf16'" in capsys.readouterr().err

@@ -122,15 +122,24 @@ def causal_lm(kind: str) -> torch.nn.Module:
     return GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=256, n_layer=2, n_head=4, n_positions=64, **special))
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_generate_gives_eager_tokens_with_the_kv_cache(kind, tmp_path):
+def saved_causal_lm(kind: str, folder) -> tuple:
+    """The eager model saved to ``folder``, the same built empty, a prompt, eager's greedy tokens."""
     torch.manual_seed(0)
     eager = causal_lm(kind).eval()
-    eager.save_pretrained(tmp_path)
+    eager.save_pretrained(folder)
     with vramfx.skip_model_initialization():
         empty = causal_lm(kind).eval()
     ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(0))
-    expected = eager.generate(ids, max_new_tokens=6, do_sample=False)
+    return eager, empty, ids, eager.generate(ids, max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_on_the_module_path_gives_eager_tokens_with_the_kv_cache(kind, tmp_path):
+    """The module path's generate (a model transformers cannot give a static cache, or a step
+    export cannot express): each step fetches weights ahead along the recorded module order."""
+    from vramfx.swap.fallback import ModulePath
+
+    eager, empty, ids, expected = saved_causal_lm(kind, tmp_path)
 
     steps = []
 
@@ -143,18 +152,31 @@ def test_generate_gives_eager_tokens_with_the_kv_cache(kind, tmp_path):
     weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
     margin = 2**20
     budget = margin + weight_bytes // 2
-    fast = vramfx.compile(empty, budget=budget, weights=vramfx.DiskMap(tmp_path), device="cpu", margin_bytes=margin)
+    path = ModulePath(empty, vramfx.DiskMap(tmp_path), device=torch.device("cpu"), budget_bytes=budget,
+                      margin_bytes=margin, calls=10)
+    first = path.generate(ids, max_new_tokens=6, do_sample=False)
+    second = path.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(expected, first) and torch.equal(expected, second)
+    # The prompt once, then one token per step on top of the cache.
+    assert steps[:6] == [(6, 0), (1, 6), (1, 7), (1, 8), (1, 9), (1, 10)]
+    stats = path.stats
+    assert stats.fetched_bytes > 0 and stats.prefetched > 0, "decoding streams weights, fetched ahead"
+    assert stats.held_peak_bytes <= budget - margin
+    assert all(p.is_meta for p in empty.parameters()), "the model is left with its meta parameters"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_compiled_generate_gives_eager_tokens_on_graphs(kind, tmp_path):
+    eager, empty, ids, expected = saved_causal_lm(kind, tmp_path)
+    weight_bytes = sum(p.numel() * p.element_size() for p in eager.parameters())
+    fast = vramfx.compile(empty, budget=32 * 2**20 + weight_bytes // 2, weights=vramfx.DiskMap(tmp_path), device="cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = fast.generate(ids, max_new_tokens=6, do_sample=False)
         second = fast.generate(ids, max_new_tokens=6, do_sample=False)
-    assert not vramfx_warnings(caught), "generate takes the module-level path by design: no fallback warning"
+    assert not vramfx_warnings(caught), "no fallback"
     assert torch.equal(expected, first) and torch.equal(expected, second)
-    # The prompt once, then one token per step on top of the cache.
-    assert steps[:6] == [(6, 0), (1, 6), (1, 7), (1, 8), (1, 9), (1, 10)]
-    stats = fast.module_path.stats
-    assert stats.fetched_bytes > 0 and stats.prefetched > 0, "decoding streams weights, fetched ahead"
-    assert stats.held_peak_bytes <= budget - margin
+    assert fast.module_path is None and len(fast.compiled_graphs) == 2, "the prompt's graph and the steps' graph"
     assert all(p.is_meta for p in empty.parameters()), "the model is left with its meta parameters"
 
 

@@ -195,8 +195,9 @@ def test_generate_with_low_precision_storage_gives_the_rounded_models_tokens(tmp
     first = fast.generate(ids, max_new_tokens=6, do_sample=False)
     second = fast.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(expected, first) and torch.equal(expected, second)
-    stats = fast.module_path.stats
-    assert stats.fetched_bytes > 0 and stats.held_peak_bytes <= budget - margin
+    # On captured graphs (a static cache), stored and computed as compile's graphs are.
+    assert fast.module_path is None and len(fast.plan.casts) > 0
+    assert fast.plan.streamed_bytes > 0 and fast.plan.peak_bytes <= budget
     assert all(p.is_meta for p in empty.parameters())
 
 

@@ -24,8 +24,14 @@ if TYPE_CHECKING:
     from vramfx.compiled import CompiledModule
     from vramfx.compiler import compile
     from vramfx.pipelines import compile_pipeline
+    from vramfx.pretrained import from_pretrained
 
-_LAZY = {"compile": "vramfx.compiler", "CompiledModule": "vramfx.compiled", "compile_pipeline": "vramfx.pipelines"}
+_LAZY = {
+    "compile": "vramfx.compiler",
+    "CompiledModule": "vramfx.compiled",
+    "compile_pipeline": "vramfx.pipelines",
+    "from_pretrained": "vramfx.pretrained",
+}
 
 __all__ = [
     "BudgetError",
@@ -41,6 +47,7 @@ __all__ = [
     "compile",
     "compile_pipeline",
     "convert",
+    "from_pretrained",
     "load_state_dict",
     "parse_budget",
     "skip_model_initialization",

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--weights", metavar="PATH",
                       help="a safetensors file, folder or index, or a .gguf file: check its names, shapes and "
                            "dtypes match the model, and plan with the bytes it stores (quantized, scaled fp8)")
+    plan.add_argument("--key-map", metavar="OLD=NEW", action="append",
+                      help="rename stored keys with --weights: replace the prefix OLD by NEW (NEW may be empty: "
+                           "--key-map model.diffusion_model.=); repeatable; or a .json file of {stored: name}")
+    plan.add_argument("--variant", metavar="NAME",
+                      help='with --weights FOLDER: read the files saved in this variant ("fp16": *.fp16.safetensors)')
     plan.add_argument("--calls", type=int, help=f"calls to optimise for (default {DEFAULT_CALLS})")
     plan.add_argument("--link-bandwidth", metavar="RATE", help='weight transfer bandwidth, e.g. "25GB/s" '
                       "(default: the device's)")
@@ -184,6 +189,9 @@ def run_plan(args: argparse.Namespace) -> int:
     _check_output(args.output)
     if args.weights and not Path(args.weights).exists():
         raise ValueError(f"--weights {args.weights}: no such file or directory")
+    if (args.key_map or args.variant) and not args.weights:
+        raise ValueError("--key-map and --variant apply to --weights; pass --weights PATH")
+    parse_key_map(args.key_map)  # checked before anything is loaded
     alignment = ALIGNMENT[device.type]
     precision = _precision(args.storage_dtype, args.compute_dtype, args.keep)
 
@@ -205,7 +213,8 @@ def run_plan(args: argparse.Namespace) -> int:
     weights_note = "sizes and dtypes from the model (no weights read)"
     source_link = link_bytes_per_s(device, None)  # weights in host memory, as compile assumes without a DiskMap
     if args.weights:
-        with progress.stage("checking weights"), open_weights(args.weights) as source:
+        key_map = parse_key_map(args.key_map)
+        with progress.stage("checking weights"), open_weights(args.weights, key_map=key_map, variant=args.variant) as source:
             weights_note, stored, formats = _check_weights(workload.model, captured, source, args.weights, stored,
                                                            device)
             source_link = link_bytes_per_s(device, source)
@@ -246,6 +255,42 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         print(format_checkpoint(summary))
     return EXIT_OK
+
+
+def parse_key_map(values: Sequence[str] | None) -> Any:
+    """``--key-map`` values: ``OLD=NEW`` prefix replacements (first match wins), or one ``.json``
+    file holding ``{stored key: model name}``; None when none are given.
+
+    Examples
+    --------
+    >>> rename = parse_key_map(["model.diffusion_model.="])
+    >>> rename("model.diffusion_model.x.weight"), rename("other")
+    ('x.weight', 'other')
+    """
+    if not values:
+        return None
+    if len(values) == 1 and values[0].endswith(".json"):
+        try:
+            mapping = json.loads(Path(values[0]).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--key-map {values[0]}: cannot read a JSON object from it ({exc})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise ValueError(f"--key-map {values[0]}: expected a JSON object of stored key to model name")
+        return mapping
+    pairs = []
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old:
+            raise ValueError(f"--key-map {value!r}: expected OLD=NEW (a prefix and its replacement) or a .json file")
+        pairs.append((old, new))
+
+    def rename(key: str) -> str:
+        for old, new in pairs:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    return rename
 
 
 def parse_rate(text: str, unit: str) -> float:

@@ -23,8 +23,10 @@ from vramfx import carried
 from vramfx.capture import Captured, refuse_if_forked_mid_capture
 from vramfx.errors import CaptureError, RuntimeFailure
 from vramfx.forks import renew_after_fork
+from vramfx.model_state import changed, snapshot
 from vramfx.plan.plan import Plan
 from vramfx.runtime.engine import Engine, ResidentStore, single_threaded_after_fork
+from vramfx.util import format_bytes
 
 MAX_SIGNATURES_BEFORE_WARNING = 8
 
@@ -117,9 +119,13 @@ class CompiledModule(torch.nn.Module):
         stored_state: Callable[[], dict[str, torch.Tensor]] | None = None,
         replan: Callable[[Captured, ResidentStore, int, int], CompiledGraph] | None = None,
         adapter_state: Callable[[], Any] | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
-        super().__init__()
+        # Not super().__init__(): in a class made by vramfx.compiled_class the next class in the
+        # MRO is the model's own, whose __init__ builds a model.
+        torch.nn.Module.__init__(self)
         self.__dict__["_vramfx_adapter_state"] = adapter_state
+        self.__dict__["_vramfx_budget_bytes"] = budget_bytes
         self.__dict__["_vramfx_dtype"] = dtype
         self.__dict__["_vramfx_model"] = model
         self.__dict__["_vramfx_device"] = device
@@ -135,6 +141,7 @@ class CompiledModule(torch.nn.Module):
         self.__dict__["_vramfx_module_path"] = None
         self.__dict__["_vramfx_warned_fallback"] = False
         self.__dict__["_vramfx_stored_state"] = stored_state
+        self.__dict__["_vramfx_snapshot"] = snapshot(model)
         renew_after_fork(self)
 
     def _after_fork_in_child(self) -> None:
@@ -175,6 +182,44 @@ class CompiledModule(torch.nn.Module):
         """The Plan of the most recent input signature, or None before the first capture."""
         latest = self.__dict__["_vramfx_latest"]
         return latest.plan if latest is not None else None
+
+    def named_children(self) -> Any:
+        """The model's submodules: methods that walk the module tree (setting attention
+        processors, counting parameters) walk the model's."""
+        return self.model.named_children()
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True) -> Any:
+        """This module, then the model's submodules under their names in the model."""
+        memo = set() if memo is None else memo
+        memo.add(self)
+        yield prefix, self
+        for name, module in self.model.named_modules(memo=memo, prefix=prefix, remove_duplicate=remove_duplicate):
+            if module is not self.model:
+                yield name, module
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
+        """The model's parameters (meta where the checkpoint holds them)."""
+        return self.model.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
+        return self.model.named_buffers(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def __repr__(self) -> str:
+        name = type(self.model).__name__
+        budget = self.__dict__.get("_vramfx_budget_bytes")
+        parts = [f"budget={format_bytes(budget)}" if budget is not None else None, f"device={self.device}"]
+        graphs = self.compiled_graphs
+        if graphs:
+            plan = graphs[-1].plan
+            parts.append(
+                f"{len(graphs)} graph(s), plan: peak {format_bytes(plan.peak_bytes)}, "
+                f"{format_bytes(plan.streamed_bytes)} streamed per call"
+            )
+        else:
+            parts.append("not captured yet")
+        if self.module_path is not None:
+            parts.append("module path in use")
+        return f"Compiled[{name}](" + ", ".join(p for p in parts if p) + ")"
 
     @property
     def compiled_graphs(self) -> tuple[CompiledGraph, ...]:
@@ -306,18 +351,24 @@ class CompiledModule(torch.nn.Module):
             cache.update(fresh)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's own ``generate`` (transformers), run on the module-level path.
+        """The model's own ``generate`` (transformers), its calls on captured graphs.
 
-        Decoding calls the model once per token with a growing KV cache: a new shape every
-        step, which a captured graph would have to be exported and planned for each time.
-        Instead nothing is captured: the prompt's call streams every module's weights
-        synchronously and records the order modules run in; each later step fetches weights
-        ahead along that order, under the same budget. Tokens equal eager's.
+        Without a cache chosen by the caller, a static KV cache keeps shapes fixed across
+        decoding steps, so the prompt runs on one captured graph and every step on another
+        (:mod:`vramfx.generation`). Tokens equal eager's with the same cache. A model transformers
+        cannot give a static cache runs each step with the cache it would use; a step export
+        cannot express runs module by module, after one warning.
         """
-        if not callable(getattr(type(self.model), "generate", None)):
-            raise AttributeError(f"{type(self.model).__name__} has no generate()")
-        with self.__dict__["_vramfx_lock"]:
-            return self._enter_module_path().generate(*args, **kwargs)
+        model_class = type(self.model)
+        if not callable(getattr(model_class, "generate", None)):
+            raise AttributeError(f"{model_class.__name__} has no generate()")
+        if not isinstance(self, model_class):
+            # A CompiledModule not made by compile: only the module path can run the model's generate.
+            with self.__dict__["_vramfx_lock"]:
+                return self._enter_module_path().generate(*args, **kwargs)
+        from vramfx.generation import generate_on_graphs
+
+        return generate_on_graphs(self, model_class, *args, **kwargs)
 
     # -- calling ---------------------------------------------------------------------------
     def prepare(self, args: tuple, kwargs: Mapping[str, Any]) -> CompiledGraph | None:
@@ -327,6 +378,7 @@ class CompiledModule(torch.nn.Module):
         module-level path.
         """
         with self.__dict__["_vramfx_lock"]:
+            self._follow_model_changes()
             try:
                 call = carried.lift((tuple(args), canonical_kwargs(kwargs)))
             except CaptureError as exc:
@@ -339,6 +391,7 @@ class CompiledModule(torch.nn.Module):
         refuse_if_forked_mid_capture()
         kwargs = canonical_kwargs(kwargs)
         with self.__dict__["_vramfx_lock"], torch.no_grad():
+            self._follow_model_changes()
             try:
                 call = carried.lift((args, kwargs))
             except CaptureError as exc:  # an object in the call that cannot be carried
@@ -365,6 +418,23 @@ class CompiledModule(torch.nn.Module):
             if not entry.carries:
                 return result
             return carried.settle(result, call.objects, self.device, states=entry.captured.input_objects > 0)
+
+    def _follow_model_changes(self) -> None:
+        """Drop every graph and the module path when the model changed since they were made
+        (:mod:`vramfx.model_state`): the next call captures the model as it is now."""
+        now = snapshot(self.model)
+        what = changed(self.__dict__["_vramfx_snapshot"], now)
+        if what is None:
+            return
+        cache: dict = self.__dict__["_vramfx_cache"]
+        if cache or self.__dict__["_vramfx_module_path"] is not None:
+            log.info("%s changed since it was captured (%s): capturing it again", type(self.model).__name__, what)
+        self._release_graphs()
+        self._release_module_path()
+        cache.clear()
+        self.__dict__["_vramfx_latest"] = None
+        self.__dict__["_vramfx_module_path"] = None
+        self.__dict__["_vramfx_snapshot"] = now
 
     def _adapters(self) -> Any:
         """The model's adapter state now (:func:`vramfx.adapters.state.adapter_state`), or None."""

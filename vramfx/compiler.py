@@ -5,6 +5,7 @@ Each stage is a function of the previous stage's output; this module only passes
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -23,10 +24,12 @@ from vramfx.errors import BudgetError
 from vramfx.measure import release_freed_memory
 from vramfx.capture import Captured, capture
 from vramfx.compiled import CompiledGraph, CompiledModule
+from vramfx.compiled_class import compiled_class
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.types import Liveness
 from vramfx.plan.schedule import schedule
+from vramfx.progress import step
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
@@ -80,23 +83,11 @@ class CompileOptions:
     precision: Precision | None = None
 
 
-def compile(
-    model: torch.nn.Module,
-    budget: int | str,
-    *,
-    weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str] | None = None,
-    device: torch.device | str | None = None,
-    example_args: tuple | None = None,
-    example_kwargs: Mapping[str, Any] | None = None,
-    calls: int = 10,
-    cost_model: CostModel | None = None,
-    margin_bytes: int | None = None,
-    bypass_page_cache: bool = False,
-    storage_dtype: torch.dtype | None = None,
-    compute_dtype: torch.dtype | None = None,
-    keep_in_compute_dtype: KeepSpec = "auto",
-) -> CompiledModule:
+def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs: Any) -> CompiledModule:
     """Compile ``model`` to run under ``budget`` bytes of device memory.
+
+    ``vramfx.compile(ModelClass, folder, budget=...)`` reads a saved model folder instead and is
+    :func:`vramfx.from_pretrained`.
 
     Parameters
     ----------
@@ -152,8 +143,9 @@ def compile(
     Returns
     -------
     CompiledModule
-        Called like ``model``; returns the same output structure. Inference only: calls run
-        without grad, one at a time.
+        Called like ``model``; returns the same output structure. An instance of the model's own
+        class too (:mod:`vramfx.compiled_class`), so pipelines take it in the model's place.
+        Inference only: calls run without grad, one at a time.
 
     Raises
     ------
@@ -199,6 +191,30 @@ def compile(
     >>> fast(torch.randn(2, 64, dtype=torch.bfloat16)).dtype
     torch.bfloat16
     """
+    if isinstance(model, type):
+        from vramfx.pretrained import from_pretrained
+
+        return from_pretrained(model, *args, **kwargs)
+    return compile_model(model, *args, **kwargs)
+
+
+def compile_model(
+    model: torch.nn.Module,
+    budget: int | str,
+    *,
+    weights: Mapping[str, torch.Tensor] | str | os.PathLike | Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    example_args: tuple | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    calls: int = 10,
+    cost_model: CostModel | None = None,
+    margin_bytes: int | None = None,
+    bypass_page_cache: bool = False,
+    storage_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+    keep_in_compute_dtype: KeepSpec = "auto",
+) -> CompiledModule:
+    """:func:`compile` for a model instance (the class form goes to :func:`vramfx.from_pretrained`)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     require_int("calls", calls, minimum=1)
@@ -230,12 +246,18 @@ def compile(
         return build_graph(model, args, kwargs, source, renamed, options, store, held_bytes)
 
     def replan(captured: Captured, store: ResidentStore, held_bytes: int, graph_bytes: int) -> CompiledGraph:
-        return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
+        with step(f"planning {type(model).__name__}"):
+            return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
 
     def read_state() -> dict[str, torch.Tensor]:
         return stored_state(model, source, renamed=renamed, compute_dtype=compute_dtype)
 
-    compiled = CompiledModule(
+    try:
+        cls = compiled_class(type(model))
+    except TypeError as exc:  # a class that cannot be subclassed so: the plain wrapper still runs it
+        log.info("%s; the compiled model is a plain CompiledModule", exc)
+        cls = CompiledModule
+    compiled = cls(
         model,
         device,
         build,
@@ -244,10 +266,15 @@ def compile(
         dtype=compute_dtype,
         stored_state=read_state,
         adapter_state=lambda: adapter_state(model),
+        budget_bytes=budget_bytes,
     )
     if example is not None:
         compiled.prepare(*example)
     return compiled
+
+
+# What help() and editors show: the instance form's arguments.
+compile.__signature__ = inspect.signature(compile_model)  # type: ignore[attr-defined]
 
 
 def build_graph(
@@ -266,9 +293,11 @@ def build_graph(
     """
     precision = options.precision
     compute_dtype = precision.compute_dtype if precision is not None else None
-    captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
+    with step(f"capturing {type(model).__name__}"):
+        captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
     graph_bytes = graph_host_bytes(captured, options.device, first=not held_bytes)
-    return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
+    with step(f"planning {type(model).__name__}"):
+        return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
 
 
 def plan_graph(

@@ -25,6 +25,7 @@ from vramfx.precision import (
     kept_names,
     owners_from_name,
 )
+from vramfx.progress import step
 from vramfx.storage.converted import read_stored
 from vramfx.storage.diskmap import DiskMap
 from vramfx.storage.files import PathLike, resolve_safetensors
@@ -181,12 +182,14 @@ def _convert_file(src: Path, dst: Path, dtype: torch.dtype, stays: Callable[[str
         with DiskMap(src) as source, open(partial, "wb") as out:
             out.write(len(encoded).to_bytes(8, "little"))
             out.write(encoded)
-            for name in order:
-                tensor = read_stored(source, name)
-                if tensor.dtype != target[name]:
-                    tensor = tensor.to(target[name])
-                out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                del tensor  # before the next read: one tensor in memory at a time
+            with step(f"converting {src.name}", total=len(order)) as advance:
+                for name in order:
+                    tensor = read_stored(source, name)
+                    if tensor.dtype != target[name]:
+                        tensor = tensor.to(target[name])
+                    out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                    del tensor  # before the next read: one tensor in memory at a time
+                    advance()
         os.replace(partial, dst)
     except BaseException:
         partial.unlink(missing_ok=True)

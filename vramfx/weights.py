@@ -7,8 +7,10 @@ compile time with every problem listed, not halfway through a call.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -264,7 +266,17 @@ def find_key(weights: WeightSource, names: Sequence[str], renamed: Mapping[str, 
 
 
 def _report(missing: list[str], mismatched: list[str], weights: object) -> str:
+    """What is wrong, the fix first: a model built in another dtype than the checkpoint's, or a
+    prefix the stored keys carry, is said before the list of names."""
     lines = []
+    dtypes = _dtype_only(mismatched)
+    if dtypes is not None:
+        stored, built = dtypes
+        lines.append(
+            f"The checkpoint stores {stored} weights and the model was built in {built}: build the model in "
+            f"{stored} (vramfx.from_pretrained(ModelClass, folder, budget=...) does; or model.to(torch.{stored}) "
+            f"before compile), or pass compute_dtype=torch.{built}, storage_dtype=torch.{stored} to compute in {built}."
+        )
     if missing:
         shown = ", ".join(missing[:_LISTED]) + (f", … ({len(missing)} in all)" if len(missing) > _LISTED else "")
         where = "no weights were given" if weights is None else "not found in the weights"
@@ -272,10 +284,36 @@ def _report(missing: list[str], mismatched: list[str], weights: object) -> str:
             f"{len(missing)} meta parameter(s) have no weight ({where}): {shown}. Pass "
             "weights=DiskMap(path) holding them (check key names; DiskMap's key_map renames keys)."
         )
+        if weights is not None and isinstance(weights, Mapping):
+            lines.append(_stored_keys_hint(missing, weights))
     if mismatched:
-        shown = "; ".join(mismatched[:_LISTED]) + (f"; … ({len(mismatched)} in all)" if len(mismatched) > _LISTED else "")
+        listed = 3 if dtypes is not None else _LISTED
+        shown = "; ".join(mismatched[:listed]) + (f"; … ({len(mismatched)} in all)" if len(mismatched) > listed else "")
         lines.append(
-            f"{len(mismatched)} weight(s) differ from the model: {shown}. Build the model with the "
-            "checkpoint's config and dtype (or pass compute_dtype= / storage_dtype= to convert)."
+            f"{len(mismatched)} weight(s) differ from the model: {shown}."
+            + ("" if dtypes is not None else " Build the model with the checkpoint's config and dtype (or pass "
+               "compute_dtype= / storage_dtype= to convert).")
         )
     return " ".join(lines)
+
+
+def _dtype_only(mismatched: list[str]) -> tuple[str, str] | None:
+    """(stored, built) dtype names when every mismatch is the same dtype difference at equal shapes."""
+    pairs = set()
+    for line in mismatched:
+        match = re.search(r"stored (\(.*?\)) (\w+), model expects (\(.*?\)) (\w+)$", line)
+        if match is None or match.group(1) != match.group(3):
+            return None
+        pairs.add((match.group(2), match.group(4)))
+    return next(iter(pairs)) if len(pairs) == 1 else None
+
+
+def _stored_keys_hint(missing: list[str], weights: Mapping) -> str:
+    """A few keys the weights hold, and the prefix they seem to carry, for a name mismatch."""
+    keys = list(itertools.islice(iter(weights), 2000))
+    shown = ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "")
+    prefix = next(
+        (k[: -len(n)] for n in missing[:16] for k in keys if k.endswith("." + n)), None
+    )
+    hint = f" They seem to carry the prefix {prefix!r}: pass key_map=lambda k: k.removeprefix({prefix!r})." if prefix else ""
+    return f"The weights hold {len(weights)} key(s), e.g. {shown}.{hint}"

@@ -26,6 +26,7 @@ import torch
 from vramfx.errors import VramfxError, WeightsError
 from vramfx.forks import renew_after_fork
 from vramfx.plan.plan import Plan, Transfer
+from vramfx.progress import step
 from vramfx.runtime.arena import reserved_ranges
 from vramfx.runtime.sources import on_device
 from vramfx.storage.ref import WeightRef
@@ -215,9 +216,12 @@ class Engine(ABC):
         keep = set(self.plan.resident)
         self.store.keep_only(keep)
         try:
-            for name in self.plan.resident:
-                if name not in self.store:
-                    self.store.put(name, self._load_resident_named(name))
+            missing = [name for name in self.plan.resident if name not in self.store]
+            if missing:
+                with step("loading resident weights", total=len(missing)) as advance:
+                    for name in missing:
+                        self.store.put(name, self._load_resident_named(name))
+                        advance()
         except BaseException:
             if fresh:
                 self.deactivate()

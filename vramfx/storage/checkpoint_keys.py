@@ -4,7 +4,9 @@ transformers 5 renamed many modules (ViT's ``attention.attention.query`` became
 ``attention.q_proj``) but still saves and loads hub checkpoints in their original names, renaming
 on load. vramfx streams stored tensors by name, so it applies the same renaming rules, taken from
 transformers itself, and the usual base-model prefix add/strip (a ``LlamaForCausalLM`` checkpoint
-feeding a ``LlamaModel``).
+feeding a ``LlamaModel``). For any model, a prefix every stored key carries (a single file saved
+from a wrapper: ``model.diffusion_model.``, ``transformer.``, ``model.``) is found from the names
+and stripped.
 """
 
 from __future__ import annotations
@@ -38,7 +40,46 @@ def checkpoint_key_map(model: torch.nn.Module, checkpoint_keys: Iterable[str]) -
     --------
     >>> checkpoint_key_map(torch.nn.Linear(1, 1), ["weight"])
     {}
+    >>> checkpoint_key_map(torch.nn.Linear(1, 1), ["model.diffusion_model.weight", "model.diffusion_model.bias"])
+    {'weight': 'model.diffusion_model.weight', 'bias': 'model.diffusion_model.bias'}
     """
+    checkpoint_keys = list(checkpoint_keys)
+    out = _transformers_key_map(model, checkpoint_keys)
+    stored = set(checkpoint_keys)
+    missing = [n for n in model.state_dict(keep_vars=True) if n not in stored and n not in out]
+    prefix = stored_prefix(missing, checkpoint_keys)
+    if prefix:
+        log.info("the checkpoint's keys carry the prefix %r; it is stripped", prefix)
+        out.update({n: prefix + n for n in missing if prefix + n in stored})
+    return out
+
+
+def stored_prefix(names: Iterable[str], checkpoint_keys: Iterable[str]) -> str | None:
+    """The prefix the checkpoint stores most of ``names`` under (``"model.diffusion_model."``), or None.
+
+    Examples
+    --------
+    >>> stored_prefix(["a.weight", "b.weight"], ["transformer.a.weight", "transformer.b.weight", "other"])
+    'transformer.'
+    """
+    names = list(names)
+    if not names:
+        return None
+    keys = list(checkpoint_keys)
+    stored = set(keys)
+    counts: dict[str, int] = {}
+    for name in names[:16]:  # a sample finds the candidates; all names count them
+        for key in keys:
+            if key.endswith("." + name):
+                counts.setdefault(key[: -len(name)], 0)
+    for prefix in counts:
+        counts[prefix] = sum(prefix + n in stored for n in names)
+    best = max(counts, key=counts.__getitem__, default=None)
+    return best if best is not None and counts[best] * 2 >= len(names) else None
+
+
+def _transformers_key_map(model: torch.nn.Module, checkpoint_keys: list[str]) -> dict[str, str]:
+    """transformers' load-time renames of ``checkpoint_keys`` to ``model``'s names."""
     try:
         from transformers import PreTrainedModel
     except ImportError:

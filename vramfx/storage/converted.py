@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from vramfx.forks import renew_after_fork
+from vramfx.progress import step
 
 from vramfx.storage.source import TensorInfo, WeightSource
 
@@ -112,8 +113,10 @@ class ConvertedSource:
     def convert_all(self) -> None:
         """Convert every tensor served now, so no later read pays for it (or grows memory)."""
         if self.keep:
-            for key in self._dtypes:
-                self._tensor(key)
+            with step("converting weights to their storage dtype", total=len(self._dtypes)) as advance:
+                for key in self._dtypes:
+                    self._tensor(key)
+                    advance()
 
     def _tensor(self, key: str) -> torch.Tensor:
         if not self.keep:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,8 +68,8 @@ def resolve_safetensors(source: PathLike | Sequence[PathLike]) -> Layout:
             raise WeightsError(f"{path} does not exist.")
         if path.is_dir():
             return _resolve_folder(path)
-        if path.name.endswith(".index.json"):
-            return _resolve_index(path)
+        if path.name.endswith(".index.json") or re.search(r"\.safetensors\.index\.[^.]+\.json$", path.name):
+            return _resolve_index(path)  # a variant's index too: model.safetensors.index.fp16.json
         return Layout(files=(_check_safetensors_file(path),))
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         if not source:
