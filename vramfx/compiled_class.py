@@ -73,7 +73,9 @@ def _make(model_cls: type[torch.nn.Module]) -> type[CompiledModule]:
     }
     own = _defined_below_module(model_cls)
     for name, value in own.items():
-        if name in REFUSED and callable(value):
+        if name in _adapter_methods(model_cls):
+            namespace[name] = _on_model(name)
+        elif name in REFUSED and callable(value):
             namespace[name] = _refusal(model_cls, name)
         elif _is_container_dunder(name, value):
             namespace[name] = _on_model(name)
@@ -91,6 +93,20 @@ def _defined_below_module(model_cls: type) -> dict[str, Any]:
             continue
         found.update(vars(klass))
     return found
+
+
+def _adapter_methods(model_cls: type) -> set[str]:
+    """Methods of the libraries' adapter mixins (``PeftAdapterMixin`` in diffusers and transformers:
+    ``add_adapter``, ``load_lora_adapter``, ``set_adapters``, ``fuse_lora``, ...). They run on the
+    model, whose layers the adapters wrap and whose adapter state every call follows
+    (:mod:`vramfx.adapters`), not on the compiled model's own (empty) module."""
+    return {
+        name
+        for klass in model_cls.__mro__
+        if klass.__name__ == "PeftAdapterMixin"
+        for name, value in vars(klass).items()
+        if callable(value) or isinstance(value, property)
+    }
 
 
 def _is_container_dunder(name: str, value: Any) -> bool:

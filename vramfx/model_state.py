@@ -38,7 +38,8 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 @dataclass(frozen=True)
 class Snapshot:
     """The model as a graph captured from it saw it. ``tensors``: (name, identity, dtype, shape,
-    device, ``requires_grad`` (kernels are chosen by it), version of a real tensor's values); ``modules``: (name, identity, class, hooks);
+    device, version of a real tensor's values; not ``requires_grad``: calls run without grad, and
+    adapters freeze their base layers); ``modules``: (name, identity, class, hooks);
     ``training``: names of modules in training mode."""
 
     tensors: tuple
@@ -76,7 +77,7 @@ def snapshot(model: torch.nn.Module) -> Snapshot:
                     tensors.append((kind, name, local, None))
                 else:
                     version = None if t.is_meta else t._version
-                    tensors.append((kind, name, local, id(t), t.dtype, t.shape, t.device, t.requires_grad, version))
+                    tensors.append((kind, name, local, id(t), t.dtype, t.shape, t.device, version))
     global_hooks = tuple(tuple(getattr(nn_module, g, {}).keys()) for g in _GLOBAL_HOOKS)
     return Snapshot(tuple(tensors), tuple(modules), global_hooks, tuple(training))
 
