@@ -17,7 +17,8 @@ from vramfx.arguments import require_bool, require_call, require_device, require
 from vramfx.budget import parse_budget
 from vramfx.errors import BudgetError
 from vramfx.measure import release_freed_memory
-from vramfx.capture import Captured, capture
+from vramfx.capture import Captured
+from vramfx.capture_cache import cached_capture
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
@@ -74,6 +75,7 @@ class CompileOptions:
     margin_bytes: int
     bypass_page_cache: bool
     precision: Precision | None = None
+    cache: bool | None = None
 
 
 def compile(
@@ -91,6 +93,7 @@ def compile(
     storage_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype | None = None,
     keep_in_compute_dtype: KeepSpec = "auto",
+    cache: bool | None = None,
 ) -> CompiledModule:
     """Compile ``model`` to run under ``budget`` bytes of device memory.
 
@@ -144,6 +147,10 @@ def compile(
         ``"minimal"`` (the same without the name patterns), weight or module names, glob
         patterns, ``nn.Module`` classes, or a list mixing them; ``None`` keeps nothing. The
         module-level path (fallback, ``generate``) stores and computes the same way.
+    cache:
+        Read and write captures in the persistent capture cache (:mod:`vramfx.capture_cache`),
+        so a new process compiling the same model for the same call skips ``torch.export``.
+        ``None`` (the default) follows the environment: on unless ``VRAMFX_CACHE=0``.
 
     Returns
     -------
@@ -201,6 +208,8 @@ def compile(
     if margin_bytes is not None:
         require_int("margin_bytes", margin_bytes, minimum=0)
     require_bool("bypass_page_cache", bypass_page_cache)
+    if cache is not None:
+        require_bool("cache", cache)
     if cost_model is not None and not isinstance(cost_model, CostModel):
         raise TypeError(f"cost_model must be a vramfx.CostModel or None, got {type(cost_model).__name__}")
     example = require_call(example_args, example_kwargs)
@@ -216,6 +225,7 @@ def compile(
         margin_bytes=DEFAULT_MARGIN_BYTES.get(device.type, 0) if margin_bytes is None else margin_bytes,
         bypass_page_cache=bypass_page_cache,
         precision=precision,
+        cache=cache,
     )
 
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
@@ -259,7 +269,7 @@ def build_graph(
     """
     precision = options.precision
     compute_dtype = precision.compute_dtype if precision is not None else None
-    captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
+    captured = cached_capture(model, args, kwargs, device=options.device, dtype=compute_dtype, cache=options.cache)
     graph_bytes = graph_host_bytes(captured, options.device, first=not held_bytes)
     return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
 
