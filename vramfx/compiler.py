@@ -21,6 +21,7 @@ from vramfx.capture import Captured
 from vramfx.capture_cache import cached_capture
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.plan.costs import CostModel
+from vramfx.plan.in_place import choose_in_place, with_in_place, without_in_place
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.types import Liveness
 from vramfx.plan.schedule import schedule
@@ -29,6 +30,7 @@ from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore
+from vramfx.runtime.sources import mapped_bytes
 from vramfx.util import ALIGNMENT, format_bytes
 from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats, stored_state
 
@@ -299,9 +301,13 @@ def plan_graph(
     )
     reserved = held_bytes + graph_bytes
     slack = allocator_slack_bytes(liveness, options.device)
+    in_place: frozenset[str] = frozenset()
+    if options.device.type == "cpu" and not options.bypass_page_cache:
+        mappable = {name for name, ref in refs.items() if mapped_bytes(ref) is not None}
+        in_place = choose_in_place(liveness, mappable, device_type="cpu", bypass_page_cache=False)
     try:
         plan = schedule(
-            liveness,
+            without_in_place(liveness, in_place),
             options.budget_bytes,
             cost_model=options.cost_model,
             calls=options.calls,
@@ -318,6 +324,7 @@ def plan_graph(
             f"allocator keeps (see docs/reliability.md).",
             minimum_bytes=exc.minimum_bytes,
         ) from None
+    plan = with_in_place(plan, liveness, in_place)
     if log.isEnabledFor(logging.INFO):
         log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
     graph_module = rewrite(captured, plan)

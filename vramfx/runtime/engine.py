@@ -27,7 +27,7 @@ from vramfx.errors import VramfxError, WeightsError
 from vramfx.forks import renew_after_fork
 from vramfx.plan.plan import Plan, Transfer
 from vramfx.runtime.arena import reserved_ranges
-from vramfx.runtime.sources import on_device
+from vramfx.runtime.sources import mapped_bytes, on_device
 from vramfx.storage.ref import WeightRef
 from vramfx.util import FreeList, align_up
 
@@ -169,6 +169,7 @@ class Engine(ABC):
         self._upcast: torch.Tensor | None = None
         self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         self._cast_refs = tuple(refs[c.name] for c in plan.casts)
+        self._in_place = frozenset(plan.in_place)
         self._pending: dict[int, Any] = {}
         self._waited: set[int] = set()  # pending transfers whose copy has been waited for
         self._loaded: list[Loaded] = []  # loads off the plan not yet unloaded
@@ -230,6 +231,15 @@ class Engine(ABC):
         there = on_device(ref, self.device)
         if there is not None:
             return view_bytes(there.reshape(-1).view(torch.uint8), 0, ref)
+        if name in self._in_place:
+            try:
+                mapped = mapped_bytes(ref)
+            except OSError as exc:
+                raise WeightsError(f"mapping weight {name} failed: {exc}") from exc
+            if mapped is None:
+                raise WeightsError(f"weight {name} was planned to be used in place from its file, which it no "
+                                   "longer can be; reopen the weights and compile again")
+            return view_bytes(mapped, 0, ref)
         try:
             return self._load_resident(ref)
         except OSError as exc:
