@@ -59,6 +59,7 @@ class Row:
     streamed_bytes: int | None = None
     floor_s: float | None = None
     note: str = ""
+    predicted_s: float | None = None
 
 
 def read_syscall_bytes() -> int:
@@ -117,12 +118,15 @@ def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | No
 
 def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     folder = c.ensure_saved(workload)
+    aligned = c.ensure_aligned(workload)
     inputs = workload.inputs()
     total = c.weight_bytes(folder)
     link = page_cache_bandwidth(folder)
     makers: list[tuple[str, Callable[[], c.Contender]]] = [
         ("eager", lambda: c.eager(workload, folder, inputs)),
         *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, folder, inputs, f)) for f in args.fractions],
+        *[(f"vramfx {f} in place", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f))
+          for f in args.fractions],
         *c.swap_contenders(workload, folder, inputs, 0.25),
         ("accelerate cpu_offload", lambda: c.accelerate_cpu_offload(workload, folder, inputs)),
         ("accelerate disk_offload", lambda: c.accelerate_disk_offload(workload, folder, inputs)),
@@ -157,7 +161,8 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
         streamed = contender.streamed_bytes
         floor = max(eager_s, streamed / link) if eager_s is not None and streamed is not None else None
         rows.append(Row(workload.name, contender.name, median, median / eager_s if eager_s else None, held,
-                        growth[contender.name], contender.read_bytes_per_call, streamed, floor))
+                        growth[contender.name], contender.read_bytes_per_call, streamed, floor,
+                        predicted_s=contender.predicted_s))
         contender.close()
     rows += failed
     if not args.smoke:
@@ -189,7 +194,8 @@ def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], ea
     contender.close()
     return Row(workload.name, label, median, median / eager_s if eager_s else None, held, None, None,
                contender.streamed_bytes, floor,
-               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}")
+               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}",
+               predicted_s=contender.predicted_s)
 
 
 READING = """## Reading the figures
@@ -219,12 +225,19 @@ READING = """## Reading the figures
 
 def print_rows(rows: list[Row], header: str, stream: Any) -> None:
     print(f"\n== {header}", file=stream)
-    print(f"{'contender':40s} {'median':>9s} {'x eager':>8s} {'held':>10s} {'peak+':>10s} "
-          f"{'read/call':>10s} {'floor':>9s}  note", file=stream)
+    print(f"{'contender':56s} {'median':>9s} {'x eager':>8s} {'held':>10s} {'peak+':>10s} "
+          f"{'read/call':>10s} {'floor':>9s} {'predicted':>15s}  note", file=stream)
     for r in rows:
-        print(f"{r.contender:40s} {_ms(r.median_s):>9s} {_x(r.ratio):>8s} {_b(r.held_bytes):>10s} "
-              f"{_b(r.peak_growth_bytes):>10s} {_b(r.read_bytes_per_call):>10s} {_ms(r.floor_s):>9s}  {r.note}",
-              file=stream)
+        print(f"{r.contender:56s} {_ms(r.median_s):>9s} {_x(r.ratio):>8s} {_b(r.held_bytes):>10s} "
+              f"{_b(r.peak_growth_bytes):>10s} {_b(r.read_bytes_per_call):>10s} {_ms(r.floor_s):>9s} "
+              f"{_predicted(r):>15s}  {r.note}", file=stream)
+
+
+def _predicted(r: Row) -> str:
+    """The plan's predicted time per call and its ratio to the measured median."""
+    if r.predicted_s is None or not r.median_s:
+        return "-"
+    return f"{_ms(r.predicted_s)} ({r.predicted_s / r.median_s:.2f})"
 
 
 def _ms(s: float | None) -> str:
@@ -259,11 +272,13 @@ def write_docs(rows: list[Row], info: dict[str, Any]) -> None:
              "bandwidth), the link being the page-cache read bandwidth measured in the same run (the "
              "disk bandwidth for the cold row).", ""]
     for workload in dict.fromkeys(r.workload for r in rows):
-        lines += [f"## {workload}", "", "| contender | median | × eager | held | peak+ | read/call | floor | note |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"## {workload}", "",
+                  "| contender | median | × eager | held | peak+ | read/call | floor | predicted (÷ measured) | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in (r for r in rows if r.workload == workload):
             lines.append(f"| {r.contender} | {_ms(r.median_s)} | {_x(r.ratio)} | {_b(r.held_bytes)} | "
-                         f"{_b(r.peak_growth_bytes)} | {_b(r.read_bytes_per_call)} | {_ms(r.floor_s)} | {r.note} |")
+                         f"{_b(r.peak_growth_bytes)} | {_b(r.read_bytes_per_call)} | {_ms(r.floor_s)} | "
+                         f"{_predicted(r)} | {r.note} |")
         lines.append("")
     if chart(rows, DOCS / "benchmarks.png"):
         lines += ["![time per call relative to eager](benchmarks.png)", ""]
