@@ -166,13 +166,14 @@ def eager(workload: Workload, folder: Path, inputs: dict[str, Any]) -> Contender
 
 
 def vramfx_compiled(workload: Workload, folder: Path, inputs: dict[str, Any], fraction: float,
-                    *, bypass_page_cache: bool = False, label: str = "") -> Contender:
+                    *, bypass_page_cache: bool = False, label: str = "",
+                    cost_model: vramfx.CostModel | None = None) -> Contender:
     with vramfx.skip_model_initialization():
         model = workload.build().eval()
     budget = int(weight_bytes(folder) * fraction)
     name = label or f"vramfx compile @ {fraction:.0%}"
     options = dict(weights=vramfx.DiskMap(folder), device="cpu", example_kwargs=inputs,
-                   bypass_page_cache=bypass_page_cache)
+                   bypass_page_cache=bypass_page_cache, cost_model=cost_model)
     try:
         fast = vramfx.compile(model, budget=budget, **options)
     except vramfx.BudgetError as exc:  # tiny --smoke models: the fixed margin exceeds the fraction

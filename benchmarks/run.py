@@ -19,6 +19,7 @@ efficiency against the raw disk bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -39,7 +40,7 @@ import contenders as c  # noqa: E402
 
 import vramfx  # noqa: E402
 from vramfx.budget import rss_anon_bytes  # noqa: E402
-from vramfx.measure import PeakMemory, release_freed_memory  # noqa: E402
+from vramfx.measure import PeakMemory, link_bytes_per_s, release_freed_memory  # noqa: E402
 from vramfx.util import format_bytes  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -76,23 +77,13 @@ def page_cache_bandwidth(folder: Path) -> float:
     with vramfx.DiskMap(folder) as weights:
         for key in weights:  # warm
             weights[key]
-        buffer = torch.empty(max(weights.info(k).nbytes for k in weights), dtype=torch.uint8)
-        start = time.perf_counter()
-        for key in weights:
-            n = weights.info(key).nbytes
-            weights.read_into(key, buffer[:n])
-        return weights.nbytes / (time.perf_counter() - start)
+        return link_bytes_per_s(weights, max_bytes=weights.nbytes)
 
 
 def disk_bandwidth(folder: Path) -> float:
     """Bytes/s of reading the weights with ``O_DIRECT`` (cold: the page cache is bypassed)."""
     with vramfx.DiskMap(folder) as weights:
-        buffer = torch.empty(max(weights.info(k).nbytes for k in weights), dtype=torch.uint8)
-        start = time.perf_counter()
-        for key in weights:
-            n = weights.info(key).nbytes
-            weights.read_into(key, buffer[:n], bypass_page_cache=True)
-        return weights.nbytes / (time.perf_counter() - start)
+        return link_bytes_per_s(weights, bypass_page_cache=True, max_bytes=weights.nbytes)
 
 
 def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | None, int, str]:
@@ -122,10 +113,13 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     inputs = workload.inputs()
     total = c.weight_bytes(folder)
     link = page_cache_bandwidth(folder)
+    # Predictions priced with this machine's rates, measured now, and the link measured above.
+    cost = dataclasses.replace(args.cost_model, link_bytes_per_s=link)
     makers: list[tuple[str, Callable[[], c.Contender]]] = [
         ("eager", lambda: c.eager(workload, folder, inputs)),
-        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, folder, inputs, f)) for f in args.fractions],
-        *[(f"vramfx {f} in place", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f))
+        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, folder, inputs, f, cost_model=cost))
+          for f in args.fractions],
+        *[(f"vramfx {f} in place", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f, cost_model=cost))
           for f in args.fractions],
         *c.swap_contenders(workload, folder, inputs, 0.25),
         ("accelerate cpu_offload", lambda: c.accelerate_cpu_offload(workload, folder, inputs)),
@@ -179,8 +173,9 @@ def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], ea
     """vramfx at 25% reading with O_DIRECT: overlap efficiency against the raw disk bandwidth."""
     disk = disk_bandwidth(folder)
     label = "vramfx @ 25%, cold disk (O_DIRECT)"
+    cost = dataclasses.replace(args.cost_model, link_bytes_per_s=disk)
     contender, held, failure = build(label, lambda: c.vramfx_compiled(
-        workload, folder, inputs, 0.25, bypass_page_cache=True, label=label))
+        workload, folder, inputs, 0.25, bypass_page_cache=True, label=label, cost_model=cost))
     if contender is None:
         return Row(workload.name, label, note=failure)
     with torch.no_grad():
@@ -323,6 +318,7 @@ def main() -> None:
     args.fractions = (0.5, 0.25, 0.1)
     c.CACHE.mkdir(parents=True, exist_ok=True)
     info = machine()
+    args.cost_model = vramfx.CostModel.calibrate("cpu")
     print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
     rows: list[Row] = []
     for workload in c.workloads(args.smoke):
