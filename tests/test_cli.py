@@ -392,3 +392,15 @@ def test_bad_precision_options_are_one_line_errors(folder, capsys, extra, match)
     assert main(["plan", f"{folder}/workload.py:llama", "--budget", "100MB", *extra]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
+
+
+def test_plan_reads_the_capture_cache_unless_told_not_to(folder, capsys, capture_cache_dir):
+    argv = ["plan", f"{folder}/workload.py:wan", "--budget", "8GB", "--device", "cpu", "--format", "json"]
+    assert main(argv + ["--no-cache"]) == 0
+    uncached = capsys.readouterr().out
+    assert not (capture_cache_dir / "captures").exists()
+    assert main(argv) == 0
+    assert len(list((capture_cache_dir / "captures").glob("*.pkl"))) == 1
+    capsys.readouterr()
+    assert main(argv) == 0  # read back from the cache: the same plan
+    assert capsys.readouterr().out == uncached
