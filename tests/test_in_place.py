@@ -4,6 +4,7 @@ stay bit-identical to eager."""
 
 from __future__ import annotations
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -120,3 +121,26 @@ def test_a_plan_with_in_place_weights_round_trips(tmp_path):
     assert plan.in_place
     assert Plan.from_json(plan.to_json()) == plan
     assert "in place" in plan.summary()
+
+
+def test_a_weights_file_changed_under_in_place_weights_is_an_error_on_the_next_call(tmp_path):
+    import os
+
+    arch = ARCHS["bert"]
+    eager = build_saved(arch, tmp_path / "saved")
+    inputs = arch.inputs()
+    with torch.no_grad():
+        expected = eager(**inputs)
+    path = _aligned_copy(tmp_path / "saved") / "model.safetensors"
+    with vramfx.DiskMap(path) as weights:
+        fast = vramfx.compile(build_empty(arch), budget="24MiB", weights=weights, device="cpu", example_kwargs=inputs)
+        assert fast.plan.in_place
+        stat = path.stat()
+        with open(path, "ab") as f:
+            f.write(b"\0" * 8)
+        with pytest.raises(vramfx.WeightsError, match=r"model\.safetensors changed since it was opened"):
+            fast(**inputs)
+        os.truncate(path, stat.st_size)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert_same_output(expected, fast(**inputs))
+        fast.release()

@@ -170,6 +170,9 @@ class Engine(ABC):
         self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         self._cast_refs = tuple(refs[c.name] for c in plan.casts)
         self._in_place = frozenset(plan.in_place)
+        self._mapped_files: dict[int, tuple[Any, list[str]]] = {}  # id(source): (source, keys)
+        for name in plan.in_place:
+            self._mapped_files.setdefault(id(refs[name].source), (refs[name].source, []))[1].append(refs[name].key)
         self._pending: dict[int, Any] = {}
         self._waited: set[int] = set()  # pending transfers whose copy has been waited for
         self._loaded: list[Loaded] = []  # loads off the plan not yet unloaded
@@ -268,6 +271,9 @@ class Engine(ABC):
     def begin_call(self) -> None:
         if self._pending:
             self.abort()
+        # Weights used in place read no bytes, so nothing else notices their file changing.
+        for source, keys in self._mapped_files.values():
+            source.check_unchanged(keys)
 
     def end_call(self) -> None:
         if self._pending:

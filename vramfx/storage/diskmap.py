@@ -8,7 +8,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,6 +452,15 @@ class DiskMap(Mapping[str, torch.Tensor]):
                 m = mmap.mmap(f.fd, f.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 f.mapping = torch.frombuffer(m, dtype=torch.uint8)
         return f.mapping[info.offset : info.offset + info.nbytes]
+
+    def check_unchanged(self, keys: "Iterable[str] | None" = None) -> None:
+        """Raise :class:`WeightsError` if a file holding ``keys`` (all by default) changed or was
+        replaced since it was opened: what every read checks, for users of :meth:`mapped` views,
+        which read nothing. Two ``stat`` calls per file."""
+        files = {id(f): f for f, _ in (self._entries[k] for k in keys)} if keys is not None else {
+            id(f): f for f in self._files}
+        for f in files.values():
+            self._check_unchanged(f)
 
     # -- Lifetime ----------------------------------------------------------------------------
 
