@@ -120,6 +120,10 @@ def compile(
         checkpoint (names with ``*.scale_weight``/``*.weight_scale``) is read with its scales.
         GGUF and scaled-fp8 weights move and stay resident as stored and are decoded by the
         plan's cast steps (``docs/quantized.md``); ``storage_dtype`` does not apply to them.
+        On CPU, DiskMap tensors whose data is 64-byte aligned in their file are used in place
+        from the page cache, outside the budget (mapped file pages are not RssAnon;
+        ``plan.in_place``, ``docs/speed.md``); :func:`vramfx.convert` with ``dtype=None``
+        writes such files.
     device:
         The compute device; CUDA when available, else CPU.
     example_args, example_kwargs:
