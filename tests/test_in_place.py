@@ -144,3 +144,18 @@ def test_a_weights_file_changed_under_in_place_weights_is_an_error_on_the_next_c
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert_same_output(expected, fast(**inputs))
         fast.release()
+
+
+def test_the_plan_still_counts_in_place_weights_in_its_weight_bytes(tmp_path):
+    from vramfx.plan.check import check_plan
+    from vramfx.plan.in_place import with_in_place, without_in_place
+    from vramfx.plan.schedule import schedule
+    from vramfx.plan.types import Liveness, WeightLife
+
+    live = Liveness(num_positions=2, weights=(WeightLife("a", 4096, (0,), ((0, 1),)), WeightLife("b", 4096, (1,), ((1, 2),))),
+                    activation_bytes=(64, 64), flops=(0.0, 0.0), memory_bytes=(0, 0))
+    stripped = without_in_place(live, {"a"})
+    plan = with_in_place(schedule(stripped, 2**16, cost_model=vramfx.CostModel.for_device("cpu")), live, {"a"})
+    assert plan.in_place == ("a",) and plan.in_place_bytes == 4096 and plan.weight_bytes == 8192
+    assert plan.name_to_weight["a"].nbytes == 0
+    check_plan(plan, stripped)

@@ -63,10 +63,13 @@ def without_in_place(liveness: Liveness, names: Collection[str]) -> Liveness:
 
 def with_in_place(plan: Plan, liveness: Liveness, names: Collection[str]) -> Plan:
     """The plan made from :func:`without_in_place`'s liveness, saying which residents are in place
-    and their bytes in the file (from the original ``liveness``)."""
+    and their bytes in the file (from the original ``liveness``), which ``weight_bytes`` counts
+    again."""
     if not names:
         return plan
     assert set(names) <= set(plan.resident), "an in-place weight was not made resident"
     sizes = {w.name: w.nbytes for w in liveness.weights}
     ordered = tuple(n for n in plan.resident if n in names)
-    return dataclasses.replace(plan, in_place=ordered, in_place_bytes=sum(sizes[n] for n in ordered))
+    in_place_bytes = sum(sizes[n] for n in ordered)
+    return dataclasses.replace(plan, in_place=ordered, in_place_bytes=in_place_bytes,
+                               weight_bytes=plan.weight_bytes + in_place_bytes)

@@ -214,7 +214,7 @@ class Plan:
             *([f"  upcasts     {b(self.upcast_bytes)} (cast buffers)"] if self.casts else []),
             f"  activations {b(self.activation_peak_bytes)} (peak)",
             f"  workspace   {b(self.workspace_bytes)}",
-            f"weights       {b(self.weight_bytes + self.in_place_bytes)} in {len(self.weights)} tensors",
+            f"weights       {b(self.weight_bytes)} in {len(self.weights)} tensors",
             *([f"  in place    {b(self.in_place_bytes)} in {len(self.in_place)} weights (mapped file pages, "
                "outside the budget)"] if self.in_place else []),
             f"streamed      {b(self.streamed_bytes)} per call in {len(self.transfers)} transfers "
