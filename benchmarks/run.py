@@ -203,6 +203,14 @@ READING = """## Reading the figures
   work that needs the same cores; on a GPU the copy engine is separate hardware and the same plan
   hides it (see `benchmarks/gpu_check.py`). Fewer streamed bytes is what helps on a CPU, which is
   why the planner fills the budget with resident weights first.
+- **In place.** The `, in place` rows compile from a copy of the weights rewritten by
+  `vramfx.convert(..., dtype=None)` (every tensor 64-byte aligned in the file): vramfx then uses
+  the weights where they lie in the page cache, with no copy, and their pages are file-backed
+  (`RssFile`), outside the RssAnon budget the *held* and *peak+* columns measure. The other vramfx
+  rows read the file as `save_file` wrote it, mostly unaligned, and copy.
+- **predicted** is the plan's time per call, priced with a cost model calibrated at the start of
+  the run (`CostModel.calibrate`) and the link measured for the workload, and its ratio to the
+  measured median: on a loaded machine the ratio says how much the load moved since calibration.
 - **The peers that look fast keep the model in RAM or map it.** accelerate `cpu_offload` on a
   CPU moves weights from the CPU to the CPU: it holds the whole model. diffusers group offloading
   from disk memory-maps the safetensors files it wrote and onloads by pointing at those pages: no
