@@ -159,3 +159,18 @@ def test_the_plan_still_counts_in_place_weights_in_its_weight_bytes(tmp_path):
     assert plan.in_place == ("a",) and plan.in_place_bytes == 4096 and plan.weight_bytes == 8192
     assert plan.name_to_weight["a"].nbytes == 0
     check_plan(plan, stripped)
+
+
+def test_in_place_can_be_turned_off(tmp_path):
+    arch = ARCHS["bert"]
+    eager = build_saved(arch, tmp_path / "saved")
+    inputs = arch.inputs()
+    with torch.no_grad():
+        expected = eager(**inputs)
+    weights = vramfx.DiskMap(_aligned_copy(tmp_path / "saved"))
+    fast = vramfx.compile(build_empty(arch), budget="24MiB", weights=weights, device="cpu", example_kwargs=inputs,
+                          in_place=False)
+    assert fast.plan.in_place == () and fast.plan.resident_bytes + fast.plan.streamed_bytes > 0
+    assert_same_output(expected, fast(**inputs))
+    with pytest.raises(TypeError, match="in_place"):
+        vramfx.compile(build_empty(arch), budget="24MiB", weights=weights, device="cpu", in_place="no")

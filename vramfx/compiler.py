@@ -84,6 +84,7 @@ class CompileOptions:
     bypass_page_cache: bool
     precision: Precision | None = None
     cache: bool | None = None
+    in_place: bool = True
 
 
 def compile(
@@ -102,6 +103,7 @@ def compile(
     compute_dtype: torch.dtype | None = None,
     keep_in_compute_dtype: KeepSpec = "auto",
     cache: bool | None = None,
+    in_place: bool = True,
 ) -> CompiledModule:
     """Compile ``model`` to run under ``budget`` bytes of device memory.
 
@@ -165,6 +167,10 @@ def compile(
         Read and write captures in the persistent capture cache (:mod:`vramfx.capture_cache`),
         so a new process compiling the same model for the same call skips ``torch.export``.
         ``None`` (the default) follows the environment: on unless ``VRAMFX_CACHE=0``.
+    in_place:
+        On CPU, use weights 64-byte aligned in a DiskMap file where they lie in the page cache
+        (the default); ``False`` copies every streamed weight into the arena, as with weights
+        on a filesystem whose mapped reads are slow.
 
     Returns
     -------
@@ -224,6 +230,7 @@ def compile(
     require_bool("bypass_page_cache", bypass_page_cache)
     if cache is not None:
         require_bool("cache", cache)
+    require_bool("in_place", in_place)
     if cost_model is not None and not isinstance(cost_model, CostModel):
         raise TypeError(f"cost_model must be a vramfx.CostModel or None, got {type(cost_model).__name__}")
     example = require_call(example_args, example_kwargs)
@@ -241,6 +248,7 @@ def compile(
         bypass_page_cache=bypass_page_cache,
         precision=precision,
         cache=cache,
+        in_place=in_place,
     )
 
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
@@ -315,7 +323,7 @@ def plan_graph(
     reserved = held_bytes + graph_bytes
     slack = allocator_slack_bytes(liveness, options.device)
     in_place: frozenset[str] = frozenset()
-    if options.device.type == "cpu" and not options.bypass_page_cache:
+    if options.device.type == "cpu" and options.in_place and not options.bypass_page_cache:
         mappable = {name for name, ref in refs.items() if mapped_bytes(ref) is not None}
         in_place = choose_in_place(liveness, mappable, device_type="cpu", bypass_page_cache=False)
     try:
