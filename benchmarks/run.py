@@ -173,7 +173,7 @@ def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], ea
     """vramfx at 25% reading with O_DIRECT: overlap efficiency against the raw disk bandwidth."""
     disk = disk_bandwidth(folder)
     label = "vramfx @ 25%, cold disk (O_DIRECT)"
-    cost = dataclasses.replace(args.cost_model, link_bytes_per_s=disk)
+    cost = args.cost_model  # its default link: plans priced at the measured disk ran slower (see docs/speed.md)
     contender, held, failure = build(label, lambda: c.vramfx_compiled(
         workload, folder, inputs, 0.25, bypass_page_cache=True, label=label, cost_model=cost))
     if contender is None:

@@ -92,21 +92,6 @@ def test_a_model_that_is_no_module_is_a_type_error():
         vramfx.compile(lambda x: x, budget="10MiB", device="cpu")
 
 
-def test_cpu_plans_reading_with_o_direct_assume_the_stated_disk_link(tmp_path):
-    from vramfx.compiler import CPU_DIRECT_LINK_BYTES_PER_S
-
-    safetensors.torch.save_file({"weight": torch.ones(4, 4), "bias": torch.ones(4)}, tmp_path / "w.safetensors")
-    disk = vramfx.DiskMap(tmp_path)
-    cpu = torch.device("cpu")
-    assert link_bytes_per_s(cpu, disk, bypass_page_cache=True) == CPU_DIRECT_LINK_BYTES_PER_S
-    assert link_bytes_per_s(cpu, as_source({"w": torch.ones(4)}), bypass_page_cache=True) is None
-    with vramfx.skip_model_initialization():
-        model = torch.nn.Linear(4, 4)
-    fast = vramfx.compile(model, budget="1GB", weights=disk, device="cpu", example_args=(torch.ones(1, 4),),
-                          bypass_page_cache=True)
-    assert fast.plan.cost_model["link_bytes_per_s"] == CPU_DIRECT_LINK_BYTES_PER_S
-
-
 def test_link_bytes_per_s_times_reads_of_the_largest_weights(tmp_path):
     from vramfx.measure import link_bytes_per_s as measured
 

@@ -46,12 +46,6 @@ DEFAULT_MARGIN_BYTES = {"cpu": 8 * 2**20, "cuda": 64 * 2**20}
 #: their link is the slower of PCIe and the read: 5 GB/s, a PCIe 4 NVMe drive's sequential read
 #: or a warm page cache read by a few threads. A ``cost_model`` argument overrides both.
 CUDA_LINK_BYTES_PER_S = {"host": 20e9, "disk": 5e9}
-#: Bytes per second a CPU plan assumes for weights read with ``O_DIRECT`` (``bypass_page_cache``):
-#: the disk is the link. 1 GB/s is a SATA SSD or a cloud volume (0.46-0.99 GB/s measured on the
-#: machines this project benchmarks on); NVMe drives read 2-7 GB/s. Without bypass, the CPU
-#: default is the reader's copy from the page cache. :func:`vramfx.measure.link_bytes_per_s`
-#: measures the real one, for ``CostModel.calibrate(..., link_bytes_per_s=...)``.
-CPU_DIRECT_LINK_BYTES_PER_S = 1e9
 #: Host memory a compiled graph keeps on CPU besides what its plan counts: the captured and
 #: rewritten graph modules with their node metadata, the Plan, the engine's bookkeeping, after
 #: capture's temporaries are trimmed. A model's first graph also leaves state in torch's caches.
@@ -144,8 +138,8 @@ def compile(
         Memory the plan keeps free beyond activations and kernel workspace.
     bypass_page_cache:
         Read weight files with ``O_DIRECT``, for models larger than RAM: nothing is used in
-        place from the page cache, and on CPU the plan prices the disk link at
-        :data:`CPU_DIRECT_LINK_BYTES_PER_S` unless ``cost_model`` says otherwise.
+        place from the page cache (:func:`vramfx.measure.link_bytes_per_s` measures the disk,
+        for a calibrated ``cost_model``).
     storage_dtype:
         Hold floating-point parameters in this dtype (``torch.float8_e4m3fn``, ``float8_e5m2``,
         ``bfloat16``, ``float16``) on disk, in host memory, in transit and resident, and cast
@@ -242,8 +236,7 @@ def compile(
         budget_bytes=budget_bytes,
         device=device,
         calls=calls,
-        cost_model=cost_model or CostModel.for_device(
-            device, link_bytes_per_s=link_bytes_per_s(device, source, bypass_page_cache=bypass_page_cache)),
+        cost_model=cost_model or CostModel.for_device(device, link_bytes_per_s=link_bytes_per_s(device, source)),
         margin_bytes=DEFAULT_MARGIN_BYTES.get(device.type, 0) if margin_bytes is None else margin_bytes,
         bypass_page_cache=bypass_page_cache,
         precision=precision,
@@ -397,12 +390,11 @@ def module_path(model: torch.nn.Module, source: Any, options: CompileOptions) ->
     )
 
 
-def link_bytes_per_s(device: torch.device, source: Any, *, bypass_page_cache: bool = False) -> float | None:
+def link_bytes_per_s(device: torch.device, source: Any) -> float | None:
     """The link bandwidth a plan assumes for weights from ``source``; None keeps the device's
-    default (CPU: the reader's copy from the page cache; :data:`CPU_DIRECT_LINK_BYTES_PER_S`
-    for files read with ``O_DIRECT``)."""
+    default (CPU: the reader's copy from the page cache)."""
     if device.type != "cuda":
-        return CPU_DIRECT_LINK_BYTES_PER_S if bypass_page_cache and is_disk_source(source) else None
+        return None
     pcie = CUDA_LINK_BYTES_PER_S["host"]
     return min(pcie, CUDA_LINK_BYTES_PER_S["disk"]) if is_disk_source(source) else pcie
 
