@@ -107,6 +107,19 @@ def ensure_saved(workload: Workload) -> Path:
     return folder
 
 
+def ensure_aligned(workload: Workload) -> Path:
+    """The workload's weights rewritten once by ``vramfx.convert(..., dtype=None)``: the same
+    tensors, each whose size allows it 64-byte aligned in the file, so vramfx uses them in place."""
+    folder = ensure_saved(workload)
+    aligned = folder / "aligned"
+    if not aligned.exists():
+        tmp = folder / "aligned.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        vramfx.convert(folder / "model.safetensors", tmp, dtype=None)
+        tmp.rename(aligned)
+    return aligned
+
+
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses shared storage; keep the first name of each tied tensor."""
     seen: set[int] = set()
@@ -144,6 +157,7 @@ class Contender:
     streamed_bytes: int | None = None  # per call, where the contender knows it
     close: Callable[[], None] = lambda: None
     read_bytes_per_call: int | None = None
+    predicted_s: float | None = None  # the plan's predicted seconds per call, for vramfx
 
 
 def eager(workload: Workload, folder: Path, inputs: dict[str, Any]) -> Contender:
@@ -152,19 +166,23 @@ def eager(workload: Workload, folder: Path, inputs: dict[str, Any]) -> Contender
 
 
 def vramfx_compiled(workload: Workload, folder: Path, inputs: dict[str, Any], fraction: float,
-                    *, bypass_page_cache: bool = False, label: str = "") -> Contender:
+                    *, bypass_page_cache: bool = False, label: str = "",
+                    cost_model: vramfx.CostModel | None = None) -> Contender:
     with vramfx.skip_model_initialization():
         model = workload.build().eval()
     budget = int(weight_bytes(folder) * fraction)
     name = label or f"vramfx compile @ {fraction:.0%}"
     options = dict(weights=vramfx.DiskMap(folder), device="cpu", example_kwargs=inputs,
-                   bypass_page_cache=bypass_page_cache)
+                   bypass_page_cache=bypass_page_cache, cost_model=cost_model)
     try:
         fast = vramfx.compile(model, budget=budget, **options)
     except vramfx.BudgetError as exc:  # tiny --smoke models: the fixed margin exceeds the fraction
         fast = vramfx.compile(model, budget=exc.minimum_bytes, **options)
         name += " (raised to the minimum)"
-    return Contender(name, lambda: fast(**inputs), fast.plan.streamed_bytes, fast.release)
+    if fast.plan.in_place:
+        name += ", in place"
+    return Contender(name, lambda: fast(**inputs), fast.plan.streamed_bytes, fast.release,
+                     predicted_s=fast.plan.predicted.seconds_per_call)
 
 
 def accelerate_cpu_offload(workload: Workload, folder: Path, inputs: dict[str, Any]) -> Contender:

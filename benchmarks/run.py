@@ -19,6 +19,7 @@ efficiency against the raw disk bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -39,7 +40,7 @@ import contenders as c  # noqa: E402
 
 import vramfx  # noqa: E402
 from vramfx.budget import rss_anon_bytes  # noqa: E402
-from vramfx.measure import PeakMemory, release_freed_memory  # noqa: E402
+from vramfx.measure import PeakMemory, link_bytes_per_s, release_freed_memory  # noqa: E402
 from vramfx.util import format_bytes  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -59,6 +60,7 @@ class Row:
     streamed_bytes: int | None = None
     floor_s: float | None = None
     note: str = ""
+    predicted_s: float | None = None
 
 
 def read_syscall_bytes() -> int:
@@ -75,23 +77,13 @@ def page_cache_bandwidth(folder: Path) -> float:
     with vramfx.DiskMap(folder) as weights:
         for key in weights:  # warm
             weights[key]
-        buffer = torch.empty(max(weights.info(k).nbytes for k in weights), dtype=torch.uint8)
-        start = time.perf_counter()
-        for key in weights:
-            n = weights.info(key).nbytes
-            weights.read_into(key, buffer[:n])
-        return weights.nbytes / (time.perf_counter() - start)
+        return link_bytes_per_s(weights, max_bytes=weights.nbytes)
 
 
 def disk_bandwidth(folder: Path) -> float:
     """Bytes/s of reading the weights with ``O_DIRECT`` (cold: the page cache is bypassed)."""
     with vramfx.DiskMap(folder) as weights:
-        buffer = torch.empty(max(weights.info(k).nbytes for k in weights), dtype=torch.uint8)
-        start = time.perf_counter()
-        for key in weights:
-            n = weights.info(key).nbytes
-            weights.read_into(key, buffer[:n], bypass_page_cache=True)
-        return weights.nbytes / (time.perf_counter() - start)
+        return link_bytes_per_s(weights, bypass_page_cache=True, max_bytes=weights.nbytes)
 
 
 def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | None, int, str]:
@@ -117,12 +109,18 @@ def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | No
 
 def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     folder = c.ensure_saved(workload)
+    aligned = c.ensure_aligned(workload)
     inputs = workload.inputs()
     total = c.weight_bytes(folder)
     link = page_cache_bandwidth(folder)
+    # Predictions priced with this machine's rates, measured now, and the link measured above.
+    cost = dataclasses.replace(args.cost_model, link_bytes_per_s=link)
     makers: list[tuple[str, Callable[[], c.Contender]]] = [
         ("eager", lambda: c.eager(workload, folder, inputs)),
-        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, folder, inputs, f)) for f in args.fractions],
+        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, folder, inputs, f, cost_model=cost))
+          for f in args.fractions],
+        *[(f"vramfx {f} in place", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f, cost_model=cost))
+          for f in args.fractions],
         *c.swap_contenders(workload, folder, inputs, 0.25),
         ("accelerate cpu_offload", lambda: c.accelerate_cpu_offload(workload, folder, inputs)),
         ("accelerate disk_offload", lambda: c.accelerate_disk_offload(workload, folder, inputs)),
@@ -157,7 +155,8 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
         streamed = contender.streamed_bytes
         floor = max(eager_s, streamed / link) if eager_s is not None and streamed is not None else None
         rows.append(Row(workload.name, contender.name, median, median / eager_s if eager_s else None, held,
-                        growth[contender.name], contender.read_bytes_per_call, streamed, floor))
+                        growth[contender.name], contender.read_bytes_per_call, streamed, floor,
+                        predicted_s=contender.predicted_s))
         contender.close()
     rows += failed
     if not args.smoke:
@@ -174,8 +173,9 @@ def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], ea
     """vramfx at 25% reading with O_DIRECT: overlap efficiency against the raw disk bandwidth."""
     disk = disk_bandwidth(folder)
     label = "vramfx @ 25%, cold disk (O_DIRECT)"
+    cost = args.cost_model  # its default link: plans priced at the measured disk ran slower (see docs/speed.md)
     contender, held, failure = build(label, lambda: c.vramfx_compiled(
-        workload, folder, inputs, 0.25, bypass_page_cache=True, label=label))
+        workload, folder, inputs, 0.25, bypass_page_cache=True, label=label, cost_model=cost))
     if contender is None:
         return Row(workload.name, label, note=failure)
     with torch.no_grad():
@@ -189,7 +189,8 @@ def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], ea
     contender.close()
     return Row(workload.name, label, median, median / eager_s if eager_s else None, held, None, None,
                contender.streamed_bytes, floor,
-               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}")
+               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}",
+               predicted_s=contender.predicted_s)
 
 
 READING = """## Reading the figures
@@ -202,6 +203,14 @@ READING = """## Reading the figures
   work that needs the same cores; on a GPU the copy engine is separate hardware and the same plan
   hides it (see `benchmarks/gpu_check.py`). Fewer streamed bytes is what helps on a CPU, which is
   why the planner fills the budget with resident weights first.
+- **In place.** The `, in place` rows compile from a copy of the weights rewritten by
+  `vramfx.convert(..., dtype=None)` (every tensor 64-byte aligned in the file): vramfx then uses
+  the weights where they lie in the page cache, with no copy, and their pages are file-backed
+  (`RssFile`), outside the RssAnon budget the *held* and *peak+* columns measure. The other vramfx
+  rows read the file as `save_file` wrote it, mostly unaligned, and copy.
+- **predicted** is the plan's time per call, priced with a cost model calibrated at the start of
+  the run (`CostModel.calibrate`) and the link measured for the workload, and its ratio to the
+  measured median: on a loaded machine the ratio says how much the load moved since calibration.
 - **The peers that look fast keep the model in RAM or map it.** accelerate `cpu_offload` on a
   CPU moves weights from the CPU to the CPU: it holds the whole model. diffusers group offloading
   from disk memory-maps the safetensors files it wrote and onloads by pointing at those pages: no
@@ -219,12 +228,19 @@ READING = """## Reading the figures
 
 def print_rows(rows: list[Row], header: str, stream: Any) -> None:
     print(f"\n== {header}", file=stream)
-    print(f"{'contender':40s} {'median':>9s} {'x eager':>8s} {'held':>10s} {'peak+':>10s} "
-          f"{'read/call':>10s} {'floor':>9s}  note", file=stream)
+    print(f"{'contender':56s} {'median':>9s} {'x eager':>8s} {'held':>10s} {'peak+':>10s} "
+          f"{'read/call':>10s} {'floor':>9s} {'predicted':>15s}  note", file=stream)
     for r in rows:
-        print(f"{r.contender:40s} {_ms(r.median_s):>9s} {_x(r.ratio):>8s} {_b(r.held_bytes):>10s} "
-              f"{_b(r.peak_growth_bytes):>10s} {_b(r.read_bytes_per_call):>10s} {_ms(r.floor_s):>9s}  {r.note}",
-              file=stream)
+        print(f"{r.contender:56s} {_ms(r.median_s):>9s} {_x(r.ratio):>8s} {_b(r.held_bytes):>10s} "
+              f"{_b(r.peak_growth_bytes):>10s} {_b(r.read_bytes_per_call):>10s} {_ms(r.floor_s):>9s} "
+              f"{_predicted(r):>15s}  {r.note}", file=stream)
+
+
+def _predicted(r: Row) -> str:
+    """The plan's predicted time per call and its ratio to the measured median."""
+    if r.predicted_s is None or not r.median_s:
+        return "-"
+    return f"{_ms(r.predicted_s)} ({r.predicted_s / r.median_s:.2f})"
 
 
 def _ms(s: float | None) -> str:
@@ -259,11 +275,13 @@ def write_docs(rows: list[Row], info: dict[str, Any]) -> None:
              "bandwidth), the link being the page-cache read bandwidth measured in the same run (the "
              "disk bandwidth for the cold row).", ""]
     for workload in dict.fromkeys(r.workload for r in rows):
-        lines += [f"## {workload}", "", "| contender | median | × eager | held | peak+ | read/call | floor | note |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"## {workload}", "",
+                  "| contender | median | × eager | held | peak+ | read/call | floor | predicted (÷ measured) | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in (r for r in rows if r.workload == workload):
             lines.append(f"| {r.contender} | {_ms(r.median_s)} | {_x(r.ratio)} | {_b(r.held_bytes)} | "
-                         f"{_b(r.peak_growth_bytes)} | {_b(r.read_bytes_per_call)} | {_ms(r.floor_s)} | {r.note} |")
+                         f"{_b(r.peak_growth_bytes)} | {_b(r.read_bytes_per_call)} | {_ms(r.floor_s)} | "
+                         f"{_predicted(r)} | {r.note} |")
         lines.append("")
     if chart(rows, DOCS / "benchmarks.png"):
         lines += ["![time per call relative to eager](benchmarks.png)", ""]
@@ -308,6 +326,7 @@ def main() -> None:
     args.fractions = (0.5, 0.25, 0.1)
     c.CACHE.mkdir(parents=True, exist_ok=True)
     info = machine()
+    args.cost_model = vramfx.CostModel.calibrate("cpu")
     print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
     rows: list[Row] = []
     for workload in c.workloads(args.smoke):

@@ -20,3 +20,16 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def capture_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test gets an empty capture cache of its own: the suite never writes to the user's
+    cache directory, and no test reads what another captured."""
+    folder = tmp_path_factory.mktemp("vramfx-cache")
+    monkeypatch.setenv("VRAMFX_CACHE_DIR", str(folder))
+    monkeypatch.delenv("VRAMFX_CACHE", raising=False)
+    return folder

@@ -425,3 +425,15 @@ def test_variant_reads_the_variants_files(folder, capsys, tmp_path):
     assert main(["plan", f"{folder}/workload.py:llama", "--budget", "1GB", "--device", "cpu",
                  "--weights", str(tmp_path), "--variant", "bf16"]) == 1
     assert "holds no weights in variant 'bf16'" in capsys.readouterr().err
+
+
+def test_plan_reads_the_capture_cache_unless_told_not_to(folder, capsys, capture_cache_dir):
+    argv = ["plan", f"{folder}/workload.py:wan", "--budget", "8GB", "--device", "cpu", "--format", "json"]
+    assert main(argv + ["--no-cache"]) == 0
+    uncached = capsys.readouterr().out
+    assert not (capture_cache_dir / "captures").exists()
+    assert main(argv) == 0
+    assert len(list((capture_cache_dir / "captures").glob("*.pkl"))) == 1
+    capsys.readouterr()
+    assert main(argv) == 0  # read back from the cache: the same plan
+    assert capsys.readouterr().out == uncached

@@ -90,3 +90,11 @@ def test_every_argument_is_checked_up_front_and_named(kwargs, error, match):
 def test_a_model_that_is_no_module_is_a_type_error():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
         vramfx.compile(lambda x: x, budget="10MiB", device="cpu")
+
+
+def test_link_bytes_per_s_times_reads_of_the_largest_weights(tmp_path):
+    from vramfx.measure import link_bytes_per_s as measured
+
+    safetensors.torch.save_file({"a": torch.ones(256, 256), "b": torch.ones(4)}, tmp_path / "w.safetensors")
+    with vramfx.DiskMap(tmp_path) as disk:
+        assert measured(disk) > 0 and measured(disk, bypass_page_cache=True) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -113,3 +114,36 @@ def test_a_link_bandwidth_that_is_no_positive_number_is_refused_by_name(link):
 def test_calibrate_names_a_device_it_has_no_defaults_for():
     with pytest.raises(ValueError, match="no defaults for device 'gpu'"):
         CostModel.calibrate("gpu")
+
+
+def test_a_rate_prices_its_kind_of_kernel_and_others_keep_the_default():
+    cm = CostModel(compute_flops_per_s=1e9, memory_bytes_per_s=1e12, link_bytes_per_s=1e9, link_latency_s=0.0,
+                   node_overhead_s=0.0, rates={"matmul:bfloat16": 0.25e9})
+    assert cm.node_seconds(1e9, 0, "matmul:bfloat16") == pytest.approx(4.0)
+    assert cm.node_seconds(1e9, 0, "matmul:float32") == pytest.approx(1.0)
+    assert cm.node_seconds(1e9, 0) == pytest.approx(1.0)
+    assert CostModel.from_dict(cm.to_dict()) == cm
+    assert json.loads(json.dumps(cm.to_dict()))["rates"] == {"matmul:bfloat16": 0.25e9}
+    with pytest.raises(ValueError, match="rate 'conv:float32'"):
+        CostModel(compute_flops_per_s=1e9, memory_bytes_per_s=1e9, link_bytes_per_s=1e9, rates={"conv:float32": 0})
+
+
+def test_calibrate_measures_each_kernel_kind_per_dtype():
+    cm = CostModel.calibrate("cpu", dtypes=(torch.float32, torch.bfloat16), repeats=2)
+    assert {k for k, _ in cm.rates} == {f"{kind}:{dtype}" for kind in ("matmul", "conv", "attention")
+                                        for dtype in ("float32", "bfloat16")}
+    assert cm.compute_flops_per_s == dict(cm.rates)["matmul:float32"]
+
+
+def test_liveness_records_kernel_kinds_and_dtypes_the_schedule_prices():
+    from vramfx.capture import capture
+    from vramfx.plan.liveness import build_liveness
+    from vramfx.plan.schedule import schedule
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()).to(torch.bfloat16)
+    live = build_liveness(capture(model, (torch.ones(8, 64, dtype=torch.bfloat16),)))
+    assert "matmul:bfloat16" in live.op_classes and "" in live.op_classes
+    base = dict(compute_flops_per_s=1e9, memory_bytes_per_s=1e12, link_bytes_per_s=1e9)
+    fast = schedule(live, 2**24, cost_model=CostModel(**base))
+    slow = schedule(live, 2**24, cost_model=CostModel(**base, rates={"matmul:bfloat16": 1e6}))
+    assert slow.predicted.compute_seconds > 10 * fast.predicted.compute_seconds

@@ -126,6 +126,7 @@ def test_a_cuda_engine_in_a_forked_child_refuses_with_what_to_do(tmp_path):
 def test_a_child_forked_while_another_thread_captures_refuses_with_what_to_do(tmp_path, monkeypatch):
     from vramfx import carried
 
+    monkeypatch.setenv("VRAMFX_CACHE", "0")  # the first call must run torch.export, not read a cached capture
     fast, inputs, expected = compiled_from_disk("llama", tmp_path)
     parent, tracing, fork_done = os.getpid(), threading.Event(), threading.Event()
     real_lift = carried.lift_outputs

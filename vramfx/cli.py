@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--keep", metavar="LIST", default="auto",
                       help="comma-separated weights kept in the compute dtype with --storage-dtype: auto, minimal, "
                            "none, names or glob patterns (default auto)")
+    plan.add_argument("--no-cache", action="store_true",
+                      help="capture without the persistent capture cache (also: VRAMFX_CACHE=0)")
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     plan.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout (required for png)")
     plan.set_defaults(run=run_plan)
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_plan(args: argparse.Namespace) -> int:
     """``vramfx plan``: every argument checked first, then load, capture, plan, and write."""
     # Imported here: torch.export and dynamo take seconds, which inspect and bad arguments skip.
-    from vramfx.capture import capture
+    from vramfx.capture_cache import cached_capture
     from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes, link_bytes_per_s
     from vramfx.util import ALIGNMENT
     from vramfx.plan.liveness import build_liveness
@@ -206,8 +208,9 @@ def run_plan(args: argparse.Namespace) -> int:
         print(shown)
         return EXIT_OK
     with progress.stage(f"capturing {type(workload.model).__name__} on meta"):
-        captured = capture(workload.model, workload.args, workload.kwargs, device=device,
-                           dtype=precision.compute_dtype if precision else None)
+        captured = cached_capture(workload.model, workload.args, workload.kwargs, device=device,
+                                  dtype=precision.compute_dtype if precision else None,
+                                  cache=False if args.no_cache else None)
     stored = storage_dtypes(workload.model, captured.weights, precision) if precision else None
     formats = None
     weights_note = "sizes and dtypes from the model (no weights read)"

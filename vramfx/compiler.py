@@ -22,10 +22,12 @@ from vramfx.arguments import require_bool, require_call, require_device, require
 from vramfx.budget import parse_budget
 from vramfx.errors import BudgetError
 from vramfx.measure import release_freed_memory
-from vramfx.capture import Captured, capture
+from vramfx.capture import Captured
+from vramfx.capture_cache import cached_capture
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.compiled_class import compiled_class
 from vramfx.plan.costs import CostModel
+from vramfx.plan.in_place import choose_in_place, with_in_place, without_in_place
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.types import Liveness
 from vramfx.plan.schedule import schedule
@@ -35,6 +37,7 @@ from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore
+from vramfx.runtime.sources import mapped_bytes
 from vramfx.util import ALIGNMENT, format_bytes
 from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats, stored_state
 
@@ -81,6 +84,8 @@ class CompileOptions:
     margin_bytes: int
     bypass_page_cache: bool
     precision: Precision | None = None
+    cache: bool | None = None
+    in_place: bool = True
 
 
 def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs: Any) -> CompiledModule:
@@ -104,6 +109,10 @@ def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs
         checkpoint (names with ``*.scale_weight``/``*.weight_scale``) is read with its scales.
         GGUF and scaled-fp8 weights move and stay resident as stored and are decoded by the
         plan's cast steps (``docs/quantized.md``); ``storage_dtype`` does not apply to them.
+        On CPU, DiskMap tensors whose data is 64-byte aligned in their file are used in place
+        from the page cache, outside the budget (mapped file pages are not RssAnon;
+        ``plan.in_place``, ``docs/speed.md``); :func:`vramfx.convert` with ``dtype=None``
+        writes such files.
     device:
         The compute device; CUDA when available, else CPU.
     example_args, example_kwargs:
@@ -121,7 +130,9 @@ def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs
     margin_bytes:
         Memory the plan keeps free beyond activations and kernel workspace.
     bypass_page_cache:
-        Read weight files with ``O_DIRECT``, for models larger than RAM.
+        Read weight files with ``O_DIRECT``, for models larger than RAM: nothing is used in
+        place from the page cache (:func:`vramfx.measure.link_bytes_per_s` measures the disk,
+        for a calibrated ``cost_model``).
     storage_dtype:
         Hold floating-point parameters in this dtype (``torch.float8_e4m3fn``, ``float8_e5m2``,
         ``bfloat16``, ``float16``) on disk, in host memory, in transit and resident, and cast
@@ -139,6 +150,14 @@ def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs
         ``"minimal"`` (the same without the name patterns), weight or module names, glob
         patterns, ``nn.Module`` classes, or a list mixing them; ``None`` keeps nothing. The
         module-level path (fallback, ``generate``) stores and computes the same way.
+    cache:
+        Read and write captures in the persistent capture cache (:mod:`vramfx.capture_cache`),
+        so a new process compiling the same model for the same call skips ``torch.export``.
+        ``None`` (the default) follows the environment: on unless ``VRAMFX_CACHE=0``.
+    in_place:
+        On CPU, use weights 64-byte aligned in a DiskMap file where they lie in the page cache
+        (the default); ``False`` copies every streamed weight into the arena, as with weights
+        on a filesystem whose mapped reads are slow.
 
     Returns
     -------
@@ -213,6 +232,8 @@ def compile_model(
     storage_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype | None = None,
     keep_in_compute_dtype: KeepSpec = "auto",
+    cache: bool | None = None,
+    in_place: bool = True,
 ) -> CompiledModule:
     """:func:`compile` for a model instance (the class form goes to :func:`vramfx.from_pretrained`)."""
     if not isinstance(model, torch.nn.Module):
@@ -221,6 +242,9 @@ def compile_model(
     if margin_bytes is not None:
         require_int("margin_bytes", margin_bytes, minimum=0)
     require_bool("bypass_page_cache", bypass_page_cache)
+    if cache is not None:
+        require_bool("cache", cache)
+    require_bool("in_place", in_place)
     if cost_model is not None and not isinstance(cost_model, CostModel):
         raise TypeError(f"cost_model must be a vramfx.CostModel or None, got {type(cost_model).__name__}")
     example = require_call(example_args, example_kwargs)
@@ -236,6 +260,8 @@ def compile_model(
         margin_bytes=DEFAULT_MARGIN_BYTES.get(device.type, 0) if margin_bytes is None else margin_bytes,
         bypass_page_cache=bypass_page_cache,
         precision=precision,
+        cache=cache,
+        in_place=in_place,
     )
 
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
@@ -294,7 +320,7 @@ def build_graph(
     precision = options.precision
     compute_dtype = precision.compute_dtype if precision is not None else None
     with step(f"capturing {type(model).__name__}"):
-        captured = capture(model, args, kwargs, device=options.device, dtype=compute_dtype)
+        captured = cached_capture(model, args, kwargs, device=options.device, dtype=compute_dtype, cache=options.cache)
     graph_bytes = graph_host_bytes(captured, options.device, first=not held_bytes)
     with step(f"planning {type(model).__name__}"):
         return plan_graph(model, captured, source, renamed, options, store, held_bytes, graph_bytes)
@@ -326,9 +352,13 @@ def plan_graph(
     )
     reserved = held_bytes + graph_bytes
     slack = allocator_slack_bytes(liveness, options.device)
+    in_place: frozenset[str] = frozenset()
+    if options.device.type == "cpu" and options.in_place and not options.bypass_page_cache:
+        mappable = {name for name, ref in refs.items() if mapped_bytes(ref) is not None}
+        in_place = choose_in_place(liveness, mappable, device_type="cpu", bypass_page_cache=False)
     try:
         plan = schedule(
-            liveness,
+            without_in_place(liveness, in_place),
             options.budget_bytes,
             cost_model=options.cost_model,
             calls=options.calls,
@@ -345,6 +375,7 @@ def plan_graph(
             f"allocator keeps (see docs/reliability.md).",
             minimum_bytes=exc.minimum_bytes,
         ) from None
+    plan = with_in_place(plan, liveness, in_place)
     if log.isEnabledFor(logging.INFO):
         log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
     graph_module = rewrite(captured, plan)

@@ -27,7 +27,7 @@ from vramfx.precision import (
 )
 from vramfx.progress import step
 from vramfx.storage.converted import read_stored
-from vramfx.storage.diskmap import DiskMap
+from vramfx.storage.diskmap import MAPPED_ALIGNMENT, DiskMap
 from vramfx.storage.files import PathLike, resolve_safetensors
 from vramfx.storage.safetensors_header import SAFETENSORS_DTYPES, read_header
 from vramfx.util import dtype_name
@@ -43,7 +43,7 @@ def convert(
     src: PathLike | Sequence[PathLike],
     dst: PathLike,
     *,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     keep_in_compute_dtype: KeepSpec = "auto",
     model: torch.nn.Module | None = None,
 ) -> Path:
@@ -63,7 +63,12 @@ def convert(
     dst:
         The file (for a single-file ``src``) or folder to write; it must not exist.
     dtype:
-        The storage dtype: ``torch.float8_e4m3fn``, ``float8_e5m2``, ``bfloat16``, ``float16``.
+        The storage dtype: ``torch.float8_e4m3fn``, ``float8_e5m2``, ``bfloat16``, ``float16``;
+        or ``None`` to keep every tensor's dtype and only rewrite the layout.
+
+    Every file written has its data 64-byte aligned (the header padded, tensors whose size is a
+    multiple of 64 bytes first), so a CPU compile uses those tensors in place from the page cache
+    instead of copying them (``docs/in-place.md``); other readers see an ordinary safetensors file.
     keep_in_compute_dtype:
         As for :func:`vramfx.compile`: the tensors left in their dtype.
     model:
@@ -95,7 +100,7 @@ def convert(
     ...     stored.info("proj.weight").dtype, stored.info("proj.bias").dtype  # a bias stays as it is ("auto")
     (torch.float8_e4m3fn, torch.float32)
     """
-    if dtype not in STORAGE_DTYPES:
+    if dtype is not None and dtype not in STORAGE_DTYPES:
         names = ", ".join(dtype_name(d) for d in STORAGE_DTYPES)
         raise ValueError(f"dtype must be one of {names}, got {dtype!r}")
     keep = keep_items(keep_in_compute_dtype)
@@ -150,7 +155,7 @@ def _keep_rule(model: torch.nn.Module | None, keep: Sequence) -> Callable[[str, 
     return stays
 
 
-def _convert_file(src: Path, dst: Path, dtype: torch.dtype, stays: Callable[[str, int], bool]) -> int:
+def _convert_file(src: Path, dst: Path, dtype: torch.dtype | None, stays: Callable[[str, int], bool]) -> int:
     """Write ``src`` converted to ``dst`` atomically; return the data bytes written."""
     fd = os.open(src, os.O_RDONLY)
     try:
@@ -159,10 +164,15 @@ def _convert_file(src: Path, dst: Path, dtype: torch.dtype, stays: Callable[[str
         os.close(fd)
     target = {}
     for name, info in infos.items():
-        low = info.dtype.is_floating_point and not exactly_widens(info.dtype, dtype)
+        low = dtype is not None and info.dtype.is_floating_point and not exactly_widens(info.dtype, dtype)
         target[name] = dtype if low and not stays(name, len(info.shape)) else info.dtype
-    # Widest dtypes first, as safetensors' own writer orders data, so every tensor stays aligned.
-    order = sorted(infos, key=lambda n: (-target[n].itemsize, n))
+    # Tensors whose size is a multiple of MAPPED_ALIGNMENT first, each group widest dtype first
+    # (as safetensors' own writer orders data), and the data area starting at such a multiple:
+    # then every one of them starts 64-byte aligned in the file and can be used in place.
+    def nbytes_of(name: str) -> int:
+        return math.prod(infos[name].shape) * target[name].itemsize
+
+    order = sorted(infos, key=lambda n: (nbytes_of(n) % MAPPED_ALIGNMENT != 0, -target[n].itemsize, n))
     header: dict[str, object] = {}
     offset = 0
     for name in order:
@@ -176,7 +186,7 @@ def _convert_file(src: Path, dst: Path, dtype: torch.dtype, stays: Callable[[str
     if metadata:
         header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
+    encoded += b" " * (-(8 + len(encoded)) % MAPPED_ALIGNMENT)  # JSON allows trailing spaces
     partial = dst.with_name(dst.name + ".partial")
     try:
         with DiskMap(src) as source, open(partial, "wb") as out:

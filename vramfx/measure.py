@@ -92,3 +92,30 @@ class PeakMemory:
             assert self._thread is not None
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes, rss_anon_bytes())
+
+
+def link_bytes_per_s(weights: object, *, bypass_page_cache: bool = False, max_bytes: int = 256 * 2**20) -> float:
+    """Bytes per second the CPU reader moves weights of ``weights`` (a :class:`vramfx.DiskMap`)
+    at, timed over its largest tensors up to ``max_bytes``: from the page cache as it is now, or
+    from the disk with ``bypass_page_cache`` (``O_DIRECT``). For
+    ``CostModel.calibrate(device, link_bytes_per_s=...)``: the link a plan's transfers are
+    priced at.
+
+    Examples
+    --------
+    >>> cm = vramfx.CostModel.calibrate("cpu", link_bytes_per_s=link_bytes_per_s(dm))  # doctest: +SKIP
+    """
+    keys = sorted(weights, key=lambda k: -weights.info(k).nbytes)
+    chosen, total = [], 0
+    for key in keys:
+        if total and total + weights.info(key).nbytes > max_bytes:
+            break
+        chosen.append(key)
+        total += weights.info(key).nbytes
+    if not total:
+        raise ValueError("link_bytes_per_s: the weights hold no bytes to time")
+    buffer = torch.empty(max(weights.info(k).nbytes for k in chosen), dtype=torch.uint8)
+    start = time.perf_counter()
+    for key in chosen:
+        weights.read_into(key, buffer[: weights.info(key).nbytes], bypass_page_cache=bypass_page_cache)
+    return total / max(time.perf_counter() - start, 1e-9)

@@ -383,9 +383,11 @@ def _check_summary(plan: Plan, liveness: Liveness) -> None:
             invariant,
             f"streamed_bytes {plan.streamed_bytes} != {streamed}, the bytes of all transfers",
         )
-    if plan.weight_bytes != liveness.weight_bytes:
+    # In-place weights are planned at 0 bytes; weight_bytes still counts them.
+    if plan.weight_bytes - plan.in_place_bytes != liveness.weight_bytes:
         raise _fail(
-            invariant, f"weight_bytes {plan.weight_bytes} != liveness {liveness.weight_bytes}"
+            invariant, f"weight_bytes {plan.weight_bytes} (in place {plan.in_place_bytes}) != liveness "
+                       f"{liveness.weight_bytes}"
         )
     if plan.calls < 1:
         raise _fail(invariant, f"calls {plan.calls} < 1")

@@ -76,6 +76,11 @@ class CostModel:
         Seconds of compute lost per second of transfer running beside it: about 1 on a CPU
         whose cores all compute, near 0 for a GPU's copy engine. It is what makes keeping a
         weight resident beat streaming it under compute that hides the copy.
+    rates:
+        FLOP/s by kind of kernel and dtype (``(("matmul:bfloat16", 2e10), ...)``), as
+        :meth:`calibrate` measures them: a CPU may run bf16 matmuls several times slower than
+        fp32 ones, and convolutions and attention at other rates again. A node whose kind is
+        not listed runs at ``compute_flops_per_s``. Empty by default.
 
     Examples
     --------
@@ -93,8 +98,15 @@ class CostModel:
     link_latency_s: float = 10e-6
     node_overhead_s: float = 5e-6
     copy_interference: float = 0.0
+    rates: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.rates, dict):
+            object.__setattr__(self, "rates", tuple(sorted((str(k), float(v)) for k, v in self.rates.items())))
+        for key, value in self.rates:
+            if not value > 0:
+                raise ValueError(f"CostModel: rate {key!r} must be > 0, got {value!r}")
+        object.__setattr__(self, "_rate_of", dict(self.rates))  # not a field: out of eq and asdict
         for name in ("compute_flops_per_s", "memory_bytes_per_s", "link_bytes_per_s"):
             value = getattr(self, name)
             if not value > 0:
@@ -104,7 +116,7 @@ class CostModel:
             if not value >= 0:
                 raise ValueError(f"CostModel: {name} must be >= 0, got {value!r}")
 
-    def node_seconds(self, flops: float, memory_bytes: int) -> float:
+    def node_seconds(self, flops: float, memory_bytes: int, op_class: str = "") -> float:
         """Seconds one node takes: bound by compute or by memory traffic, plus dispatch.
 
         Parameters
@@ -113,29 +125,35 @@ class CostModel:
             Floating-point operations of the node.
         memory_bytes:
             Bytes the node reads plus writes.
+        op_class:
+            The node's kind and dtype (``"matmul:bfloat16"``); its rate from ``rates`` when
+            listed, else ``compute_flops_per_s``.
 
         Returns
         -------
         float
             ``max(flops / compute, memory_bytes / memory_bandwidth) + node_overhead_s``.
         """
-        return (
-            max(flops / self.compute_flops_per_s, memory_bytes / self.memory_bytes_per_s)
-            + self.node_overhead_s
-        )
+        compute = self._rate_of.get(op_class, self.compute_flops_per_s) if op_class else self.compute_flops_per_s
+        return max(flops / compute, memory_bytes / self.memory_bytes_per_s) + self.node_overhead_s
 
     def transfer_seconds(self, nbytes: int) -> float:
         """Seconds one transfer of ``nbytes`` takes on the link: ``nbytes / bw + latency``."""
         return nbytes / self.link_bytes_per_s + self.link_latency_s
 
-    def to_dict(self) -> dict[str, float]:
-        """The model as plain floats, for the Plan record and JSON."""
-        return {k: float(v) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, Any]:
+        """The model as plain floats (``rates`` as a dict of them, when any), for the Plan
+        record and JSON."""
+        data: dict[str, Any] = {k: float(v) for k, v in asdict(self).items() if k != "rates"}
+        if self.rates:
+            data["rates"] = dict(self.rates)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CostModel":
         """Inverse of :meth:`to_dict`."""
-        return cls(**{k: float(v) for k, v in data.items()})
+        rates = data.get("rates") or {}
+        return cls(**{k: float(v) for k, v in data.items() if k != "rates"}, rates=rates)
 
     @classmethod
     def for_device(
@@ -182,15 +200,25 @@ class CostModel:
 
     @classmethod
     def calibrate(
-        cls, device: "str | torch.device", *, link_bytes_per_s: float | None = None
+        cls,
+        device: "str | torch.device",
+        *,
+        link_bytes_per_s: float | None = None,
+        dtypes: "tuple[torch.dtype, ...] | None" = None,
+        repeats: int = 5,
     ) -> "CostModel":
-        """Measure compute throughput, memory bandwidth and node overhead on ``device``.
+        """Measure compute throughput per kind of kernel and dtype, memory bandwidth and node
+        overhead on ``device``.
 
-        Takes well under half a second: one matmul size for FLOP/s, one large copy for memory
-        bandwidth, a loop of tiny additions for dispatch cost. The link bandwidth and latency
-        keep :meth:`for_device`'s defaults unless ``link_bytes_per_s`` is given. Plans made
-        with a calibrated model depend on the machine's load; use :meth:`for_device` where
-        plans must be reproducible.
+        Each figure is the median of ``repeats`` timings taken after warm-up runs (a process's
+        first kernels pay for thread pools and kernel selection, and one timing of a shared
+        machine is noise): matmuls, convolutions and attention in every dtype of ``dtypes``
+        (``rates``; on a CPU bf16 matmuls may run several times slower than fp32), a copy for
+        memory bandwidth, a loop of tiny additions for dispatch cost. Takes about a second on a
+        CPU. The link keeps :meth:`for_device`'s default unless ``link_bytes_per_s`` is given
+        (:func:`vramfx.measure.link_bytes_per_s` measures one). Plans made with a calibrated model
+        depend on the machine and its load; use :meth:`for_device` where plans must be
+        reproducible.
 
         Parameters
         ----------
@@ -198,56 +226,77 @@ class CostModel:
             Device to measure on.
         link_bytes_per_s:
             Transfer bandwidth to use instead of the default, bytes per second.
+        dtypes:
+            The dtypes to measure kernels in; by default float32, bfloat16 and float16.
+        repeats:
+            Timings per figure (the median is kept).
 
         Returns
         -------
         CostModel
+            ``compute_flops_per_s`` is the matmul rate in float32 on a CPU, bfloat16 on CUDA.
         """
+        import statistics
+
         import torch
 
         base = cls.for_device(device, link_bytes_per_s=link_bytes_per_s)  # checks both arguments first
         dev = torch.device(device)
+        dtypes = dtypes or (torch.float32, torch.bfloat16, torch.float16)
 
         def sync() -> None:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
-        def best_of(fn: Any, reps: int) -> float:
-            fn()  # warm-up: first calls pay for allocation and kernel selection
+        def median_of(fn: Any, warmup: int = 2) -> float:
+            for _ in range(warmup):  # the first calls pay for allocation, threads and kernel choice
+                fn()
             sync()
-            best = float("inf")
-            for _ in range(reps):
+            samples = []
+            for _ in range(repeats):
                 start = time.perf_counter()
                 fn()
                 sync()
-                best = min(best, time.perf_counter() - start)
-            return max(best, 1e-9)
+                samples.append(time.perf_counter() - start)
+            return max(statistics.median(samples), 1e-9)
 
-        if dev.type == "cpu":
-            # 2 x 4 MB: within the budget margin, so calibrating never pushes a CPU budget over.
-            n, dtype, copy_numel = 512, torch.float32, 2**20
-        else:
-            n, dtype, copy_numel = 4096, torch.bfloat16, 64 * 2**20
-        a = torch.randn(n, n, device=dev, dtype=dtype)
-        b = torch.randn(n, n, device=dev, dtype=dtype)
-        out = torch.empty(n, n, device=dev, dtype=dtype)
-        matmul_s = best_of(lambda: torch.mm(a, b, out=out), 3)
-        compute = 2.0 * n**3 / matmul_s
+        cpu = dev.type == "cpu"
+        # On CPU every operand stays under 4 MB, within the budget margin: calibrating never
+        # pushes a CPU budget over.
+        n = 512 if cpu else 4096
+        rates: dict[str, float] = {}
+        for dtype in dtypes:
+            name = str(dtype).removeprefix("torch.")
+            a = torch.randn(n, n, device=dev).to(dtype)
+            b = torch.randn(n, n, device=dev).to(dtype)
+            rates[f"matmul:{name}"] = 2.0 * n**3 / median_of(lambda: torch.mm(a, b))
+            channels, side = (64, 32) if cpu else (256, 64)
+            x = torch.randn(1, channels, side, side, device=dev).to(dtype)
+            w = torch.randn(channels, channels, 3, 3, device=dev).to(dtype)
+            conv_flops = 2.0 * channels * side * side * channels * 9
+            rates[f"conv:{name}"] = conv_flops / median_of(lambda: torch.nn.functional.conv2d(x, w, padding=1))
+            heads, tokens, dim = (4, 256, 64) if cpu else (16, 2048, 128)
+            q = torch.randn(1, heads, tokens, dim, device=dev).to(dtype)
+            attention_flops = 4.0 * heads * tokens * tokens * dim
+            rates[f"attention:{name}"] = attention_flops / median_of(
+                lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+            del a, b, x, w, q
+        compute = rates.get("matmul:float32" if cpu else "matmul:bfloat16") or max(rates.values())
 
-        src = torch.empty(copy_numel, device=dev, dtype=torch.float32)
+        src = torch.ones(2**20 if cpu else 64 * 2**20, device=dev)
         dst = torch.empty_like(src)
-        src.fill_(1.0)
-        copy_s = best_of(lambda: dst.copy_(src), 3)
-        memory = 2.0 * src.numel() * src.element_size() / copy_s
+        memory = 2.0 * src.numel() * src.element_size() / median_of(lambda: dst.copy_(src))
 
         tiny = torch.ones(8, device=dev)
         loops = 200
+        add = torch.ops.aten.add.Tensor
 
         def dispatch() -> None:
+            # As a graph node runs: an aten op called from Python, allocating its output.
             for _ in range(loops):
-                torch.add(tiny, tiny, out=tiny)
+                add(tiny, tiny)
 
-        overhead = best_of(dispatch, 2) / loops
+        overhead = median_of(dispatch) / loops
         model = cls(
             compute_flops_per_s=compute,
             memory_bytes_per_s=memory,
@@ -255,6 +304,7 @@ class CostModel:
             link_latency_s=base.link_latency_s,
             node_overhead_s=overhead,
             copy_interference=base.copy_interference,
+            rates=rates,
         )
         logger.info("calibrated cost model on %s: %s", dev, model.to_dict())
         return model

@@ -221,6 +221,7 @@ def build_liveness(
         memory_bytes=tuple(memory),
         workspace_bytes=workspace,
         position_names=tuple(n.name for n in nodes),
+        op_classes=tuple(_op_class(n) for n in nodes),
     )
 
 
@@ -303,6 +304,21 @@ def _node_flops(node: torch.fx.Node, outs: list[torch.Tensor]) -> float:
         if q and k:
             return 4.0 * math.prod(q[:-1]) * k[-2] * q[-1]
     return float(out_numel)
+
+
+def _op_class(node: torch.fx.Node) -> str:
+    """``"<kind>:<dtype>"`` for the kernels whose throughput a cost model prices apart, else ``""``."""
+    target = node.target
+    if target in _LINEAR or target in _MATMULS or target in _MATMUL_GENERIC:
+        kind = "matmul"
+    elif target in _CONVS:
+        kind = "conv"
+    elif target in _ATTENTION:
+        kind = "attention"
+    else:
+        return ""
+    outs = tensors_of(node.meta.get("val"))
+    return f"{kind}:{dtype_name(outs[0].dtype)}" if outs else kind
 
 
 def _workspace_bytes(node: torch.fx.Node, device: torch.device) -> int:

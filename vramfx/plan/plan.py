@@ -113,6 +113,10 @@ class Plan:
     at every position. ``streamed_bytes`` is what a steady-state call fetches;
     ``resident_bytes`` is loaded once. Weights stored in a low dtype count in it; ``casts`` turn
     them into their compute dtype per span of uses, in static slots of the upcast region.
+
+    ``in_place`` are resident weights used where they lie in a mapping of their file (CPU, page
+    cache): they take no budget bytes (``nbytes`` 0 in ``weights``) and are never copied;
+    ``in_place_bytes`` is their size in the file (:mod:`vramfx.plan.in_place`).
     """
 
     budget_bytes: int
@@ -134,6 +138,8 @@ class Plan:
     position_names: tuple[str, ...] = ()
     casts: tuple[Cast, ...] = ()
     upcast_bytes: int = 0
+    in_place: tuple[str, ...] = ()
+    in_place_bytes: int = 0
 
     @property
     def name_to_weight(self) -> dict[str, PlannedWeight]:
@@ -209,6 +215,8 @@ class Plan:
             f"  activations {b(self.activation_peak_bytes)} (peak)",
             f"  workspace   {b(self.workspace_bytes)}",
             f"weights       {b(self.weight_bytes)} in {len(self.weights)} tensors",
+            *([f"  in place    {b(self.in_place_bytes)} in {len(self.in_place)} weights (mapped file pages, "
+               "outside the budget)"] if self.in_place else []),
             f"streamed      {b(self.streamed_bytes)} per call in {len(self.transfers)} transfers "
             f"({len(self.steps)} steps over {self.num_positions} positions)",
             *self._cast_lines(),
@@ -261,6 +269,7 @@ class Plan:
         data["casts"] = tuple(Cast(**c) for c in data.get("casts", ()))
         data["predicted"] = Prediction(**data["predicted"])
         data["position_names"] = tuple(data.get("position_names", ()))
+        data["in_place"] = tuple(data.get("in_place", ()))
         return cls(**data)
 
     @classmethod

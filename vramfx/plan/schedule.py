@@ -244,7 +244,8 @@ def schedule(
         )
 
     node_seconds = [
-        cost_model.node_seconds(f, m) for f, m in zip(liveness.flops, liveness.memory_bytes)
+        cost_model.node_seconds(f, m, liveness.op_class(t))
+        for t, (f, m) in enumerate(zip(liveness.flops, liveness.memory_bytes))
     ]
     prefix = [0.0, *accumulate(node_seconds)]
     by_cost = _occurrences(

@@ -111,6 +111,10 @@ class Liveness:
         the largest over all positions.
     position_names:
         The graph node at each position, for humans (plan summaries, traces). Length ``T``.
+    op_classes:
+        Per position, the kind of kernel and its dtype where throughput depends on them
+        (``"matmul:bfloat16"``, ``"conv:float32"``, ``"attention:float32"``), else ``""``: a
+        calibrated cost model prices each kind at its own rate. Empty, or length ``T``.
     """
 
     num_positions: int
@@ -120,6 +124,11 @@ class Liveness:
     memory_bytes: tuple[int, ...]
     workspace_bytes: int = 0
     position_names: tuple[str, ...] = field(default=())
+    op_classes: tuple[str, ...] = field(default=())
+
+    def op_class(self, position: int) -> str:
+        """``op_classes[position]``, or ``""`` when they were not recorded."""
+        return self.op_classes[position] if self.op_classes else ""
 
     @property
     def activation_peak_bytes(self) -> int:

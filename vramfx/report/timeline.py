@@ -102,7 +102,10 @@ def predict_timeline(plan: Plan, liveness: Liveness) -> Timeline:
     """
     _check_matches(plan, liveness)
     cost_model = CostModel.from_dict(plan.cost_model)
-    node_seconds = [cost_model.node_seconds(f, m) for f, m in zip(liveness.flops, liveness.memory_bytes)]
+    node_seconds = [
+        cost_model.node_seconds(f, m, liveness.op_class(t))
+        for t, (f, m) in enumerate(zip(liveness.flops, liveness.memory_bytes))
+    ]
     copy_seconds = [cost_model.transfer_seconds(t.nbytes) for t in plan.transfers]
     transfers = sorted(range(len(plan.transfers)), key=lambda i: (plan.transfers[i].fetch, i))
     times = simulate_copies(

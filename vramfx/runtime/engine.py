@@ -28,7 +28,7 @@ from vramfx.forks import renew_after_fork
 from vramfx.plan.plan import Plan, Transfer
 from vramfx.progress import step
 from vramfx.runtime.arena import reserved_ranges
-from vramfx.runtime.sources import on_device
+from vramfx.runtime.sources import mapped_bytes, on_device
 from vramfx.storage.ref import WeightRef
 from vramfx.util import FreeList, align_up
 
@@ -170,6 +170,10 @@ class Engine(ABC):
         self._upcast: torch.Tensor | None = None
         self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         self._cast_refs = tuple(refs[c.name] for c in plan.casts)
+        self._in_place = frozenset(plan.in_place)
+        self._mapped_files: dict[int, tuple[Any, list[str]]] = {}  # id(source): (source, keys)
+        for name in plan.in_place:
+            self._mapped_files.setdefault(id(refs[name].source), (refs[name].source, []))[1].append(refs[name].key)
         self._pending: dict[int, Any] = {}
         self._waited: set[int] = set()  # pending transfers whose copy has been waited for
         self._loaded: list[Loaded] = []  # loads off the plan not yet unloaded
@@ -234,6 +238,15 @@ class Engine(ABC):
         there = on_device(ref, self.device)
         if there is not None:
             return view_bytes(there.reshape(-1).view(torch.uint8), 0, ref)
+        if name in self._in_place:
+            try:
+                mapped = mapped_bytes(ref)
+            except OSError as exc:
+                raise WeightsError(f"mapping weight {name} failed: {exc}") from exc
+            if mapped is None:
+                raise WeightsError(f"weight {name} was planned to be used in place from its file, which it no "
+                                   "longer can be; reopen the weights and compile again")
+            return view_bytes(mapped, 0, ref)
         try:
             return self._load_resident(ref)
         except OSError as exc:
@@ -262,6 +275,9 @@ class Engine(ABC):
     def begin_call(self) -> None:
         if self._pending:
             self.abort()
+        # Weights used in place read no bytes, so nothing else notices their file changing.
+        for source, keys in self._mapped_files.values():
+            source.check_unchanged(keys)
 
     def end_call(self) -> None:
         if self._pending:

@@ -38,6 +38,18 @@ def on_device(ref: WeightRef, device: torch.device) -> torch.Tensor | None:
     return tensor
 
 
+def mapped_bytes(ref: WeightRef) -> torch.Tensor | None:
+    """The weight's stored bytes as a flat uint8 tensor over a mapping of its file, to be used
+    where they lie (:meth:`vramfx.DiskMap.mapped`); None when it is not read straight from a
+    DiskMap or its data is not aligned in the file."""
+    if not isinstance(ref.source, DiskMap):
+        return None
+    info = ref.source.info(ref.key)
+    if info.nbytes != ref.nbytes or info.dtype != ref.dtype:
+        return None
+    return ref.source.mapped(ref.key)
+
+
 def read_range(ref: WeightRef, start: int, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
     """Copy bytes ``[start, start + out.numel())`` of ``ref``'s stored data into ``out``.
 

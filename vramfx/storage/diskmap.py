@@ -8,7 +8,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,9 @@ __all__ = ["DiskMap"]
 # 4096 covers every common disk and filesystem.
 _DIRECT_ALIGN = 4096
 _DIRECT_CHUNK = 8 << 20
+#: Where a mapped tensor's data must start in its file to be used in place: torch's CPU
+#: allocator aligns to 64 bytes, and kernels may take other paths at other alignments.
+MAPPED_ALIGNMENT = 64
 
 KeyMap = Mapping[str, str] | Callable[[str], "str | None"]
 
@@ -46,6 +49,7 @@ class _File:
     ino: int
     direct_fd: int | None = None
     direct_ok: bool = True
+    mapping: torch.Tensor | None = None  # the whole file, mapped copy-on-write (see DiskMap.mapped)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -408,6 +412,56 @@ class DiskMap(Mapping[str, torch.Tensor]):
         for f in self._files:
             os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
+    # -- Using bytes where they lie ----------------------------------------------------------
+
+    def mapped(self, key: str, alignment: int = MAPPED_ALIGNMENT) -> torch.Tensor | None:
+        """``key``'s stored bytes as a flat uint8 tensor over a mapping of its file, no copy; None
+        when its data does not start at a multiple of ``alignment`` in the file (kernels then see
+        another alignment than eager's, and results may differ) or the tensor is empty.
+
+        The file is mapped once, whole, private and copy-on-write (``MAP_PRIVATE``): pages come
+        from the page cache when touched and are counted in the process's ``RssFile``, never its
+        ``RssAnon``; the kernel may reclaim them and read them again. Nothing writes through
+        these views (a write would only copy the page into anonymous memory, never the file).
+        The file must not be truncated while mapped: a read past its new end kills the process
+        (SIGBUS), as with every mapping; a replaced file keeps its old contents mapped.
+
+        Raises
+        ------
+        WeightsError
+            If the file changed since it was opened.
+        ValueError
+            If the DiskMap is closed.
+
+        Examples
+        --------
+        >>> raw = dm.mapped("w")  # doctest: +SKIP
+        >>> raw.view(dm.info("w").dtype).view(dm.info("w").shape)  # doctest: +SKIP
+        """
+        f, info = self._entries[key]
+        if self._closed:
+            raise ValueError(f"DiskMap is closed; cannot map {key!r}.")
+        assert info.offset is not None
+        if info.nbytes == 0 or info.offset % alignment:
+            return None
+        self._check_unchanged(f)
+        with f.lock:
+            if f.mapping is None:
+                # The tensor holds the mapping (a buffer export): it is unmapped once the tensor
+                # and every view of it are gone, never under a view still in use.
+                m = mmap.mmap(f.fd, f.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                f.mapping = torch.frombuffer(m, dtype=torch.uint8)
+        return f.mapping[info.offset : info.offset + info.nbytes]
+
+    def check_unchanged(self, keys: "Iterable[str] | None" = None) -> None:
+        """Raise :class:`WeightsError` if a file holding ``keys`` (all by default) changed or was
+        replaced since it was opened: what every read checks, for users of :meth:`mapped` views,
+        which read nothing. Two ``stat`` calls per file."""
+        files = {id(f): f for f, _ in (self._entries[k] for k in keys)} if keys is not None else {
+            id(f): f for f in self._files}
+        for f in files.values():
+            self._check_unchanged(f)
+
     # -- Lifetime ----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -415,6 +469,7 @@ class DiskMap(Mapping[str, torch.Tensor]):
         self._closed = True
         files, self._files = getattr(self, "_files", []), []
         for f in files:
+            f.mapping = None  # views handed out keep the mapping alive; the DiskMap lets go
             for fd in (f.fd, f.direct_fd):
                 if fd is not None:
                     try:
