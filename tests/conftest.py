@@ -22,7 +22,13 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Fixtures wider than one test (module or session scope) run before the per-test cache below:
+# they too never write to the user's cache directory.
+os.environ["VRAMFX_CACHE_DIR"] = tempfile.mkdtemp(prefix="vramfx-test-cache-")
 
 
 @pytest.fixture(autouse=True)

@@ -90,11 +90,12 @@ class Counter:
     """Counts captures and plans made by ``vramfx.compile`` (monkeypatched in)."""
 
     def __init__(self, monkeypatch) -> None:
+        import vramfx.capture_cache as capture_cache
         import vramfx.compiler as compiler
 
         self.captures = 0
         self.plans = 0
-        capture, schedule = compiler.capture, compiler.schedule
+        capture, schedule = capture_cache.capture, compiler.schedule
 
         def counted_capture(*a: Any, **k: Any) -> Any:
             self.captures += 1
@@ -104,7 +105,7 @@ class Counter:
             self.plans += 1
             return schedule(*a, **k)
 
-        monkeypatch.setattr(compiler, "capture", counted_capture)
+        monkeypatch.setattr(capture_cache, "capture", counted_capture)
         monkeypatch.setattr(compiler, "schedule", counted_schedule)
 
     @property
