@@ -26,7 +26,7 @@ from vramfx.util import format_bytes
 
 def main() -> None:
     hf_logging.disable_progress_bar()
-    config = LlamaConfig(vocab_size=8192, hidden_size=640, intermediate_size=1728, num_hidden_layers=6,
+    config = LlamaConfig(vocab_size=8192, hidden_size=640, intermediate_size=1728, num_hidden_layers=12,
                          num_attention_heads=10, num_key_value_heads=5)
     torch.manual_seed(0)
     eager = LlamaForCausalLM(config).eval()
