@@ -118,3 +118,26 @@ def test_vramfx_plan_shows_each_component_of_a_pipeline(saved, tmp_path, capsys)
     assert "planned peak" in shown
     assert main(["plan", f"{target}:build", "--budget", "1MB", "--device", "cpu"]) == EXIT_BUDGET
     assert "below the minimum" in capsys.readouterr().err
+
+
+def test_a_lora_loaded_into_a_compiled_pipeline_gives_eager_pipelines_output(tmp_path):
+    pytest.importorskip("peft")
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = save_flux(tmp_path / "flux")
+    eager = eager_pipeline(FluxPipeline, root)
+    base = output_of(eager(**FLUX_CALL, generator=generator()))
+    torch.manual_seed(3)
+    donor = FluxTransformer2DModel.from_pretrained(root / "transformer")
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False),
+                      adapter_name="x")
+    lora = {"transformer." + k: v.clone() for k, v in get_peft_model_state_dict(donor, adapter_name="x").items()}
+    eager.load_lora_weights(dict(lora), adapter_name="x")
+    expected = output_of(eager(**FLUX_CALL, generator=generator()))
+    assert not torch.equal(base, expected)
+
+    pipe = compile_pipeline(FluxPipeline, root, budget="1GB", device="cpu")
+    pipe.load_lora_weights(dict(lora), adapter_name="x")
+    assert torch.equal(expected, output_of(pipe(**FLUX_CALL, generator=generator())))

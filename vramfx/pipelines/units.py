@@ -35,6 +35,7 @@ from vramfx.util import ALIGNMENT
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.storage.diskmap import DiskMap
 from vramfx.weights import resolve_weights, stored_formats, stored_state
+from vramfx.adapters.state import adapter_state
 
 
 class MethodCall(torch.nn.Module):
@@ -160,6 +161,7 @@ def compile_unit(
         replan=replan,
         module_path=lambda: module_path(target, source, current()),
         stored_state=lambda: stored_state(target, source, renamed=renamed),
+        adapter_state=lambda: adapter_state(target),
     )
     unit = Unit(component, method, compiled, options, plan_at, calls=calls)
     return unit
