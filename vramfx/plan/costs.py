@@ -34,6 +34,9 @@ _DEFAULTS: dict[str, dict[str, float]] = {
         # for the slowest one, so compute loses about the whole copy time (measured ~1.0 on
         # 2 cores: 660 MB streamed added 184 ms to a 397 ms call, copying alone took 178 ms).
         "copy_interference": 1.0,
+        # Reads the page cache does not hold: an assumed SSD-class 1 GB/s, not measured
+        # (vramfx.measure.link_bytes_per_s(..., bypass_page_cache=True) measures one).
+        "disk_bytes_per_s": 1e9,
     },
     # A datacenter GPU in bf16; the link is PCIe from pinned host memory.
     "cuda": {
@@ -44,6 +47,7 @@ _DEFAULTS: dict[str, dict[str, float]] = {
         "node_overhead_s": 10e-6,
         # Copy engines do not take SMs; only memory bandwidth is shared.
         "copy_interference": 0.02,
+        "disk_bytes_per_s": 2e9,
     },
     # Apple silicon: unified memory, so the "link" is a memory copy.
     "mps": {
@@ -99,6 +103,7 @@ class CostModel:
     node_overhead_s: float = 5e-6
     copy_interference: float = 0.0
     rates: tuple[tuple[str, float], ...] = ()
+    disk_bytes_per_s: float = 1e9
 
     def __post_init__(self) -> None:
         if isinstance(self.rates, dict):
@@ -107,7 +112,7 @@ class CostModel:
             if not value > 0:
                 raise ValueError(f"CostModel: rate {key!r} must be > 0, got {value!r}")
         object.__setattr__(self, "_rate_of", dict(self.rates))  # not a field: out of eq and asdict
-        for name in ("compute_flops_per_s", "memory_bytes_per_s", "link_bytes_per_s"):
+        for name in ("compute_flops_per_s", "memory_bytes_per_s", "link_bytes_per_s", "disk_bytes_per_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"CostModel: {name} must be > 0, got {value!r}")
@@ -305,6 +310,7 @@ class CostModel:
             node_overhead_s=overhead,
             copy_interference=base.copy_interference,
             rates=rates,
+            disk_bytes_per_s=base.disk_bytes_per_s,
         )
         logger.info("calibrated cost model on %s: %s", dev, model.to_dict())
         return model
