@@ -58,6 +58,7 @@ def test_dict_round_trip():
     assert set(data) == {
         "compute_flops_per_s",
         "memory_bytes_per_s",
+        "disk_bytes_per_s",
         "link_bytes_per_s",
         "copy_interference",
         "link_latency_s",
