@@ -131,9 +131,10 @@ def test_a_rate_prices_its_kind_of_kernel_and_others_keep_the_default():
 
 def test_calibrate_measures_each_kernel_kind_per_dtype():
     cm = CostModel.calibrate("cpu", dtypes=(torch.float32, torch.bfloat16), repeats=2)
-    assert {k for k, _ in cm.rates} == {f"{kind}:{dtype}" for kind in ("matmul", "conv", "attention")
+    assert {k for k, _ in cm.rates} == {f"{kind}:{dtype}" for kind in ("matmul", "conv", "attention", "memory")
                                         for dtype in ("float32", "bfloat16")}
     assert cm.compute_flops_per_s == dict(cm.rates)["matmul:float32"]
+    assert cm.memory_bytes_per_s == dict(cm.rates)["memory:float32"]
 
 
 def test_liveness_records_kernel_kinds_and_dtypes_the_schedule_prices():
@@ -148,3 +149,7 @@ def test_liveness_records_kernel_kinds_and_dtypes_the_schedule_prices():
     fast = schedule(live, 2**24, cost_model=CostModel(**base))
     slow = schedule(live, 2**24, cost_model=CostModel(**base, rates={"matmul:bfloat16": 1e6}))
     assert slow.predicted.compute_seconds > 10 * fast.predicted.compute_seconds
+    # GELU is memory-bound: priced at the bf16 memory rate when one is given.
+    assert "memory:bfloat16" in live.op_classes
+    slow_memory = schedule(live, 2**24, cost_model=CostModel(**base, rates={"memory:bfloat16": 1e3}))
+    assert slow_memory.predicted.compute_seconds > 10 * fast.predicted.compute_seconds
