@@ -202,7 +202,7 @@ def vramfx_compiled(workload: Workload, folder: Path, inputs: dict[str, Any], fr
     if plan.reads == "direct":
         note = ", ".join(filter(None, [note, "O_DIRECT reads"]))
     return Contender(name, lambda: fast(**inputs), plan.streamed_bytes, fast.release,
-                     predicted_s=plan.predicted.seconds_per_call, note=note)
+                     predicted_s=plan.predicted.seconds_per_call, note=note, dtype=compute_dtype or torch.float32)
 
 
 def accelerate_cpu_offload(workload: Workload, folder: Path, inputs: dict[str, Any]) -> Contender:

@@ -175,6 +175,7 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     # Each row against eager in its own dtype.
     eager_of = {ct.dtype: statistics.median(times[ct.name]) for ct, _, _ in built if ct.name.startswith("eager")}
     rows: list[Row] = []
+    eager_fp32 = next((ct for ct, _, _ in built if ct.name.startswith("eager") and ct.dtype == torch.float32), None)
     for contender, held, held_file in built:
         median = statistics.median(times[contender.name])
         eager_s = eager_of.get(contender.dtype)
@@ -183,20 +184,22 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
         rows.append(Row(workload.name, contender.name, median, median / eager_s if eager_s else None, held,
                         growth[contender.name], contender.read_bytes_per_call, streamed, floor,
                         note=contender.note, predicted_s=contender.predicted_s, held_file_bytes=held_file))
-        contender.close()
+        if contender is not eager_fp32:
+            contender.close()
     rows += failed
     if not args.smoke:
-        rows.append(cold_disk_row(workload, aligned, inputs, eager_of.get(torch.float32), args))
-    del built
+        rows.append(cold_disk_row(workload, aligned, inputs, eager_fp32, args))
+    del built, eager_fp32
     gc.collect()
     print_rows(rows, header=f"{workload.name}: {format_bytes(total)} of weights; page-cache link "
                             f"{link / 1e9:.2f} GB/s", stream=sys.stdout)
     return rows
 
 
-def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], eager_s: float | None,
+def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], eager: c.Contender | None,
                   args: argparse.Namespace) -> Row:
-    """vramfx at 25% reading with O_DIRECT: overlap efficiency against the raw disk bandwidth."""
+    """vramfx at 25% reading with O_DIRECT, its calls interleaved with eager's (a shared machine's
+    load moves both alike): overlap efficiency against the raw disk bandwidth."""
     disk = disk_bandwidth(folder)
     label = "vramfx @ 25%, cold disk (O_DIRECT)"
     # Priced as compile prices O_DIRECT reads: at the disk's rate, measured just now, no core taken.
@@ -205,18 +208,26 @@ def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], ea
         workload, folder, inputs, 0.25, bypass_page_cache=True, label=label, cost_model=cost))
     if contender is None:
         return Row(workload.name, label, note=failure)
+    samples, eager_samples = [], []
     with torch.no_grad():
-        samples = []
         for _ in range(max(3, args.calls // 2)):
+            if eager is not None:
+                start = time.perf_counter()
+                eager.call()
+                eager_samples.append(time.perf_counter() - start)
             start = time.perf_counter()
             contender.call()
             samples.append(time.perf_counter() - start)
     median = statistics.median(samples)
+    eager_s = statistics.median(eager_samples) if eager_samples else None
     floor = max(eager_s or 0.0, contender.streamed_bytes / disk)
     contender.close()
+    if eager is not None:
+        eager.close()
     return Row(workload.name, label, median, median / eager_s if eager_s else None, held, None, None,
                contender.streamed_bytes, floor,
-               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}",
+               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}; eager beside it "
+                    f"{_ms(eager_s)}",
                predicted_s=contender.predicted_s)
 
 
