@@ -241,26 +241,31 @@ READING = """## Reading the figures
   work that needs the same cores; on a GPU the copy engine is separate hardware and the same plan
   hides it (see `benchmarks/gpu_check.py`). Fewer streamed bytes is what helps on a CPU, which is
   why the planner fills the budget with resident weights first.
-- **In place.** The `, in place` rows compile from a copy of the weights rewritten by
-  `vramfx.convert(..., dtype=None)` (every tensor 64-byte aligned in the file): vramfx then uses
-  the weights where they lie in the page cache, with no copy, and their pages are file-backed
-  (`RssFile`), outside the RssAnon budget the *held* and *peak+* columns measure. The other vramfx
-  rows read the file as `save_file` wrote it, mostly unaligned, and copy.
-- **predicted** is the plan's time per call, priced with a cost model calibrated at the start of
-  the run (`CostModel.calibrate`) and the link measured for the workload, and its ratio to the
-  measured median: on a loaded machine the ratio says how much the load moved since calibration.
+- **What users get.** The `vramfx compile @ X%` rows are `compile` as a user calls it, on a copy
+  of the weights rewritten by `vramfx.convert(..., dtype=None)` (every tensor 64-byte aligned in
+  the file): the planner then uses the weights where they lie in the page cache, with no copy,
+  and their pages are file-backed (the *file* column, `RssFile`), outside the RssAnon budget the
+  *held* and *peak+* columns measure. The `copying (in_place=False)` rows read the same file
+  into memory vramfx owns, as on a filesystem whose mapped reads are slow; the `, bf16` rows
+  store and compute in bf16 (a bf16 copy of the weights, against eager in bf16).
+- **predicted** is the plan's time per call, priced with a cost model calibrated once at the start
+  of the run (`CostModel.calibrate`: per kernel kind and dtype, the fastest of several samples)
+  and the link and disk measured for the workload, and its ratio to the measured median: on a
+  loaded machine the ratio says how much the load moved since calibration.
 - **The peers that look fast keep the model in RAM or map it.** accelerate `cpu_offload` on a
   CPU moves weights from the CPU to the CPU: it holds the whole model. diffusers group offloading
   from disk memory-maps the safetensors files it wrote and onloads by pointing at those pages: no
   copy at all, but the weights then live in the page cache (file-backed, not counted as RssAnon)
   and the budget is whatever the kernel leaves it; its *held* column shows the anonymous memory it
-  keeps besides. vramfx copies into memory it owns, so the budget it reports is the memory it uses,
-  and kernels see 64-byte-aligned weights (bit-identical results).
+  keeps besides. vramfx in place does the same with the checkpoint's own file, and says so: the
+  *file* column shows the page-cache pages it maps, and kernels see 64-byte-aligned weights
+  (bit-identical results); its copying rows use only memory it owns.
 - **read/call** counts bytes read through read() calls; readers that map files (accelerate's
   offload, diffusers' group offloading) read through page faults, which this column does not see.
-- **Cold disk.** With `O_DIRECT` the page cache is bypassed and the disk is the link; the overlap
-  efficiency is max(eager compute, streamed bytes / disk bandwidth) / measured time, the disk
-  bandwidth measured in the same run with the same reads.
+- **Cold disk.** With `O_DIRECT` the page cache is bypassed and the disk is the link; the plan is
+  priced at the disk bandwidth measured in the same run with the same reads, and the overlap
+  efficiency is max(eager compute, streamed bytes / disk bandwidth) / measured time, its calls
+  interleaved with eager's (whose time the note gives).
 """
 
 
