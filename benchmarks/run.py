@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import contenders as c  # noqa: E402
 
 import vramfx  # noqa: E402
-from vramfx.budget import rss_anon_bytes  # noqa: E402
+from vramfx.budget import rss_anon_bytes, rss_file_bytes  # noqa: E402
 from vramfx.measure import PeakMemory, link_bytes_per_s, release_freed_memory  # noqa: E402
 from vramfx.util import format_bytes  # noqa: E402
 
@@ -85,15 +85,6 @@ def disk_bandwidth(folder: Path) -> float:
     """Bytes/s of reading the weights with ``O_DIRECT`` (cold: the page cache is bypassed)."""
     with vramfx.DiskMap(folder) as weights:
         return link_bytes_per_s(weights, bypass_page_cache=True, max_bytes=weights.nbytes)
-
-
-def rss_file_bytes() -> int:
-    """File-backed resident memory (``RssFile``): mapped weights' page-cache pages among them."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | None, int, int, str]:
