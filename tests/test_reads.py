@@ -9,7 +9,9 @@ import torch
 
 import vramfx
 from tiny_models import ARCHS, assert_same_output, build_empty, build_saved
+from vramfx.plan.check import check_plan
 from vramfx.plan.costs import CostModel
+from vramfx.plan.in_place import without_in_place
 from vramfx.plan.reads import PageCacheState, schedule_reads
 from vramfx.plan.types import Liveness, WeightLife
 
@@ -28,8 +30,10 @@ def _liveness(n: int = 8, nbytes: int = 4 * MiB, flops: float = 1e8) -> Liveness
 def _plan(page_cache: PageCacheState, *, mappable=None, ways=("in place", "copy", "direct"), budget=12 * MiB, live=None):
     live = live or _liveness()
     mappable = {w.name for w in live.weights} if mappable is None else mappable
-    return schedule_reads(live, budget, cost_model=COST, calls=10, alignment=64, margin_bytes=0, mappable=mappable,
+    plan = schedule_reads(live, budget, cost_model=COST, calls=10, alignment=64, margin_bytes=0, mappable=mappable,
                           page_cache=page_cache, ways=ways)
+    check_plan(plan, without_in_place(live, plan.in_place))  # faults priced as stall keep the sums whole
+    return plan
 
 
 def test_cached_weights_are_used_in_place():
