@@ -221,10 +221,10 @@ class CostModel:
         """Measure compute throughput per kind of kernel and dtype, memory bandwidth and node
         overhead on ``device``.
 
-        Each figure is the fastest of ``repeats`` samples taken after warm-up runs (a process's
-        first kernels pay for thread pools and kernel selection; another process's load only
-        slows a sample, by several times where a kernel's threads wait for a descheduled one),
-        each sample looping the kernel for at least 10 ms: matmuls, convolutions and attention in every dtype of ``dtypes``
+        Each figure is the fastest of ``3 * repeats`` samples taken after warm-up runs (a
+        process's first kernels pay for thread pools and kernel selection; another process's load
+        only slows a sample, by several times where a kernel's threads wait for a descheduled one),
+        each sample looping the kernel for at least 2 ms: matmuls (as a Linear runs them), convolutions and attention in every dtype of ``dtypes``
         (``rates``; on a CPU bf16 matmuls may run several times slower than fp32), memory-bound
         ops (additions, activations, a norm's steps, softmax) per dtype for memory bandwidth, a loop of tiny additions for dispatch cost. Takes about a second on a
         CPU. The link keeps :meth:`for_device`'s default unless ``link_bytes_per_s`` is given
@@ -241,7 +241,7 @@ class CostModel:
         dtypes:
             The dtypes to measure kernels in; by default float32, bfloat16 and float16.
         repeats:
-            Samples per figure (the fastest is kept).
+            A third of the samples per figure (the fastest is kept).
 
         Returns
         -------
@@ -260,10 +260,11 @@ class CostModel:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
-        def fastest(fn: Any, min_seconds: float = 0.01) -> float:
-            """Seconds of one ``fn()``: the fastest of ``repeats`` samples, each looping long enough
-            to time. Other processes' load only ever slows a sample (a kernel whose threads wait
-            for a descheduled one runs many times slower), so the fastest is the machine's own."""
+        def fastest(fn: Any, min_seconds: float = 0.002) -> float:
+            """Seconds of one ``fn()``: the fastest of up to ``3 * repeats`` short samples, each looping
+            long enough to time. Other processes' load only ever slows a sample (a kernel whose
+            threads wait for a descheduled one runs many times slower), so the fastest is the
+            machine's own; short samples find the gaps in a load that long ones would not."""
             for _ in range(2):  # the first calls pay for allocation, threads and kernel choice
                 fn()
             sync()
@@ -271,8 +272,10 @@ class CostModel:
             fn()
             sync()
             loops = max(1, min(1000, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-7))))
-            samples = []
-            for _ in range(repeats):
+            samples: list[float] = []
+            began = time.perf_counter()
+            # Slow kernels (bf16 convolutions on a CPU without bf16) stop at a quarter second.
+            while len(samples) < 3 * repeats and (len(samples) < 3 or time.perf_counter() - began < 0.25):
                 start = time.perf_counter()
                 for _ in range(loops):
                     fn()
@@ -289,7 +292,9 @@ class CostModel:
             name = str(dtype).removeprefix("torch.")
             a = torch.randn(n, n, device=dev).to(dtype)
             b = torch.randn(n, n, device=dev).to(dtype)
-            rates[f"matmul:{name}"] = 2.0 * n**3 / fastest(lambda: torch.mm(a, b))
+            # As a Linear runs: against a weight stored (out, in), i.e. transposed. Without native
+            # bf16 a CPU runs bf16 products of untransposed operands ~8x slower than these.
+            rates[f"matmul:{name}"] = 2.0 * n**3 / fastest(lambda: torch.nn.functional.linear(a, b))
             channels, side = (64, 32) if cpu else (256, 64)
             x = torch.randn(1, channels, side, side, device=dev).to(dtype)
             w = torch.randn(channels, channels, 3, 3, device=dev).to(dtype)
