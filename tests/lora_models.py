@@ -95,7 +95,7 @@ class Counter:
 
         self.captures = 0
         self.plans = 0
-        capture, schedule = capture_cache.capture, compiler.schedule
+        capture, schedule = capture_cache.capture, compiler.schedule_weights
 
         def counted_capture(*a: Any, **k: Any) -> Any:
             self.captures += 1
@@ -106,7 +106,7 @@ class Counter:
             return schedule(*a, **k)
 
         monkeypatch.setattr(capture_cache, "capture", counted_capture)
-        monkeypatch.setattr(compiler, "schedule", counted_schedule)
+        monkeypatch.setattr(compiler, "schedule_weights", counted_schedule)
 
     @property
     def made(self) -> tuple[int, int]:
