@@ -94,9 +94,9 @@ def layout(
         else:
             stored.append(-1)
     for ref in refs:
-        if ref.compute_dtype is not None and ref.compute_dtype != ref.dtype:
+        if ref.casts:
             cast.append(at)
-            at += align_up(math.prod(ref.shape) * ref.compute_dtype.itemsize, alignment)
+            at += align_up(math.prod(ref.shape) * (ref.compute_dtype or ref.dtype).itemsize, alignment)
         else:
             cast.append(-1)
     return stored, cast, at
@@ -387,7 +387,7 @@ class Engine(ABC):
         except OSError as exc:
             raise WeightsError(f"reading weights {', '.join(names)} failed: {exc}") from exc
         loaded.cast_bytes = sum(
-            math.prod(r.shape) * r.compute_dtype.itemsize for r, c in zip(refs, cast) if c >= 0  # type: ignore[union-attr]
+            math.prod(r.shape) * (r.compute_dtype or r.dtype).itemsize for r, c in zip(refs, cast) if c >= 0
         )
         tensors = []
         for ref, at, cast_at, t in zip(refs, stored, cast, there):

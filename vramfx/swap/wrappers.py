@@ -142,6 +142,17 @@ class SwapSwitches:
         dtype = next((s.dtype for s in self._vramfx_unit.slots if s.dtype.is_floating_point), None)
         return config.device, config.computation.dtype_for(dtype) if dtype is not None else None
 
+    @property
+    def vramfx_fusion_anchor(self) -> torch.Tensor | None:
+        """What a PEFT LoRA merged into this module's ``weight`` is recorded against: the runtime
+        adds it after each fetch, and the weight where it rests is never written
+        (:mod:`vramfx.adapters.fusions`). None when the module has no weight it moves."""
+        unit = self.__dict__.get("_vramfx_unit")
+        weight = getattr(self, "weight", None)
+        if unit is None or weight is None:
+            return None
+        return next((unit.anchors[i] for i, face in enumerate(unit.face) if face is weight), None)
+
     def _vramfx_bind(
         self, root: torch.nn.Module, name: str, binding: Binding | None, *, recursive: bool = True, **standalone: Any
     ) -> None:
