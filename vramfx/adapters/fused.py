@@ -21,8 +21,9 @@ _WORK_BYTES_PER_ELEMENT = 8
 #: Memory traffic per weight value of one fusion, for the cost model: the copy, the product, the scale, the add.
 _TRAFFIC_BYTES_PER_ELEMENT = 24
 
-#: ``(A, B, scale, fan_in_fan_out)`` of each adapter merged into one layer, in merge order.
-MergedAdapters = Callable[[], list[tuple[torch.Tensor, torch.Tensor, float, bool]]]
+#: ``(A, B, scale, fan_in_fan_out, widen)`` of each adapter merged into one layer, in merge order
+#: (``widen``: :func:`lora_delta`'s).
+MergedAdapters = Callable[[], list[tuple[torch.Tensor, torch.Tensor, float, bool, bool]]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,13 +68,16 @@ class FusedLora:
             self.inner.decode_into(stored, out)
         else:
             out.copy_(stored.view(self.shape))
-        for a, b, scale, fan_in_fan_out in self.merged():
-            out += lora_delta(a.to(out.device), b.to(out.device), scale, fan_in_fan_out)
+        for a, b, scale, fan_in_fan_out, widen in self.merged():
+            out += lora_delta(a.to(out.device), b.to(out.device), scale, fan_in_fan_out, widen=widen)
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+def lora_delta(
+    a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False, *, widen: bool = True
+) -> torch.Tensor:
     """``scale * (B @ A)`` in PEFT's dtypes: half-precision factors on a CPU are multiplied in
-    float32 and the product rounded back, as ``LoraLayer.get_delta_weight`` does.
+    float32 and the product rounded back, as ``LoraLayer.get_delta_weight`` does (``widen``);
+    else in their own dtype, as DiffSynth-Studio's LoRA loader does.
 
     Examples
     --------
@@ -81,7 +85,7 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: b
     torch.Size([4, 3])
     """
     dtype = b.dtype
-    widen = b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    widen = widen and b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
     if widen:
         a, b = a.float(), b.float()
     product = b @ a

@@ -33,13 +33,20 @@ from vramfx.errors import VramfxError
 
 @dataclass(frozen=True)
 class Fusion:
-    """One adapter merged into a weight: ``weight += scale * (B @ A)`` (transposed with ``fan_in_fan_out``)."""
+    """One adapter merged into a weight: ``weight += scale * (B @ A)`` (transposed with ``fan_in_fan_out``;
+    ``widen``: half-precision factors on a CPU multiplied in float32, as PEFT does)."""
 
     adapter: str
     a: torch.Tensor
     b: torch.Tensor
     scale: float
     fan_in_fan_out: bool = False
+    widen: bool = True
+
+    @property
+    def terms(self) -> tuple[torch.Tensor, torch.Tensor, float, bool, bool]:
+        """What :class:`~vramfx.adapters.fused.FusedLora` reads of it."""
+        return self.a, self.b, self.scale, self.fan_in_fan_out, self.widen
 
 
 _fused: dict[int, tuple[weakref.ref, list[Fusion]]] = {}
@@ -63,7 +70,8 @@ def fusions_version() -> int:
     return _version[0]
 
 
-def _record(weight: torch.Tensor, fusion: Fusion) -> None:
+def record_fusion(weight: torch.Tensor, fusion: Fusion) -> None:
+    """Remember ``fusion`` as merged into ``weight`` (a streamed parameter, or a fusion anchor)."""
     with _lock:
         entry = _fused.get(id(weight))
         if entry is None or entry[0]() is not weight:
@@ -113,7 +121,7 @@ def recording(merge: Any, unmerge: Any, is_streamed: Any) -> tuple[Any, Any]:
         with _meta_weight(self.get_base_layer()):
             result = merge(self, *args, **kwargs)
         for adapter in self.merged_adapters[before:]:
-            _record(key, Fusion(
+            record_fusion(key, Fusion(
                 adapter, self.lora_A[adapter].weight.detach().clone(), self.lora_B[adapter].weight.detach().clone(),
                 float(self.scaling[adapter]), bool(getattr(self, "fan_in_fan_out", False)),
             ))

@@ -28,8 +28,8 @@ def fused_ref(ref: WeightRef, anchor: torch.Tensor, compute_dtype: torch.dtype) 
     if not fusions:
         return ref
 
-    def merged() -> list[tuple[torch.Tensor, torch.Tensor, float, bool]]:
-        return [(f.a, f.b, f.scale, f.fan_in_fan_out) for f in fusions_of(anchor)]
+    def merged() -> list[tuple[torch.Tensor, torch.Tensor, float, bool, bool]]:
+        return [f.terms for f in fusions_of(anchor)]
 
     rank = sum(f.a.shape[0] for f in fusions)
     decoder = FusedLora(tuple(ref.shape), ref.dtype, ref.nbytes, merged, rank, inner=ref.decoder)

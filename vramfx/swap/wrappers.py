@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vramfx.swap.config import KEYS, Placement, VramConfig, parse_vram_limit
-from vramfx.swap.interop import join_lora_hot_load
+from vramfx.swap.interop import join_lora_fusion, join_lora_hot_load
 from vramfx.swap.linear_ops import FP8_DTYPES, fp8_linear, lora_forward
 from vramfx.swap.loading import honour_load_state_dict
 from vramfx.swap.patch import bound_calls
@@ -165,6 +165,7 @@ class SwapSwitches:
         self.__dict__["name"] = name
         self.__dict__["state"] = 0
         binding.wrappers.append(self)
+        join_lora_fusion()
         honour_load_state_dict(self, self._vramfx_unit, binding.runtime)  # type: ignore[arg-type]
         if own:
             bound_calls(self, binding.runtime)  # type: ignore[arg-type]
