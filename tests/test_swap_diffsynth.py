@@ -193,7 +193,8 @@ def test_the_pipelines_fusing_lora_loader_on_wrapped_modules_equals_eager(ds, tm
     assert vramfx.swap.swap_stats(dit).cast_bytes > 0
     assert not any(p.is_inference() or not p.is_meta for n, p in dit.named_parameters() if "blocks.0.self_attn.q" in n)
 
-    conv = {"patch_embedding.lora_A.weight": torch.ones(4, 16, 1, 1), "patch_embedding.lora_B.weight": torch.ones(64, 4, 1, 1)}
+    conv = {"patch_embedding.lora_A.weight": torch.ones(4, 16, 1, 1),
+            "patch_embedding.lora_B.weight": torch.ones(64, 4, 1, 1)}
     with pytest.raises(vramfx.VramfxError, match="only 2-D"):
         pipe.load_lora(pipe.dit, state_dict=conv, hotload=False, verbose=0)
 

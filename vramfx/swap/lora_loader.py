@@ -94,7 +94,8 @@ def fuse_into_wrapped(loader: Any, model: torch.nn.Module, state_dict: dict[str,
     with torch.no_grad():
         for module, up, down in written:  # on the device for good: fused as the loader fuses them
             state = module.state_dict()
-            state["weight"] = state["weight"].to(device=loader.device, dtype=loader.torch_dtype) + _delta(up, down, alpha)
+            weight = state["weight"].to(device=loader.device, dtype=loader.torch_dtype)
+            state["weight"] = weight + _delta(up, down, alpha)
             module.load_state_dict(state)
     log.info("%d layer(s) fused by LoRA (%d added after each fetch)", len(recorded) + len(written), len(recorded))
     return len(recorded) + len(written)
