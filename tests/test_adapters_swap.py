@@ -9,6 +9,7 @@ import torch
 import vramfx
 from lora_models import add_lora, assert_equal, delete_adapter, first, lora_layers, set_active, twins
 from test_swap_models import module_map
+from vramfx.adapters.fused import FusedLora
 from vramfx.swap import AutoWrappedLinear, enable_vram_management, onload, swap_stats
 
 pytest.importorskip("peft")
@@ -135,7 +136,7 @@ def test_lora_fused_after_enable_then_unfused_and_fused_with_two_adapters(arch_n
 
 
 @pytest.mark.parametrize("kept", ["planned", "onloaded"])
-def test_kept_weights_follow_fusion_changes_between_calls(kept, tmp_path):
+def test_kept_weights_follow_fusion_changes_between_calls(kept, tmp_path, monkeypatch):
     t = twins("flux", tmp_path)
     add_lora([t.eager, t.empty], t.targets, "a", seed=1)
     eager = Eager(t)
@@ -150,13 +151,21 @@ def test_kept_weights_follow_fusion_changes_between_calls(kept, tmp_path):
     if kept == "planned":
         assert swap_stats(model).streamed_bytes == 0 and swap_stats(model).resident
     held = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_meta}
+    decodes = []
+    decode = FusedLora.decode_into
+    monkeypatch.setattr(FusedLora, "decode_into", lambda self, *a: decodes.append(1) or decode(self, *a))
+    fused_weights = len(lora_layers(model))
     for scale in (0.5, -1.5):
         for m in (t.eager, model):
             fuse(m, scale)
+        decodes.clear()
         fused = run(model, t.inputs)
         assert not torch.equal(first(unfused), first(fused))
         assert_equal(t.expected(), fused)
+        assert len(decodes) == fused_weights  # kept: fused once as made resident; onloaded: on each call
+        decodes.clear()
         assert_equal(t.expected(), run(model, t.inputs))
+        assert len(decodes) == (0 if kept == "planned" else fused_weights)
         eager.unfuse()
         unfuse(model)
         for m in (t.eager, model):

@@ -33,7 +33,10 @@ class FusedLora:
     ``inner`` decodes the stored bytes first when the checkpoint stores them encoded (GGUF,
     scaled fp8); else they are cast into the output. ``merged`` gives the adapters' current
     values each time the weight is decoded. ``rank`` is the sum of their ranks, for the
-    workspace the fusion takes.
+    workspace the fusion takes. ``kept_decoded``: a kept copy of the weight is fused once, when
+    it is made resident (:func:`vramfx.runtime.engine.decoded_when_kept`), by a front end that drops
+    that copy whenever the merges change; it applies only without ``inner`` (the fusion is then
+    made in the stored bytes themselves).
     """
 
     shape: tuple[int, ...]
@@ -43,6 +46,10 @@ class FusedLora:
     rank: int
     inner: object | None = None
     row_order: None = None
+    kept_decoded: bool = False
+
+    def __post_init__(self) -> None:
+        assert not (self.kept_decoded and self.inner is not None), "an encoded weight is decoded per cast"
 
     @property
     def format(self) -> str:

@@ -51,7 +51,7 @@ from vramfx.runtime.follow import CallCounts, Follower, Hold
 from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef
-from vramfx.swap.fused import FusionStructure, fused_ref, fusion_structure
+from vramfx.swap.fused import Fusions, fused_ref, merges, structure
 from vramfx.swap.passes import Item, PassFinder, items_of, record_of
 from vramfx.swap.record import CallRecord, Recorder, flops_per_unit, to_liveness
 from vramfx.swap.units import Unit
@@ -201,7 +201,7 @@ class SwapRuntime:
         self._unit_flops: dict[int, float] = {}  # per unit, FLOPs of one call of it, as first recorded
         self._planned: _Planned | None = None
         self._stale = True  # units or their homes changed: bind and plan again before the next call
-        self._fusions: tuple[int, FusionStructure] = (-1, {})  # (records' version, structure) last bound
+        self._fusions: tuple[int, Fusions] = (-1, {})  # (records' version, merges) as last seen
         self._call: _Call | None = None
         self._opened: list[bool] = []  # per begin_call in progress: whether it opened the call
         self._passes = PassFinder()
@@ -459,16 +459,18 @@ class SwapRuntime:
         return planned
 
     def _follow_fusions(self) -> None:
-        """LoRA merged into or taken off the units' weights since they were bound: a weight whose
-        merges changed is bound again (a kept copy of it dropped: it is held otherwise); new
-        values of the same merges need nothing, its decoder reads them at every cast."""
-        version, bound = self._fusions
+        """LoRA merged into or taken off the units' weights since last seen: a kept copy of a weight
+        whose merges changed is dropped (it holds them fused, or is held otherwise), and when which
+        weights carry merges of which ranks changed, every unit is bound and planned again. Other
+        merges of the same ranks need no plan: decoders read them at every cast."""
+        version, seen = self._fusions
         if version == fusions_version():
             return
-        now = fusion_structure(self._anchors())
-        if now != bound:
-            for name in set(now) ^ set(bound):
+        now = merges(self._anchors())
+        for name in set(now) | set(seen):
+            if tuple(map(id, now.get(name, ()))) != tuple(map(id, seen.get(name, ()))):
                 self._store.drop(name)
+        if structure(now) != structure(seen):
             self._stale = True
         self._fusions = (fusions_version(), now)
 
@@ -490,7 +492,6 @@ class SwapRuntime:
         """Bind every unit's weights and plan them for the recorded order (or for the recording)."""
         if self._planned is not None:
             self._planned.follower.engine.deactivate()
-        self._fusions = (fusions_version(), fusion_structure(self._anchors()))
         weights = {u.index: bind(u) for u in self.units}
         refs = {ref.name: ref for unit_refs in weights.values() for ref in unit_refs}
         plan = self._schedule(weights) if self._record is not None else None
