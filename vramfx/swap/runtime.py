@@ -38,13 +38,13 @@ from typing import Any
 
 import torch
 
+from vramfx.adapters.fusions import fusions_of, fusions_version
 from vramfx.errors import BudgetError, VramfxError
 from vramfx.forks import renew_after_fork
 from vramfx.measure import memory_in_use
 from vramfx.plan.costs import CostModel
 from vramfx.plan.plan import Plan
 from vramfx.plan.schedule import schedule
-from vramfx.adapters.fusions import fusions_of, fusions_version
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore, layout
 from vramfx.runtime.follow import CallCounts, Follower, Hold

@@ -102,7 +102,8 @@ class Unit:
             assert current is not None
             self.home.append(None if current.is_meta else current)
             self.face.append(current)
-            self.anchors.append(current if current.is_meta else torch.empty(slot.shape, dtype=slot.dtype, device="meta"))
+            stand_in = current if current.is_meta else torch.empty(slot.shape, dtype=slot.dtype, device="meta")
+            self.anchors.append(stand_in)
             self._show(i)
         self.index = -1  # its position in the runtime's list of units
 
