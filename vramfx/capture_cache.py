@@ -126,7 +126,7 @@ def capture_key(
     model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None
 ) -> str | None:
     """A hex digest of everything a capture of this call depends on; None when it cannot be cached."""
-    reason = _uncacheable(model)
+    reason = uncacheable_reason(model)
     if reason:
         log.debug("vramfx: capture of %s not cached: %s", type(model).__name__, reason)
         return None
@@ -147,7 +147,8 @@ def capture_key(
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def _uncacheable(model: torch.nn.Module) -> str | None:
+def uncacheable_reason(model: torch.nn.Module) -> str | None:
+    """Why captures of ``model`` cannot be keyed (hooks, a forward set on an instance, adapters), or None."""
     from torch.nn.modules import module as nn_module
 
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_module_registration_hooks"):
@@ -182,7 +183,14 @@ def _vramfx_version() -> str:
     return _VRAMFX_VERSION[0]
 
 
-def _model_digest(model: torch.nn.Module) -> str:
+def block_digest(module: torch.nn.Module) -> str:
+    """What a capture of ``module`` depends on besides its code and call: its submodules' classes
+    and attributes, its parameters' and buffers' names, shapes, strides and dtypes; siblings with
+    the same digest trace to the same graph on the same inputs."""
+    return _model_digest(module, code=False)
+
+
+def _model_digest(model: torch.nn.Module, *, code: bool = True) -> str:
     digest = hashlib.sha256()
     classes: dict[type, None] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -203,7 +211,8 @@ def _model_digest(model: torch.nn.Module) -> str:
         for b in getattr(module, "_non_persistent_buffers_set", ())
     )
     digest.update(repr(persistent).encode())
-    digest.update(repr(_code_digest(classes)).encode())
+    if code:
+        digest.update(repr(_code_digest(classes)).encode())
     return digest.hexdigest()
 
 
