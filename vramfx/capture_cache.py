@@ -38,9 +38,9 @@ import pickle
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.fx
@@ -137,7 +137,7 @@ def capture_key(
         CACHE_FORMAT,
         sys.version,
         torch.__version__,
-        _vramfx_version(),
+        vramfx_version(),
         str(device),
         str(dtype),
         str(torch.get_default_dtype()),
@@ -167,7 +167,7 @@ def uncacheable_reason(model: torch.nn.Module) -> str | None:
 _VRAMFX_VERSION: list[str] = []
 
 
-def _vramfx_version() -> str:
+def vramfx_version() -> str:
     """vramfx's version and a hash of its source: an edited checkout invalidates its entries."""
     if not _VRAMFX_VERSION:
         try:
@@ -421,17 +421,23 @@ def _store(path: Path, key: str, captured: Captured, model: torch.nn.Module) -> 
     if any(n.op in ("get_attr", "call_module") for n in captured.graph_module.graph.nodes):
         log.debug("vramfx: capture of %s not cached: its graph holds submodules", type(model).__name__)
         return
+    try:
+        write_atomically(path, lambda f: (f.write(_MAGIC), _Pickler(f).dump((key, _encode(captured, model)))))
+    except Exception as exc:  # a cache that cannot be written costs the next process a capture, nothing else
+        log.debug("vramfx: capture of %s not cached: %s: %s", type(model).__name__, type(exc).__name__, exc)
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file renamed into place: readers
+    see the old entry or the whole new one, and concurrent writers leave one whole entry."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC)
-            _Pickler(f).dump((key, _encode(captured, model)))
-        os.replace(tmp, path)  # atomic: readers see the old entry or the whole new one
+            write(f)
+        os.replace(tmp, path)
         tmp = None
-    except Exception as exc:  # a cache that cannot be written costs the next process a capture, nothing else
-        log.debug("vramfx: capture of %s not cached: %s: %s", type(model).__name__, type(exc).__name__, exc)
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
