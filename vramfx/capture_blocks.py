@@ -18,6 +18,7 @@ constants, mutates its inputs or returns something other than tensors; any error
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import operator
@@ -220,31 +221,48 @@ def _export_with_blocks(model: torch.nn.Module, args: tuple, kwargs: Mapping[str
 
 def _record_calls(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], groups: list[_Group]) -> list[_Group]:
     """Run the model eagerly on meta tensors, recording the input signatures each group's blocks
-    are called with; the groups whose blocks are each called once, with few signatures."""
+    are called with; the groups whose blocks are each called once, with few signatures.
+
+    Only the first block of each signature runs: the others return new meta tensors shaped as
+    its outputs (the same block on the same signature), so the run costs about one block per
+    signature besides the rest of the model.
+    """
     calls: dict[int, int] = {}
     refused: dict[int, str] = {}
-    handles = []
+    outputs: dict[tuple[int, _Signature], tuple[list[Any], pytree.TreeSpec]] = {}
+    patched = []
 
-    def pre_hook(index: int, module: torch.nn.Module, a: tuple, kw: dict) -> None:
-        calls[id(module)] = calls.get(id(module), 0) + 1
+    def forward(index: int, block: torch.nn.Module, original: Any, a: tuple, kw: dict) -> Any:
+        calls[id(block)] = calls.get(id(block), 0) + 1
+        if index in refused:
+            return original(*a, **kw)
         try:
             signature = _Signature.of(a, kw)
         except NotReusable as exc:
-            refused.setdefault(index, str(exc))
-            return
-        group = groups[index]
-        if not any(v.signature == signature for v in group.variants):
-            group.variants.append(_Variant(signature, module))
+            refused[index] = str(exc)
+            return original(*a, **kw)
+        if (index, signature) in outputs:
+            leaves, spec = outputs[index, signature]
+            return pytree.tree_unflatten([x.meta() if isinstance(x, _Tensor) else x for x in leaves], spec)
+        groups[index].variants.append(_Variant(signature, block))
+        out = original(*a, **kw)
+        leaves, spec = pytree.tree_flatten(out)
+        if all(isinstance(x, torch.Tensor) and x.device.type == "meta" for x in leaves):
+            outputs[index, signature] = ([_Tensor.of(x) for x in leaves], spec)
+        else:
+            refused[index] = "a block returns something other than meta tensors"
+        return out
 
     try:
         for index, group in enumerate(groups):
             for block in group.blocks:
-                handles.append(block.register_forward_pre_hook(
-                    lambda m, a, kw, i=index: pre_hook(i, m, a, kw), with_kwargs=True))
+                original = block.forward
+                block.forward = functools.partial(_call_with, forward, index, block, original)
+                patched.append(block)
         model(*args, **kwargs)
     finally:
-        for handle in handles:
-            handle.remove()
+        for block in patched:
+            del block.forward
     kept = []
     for index, group in enumerate(groups):
         if index in refused:
@@ -258,6 +276,10 @@ def _record_calls(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
             continue
         log.debug("vramfx: blocks under %r captured one by one: %s", group.prefix, reason)
     return kept
+
+
+def _call_with(forward: Any, index: int, block: torch.nn.Module, original: Any, *a: Any, **kw: Any) -> Any:
+    return forward(index, block, original, a, kw)
 
 
 def _export_block(variant: _Variant) -> None:
@@ -322,8 +344,7 @@ def _splice(exported: torch.export.ExportedProgram, groups: list[_Group]) -> Non
         _, group_index, variant, position, inputs = call.args
         group = groups[group_index]
         _inline(graph, call, group.variants[variant], f"{group.prefix}.{position}", fqn_to_node, list(inputs))
-    graph.lint()
-    gm.recompile()
+    graph.lint()  # capture recompiles the module once its passes are done
 
 
 def _inline(
@@ -408,7 +429,13 @@ class _StorageMap:
             raise NotReusable("two block inputs share a storage in the block's export")
 
     def remap(self, value: Any) -> Any:
-        return pytree.tree_map_only(torch.Tensor, self._tensor, value)
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.remap(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.remap(v) for k, v in value.items()}
+        return value
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
