@@ -213,3 +213,30 @@ def test_the_switch_turns_it_off(monkeypatch, spliced):
     monkeypatch.setenv(capture_blocks.ENV_SWITCH, "0")
     capture(_Stack(), (torch.randn(2, 8),))
     assert not spliced
+
+
+@pytest.mark.slow
+def test_a_40_block_wan_spliced_equals_eager_and_the_whole_capture(tmp_path, monkeypatch, spliced):
+    from diffusers import WanTransformer3DModel
+
+    def build():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=64, num_layers=40, rope_max_seq_len=32,
+        )
+
+    arch = dataclasses.replace(ARCHS["wan"], build=build)
+    reused, whole = _capture_both(arch, monkeypatch)
+    a, b = list(reused.graph_module.graph.nodes), list(whole.graph_module.graph.nodes)
+    assert [(n.op, n.target) for n in a] == [(n.op, n.target) for n in b]
+    assert [_meta(n) for n in a] == [_meta(n) for n in b]
+    eager = build_saved(arch, tmp_path)
+    inputs = arch.inputs()
+    with torch.no_grad():
+        expected = eager(**inputs)
+    for switch in ("1", "0"):
+        monkeypatch.setenv(capture_blocks.ENV_SWITCH, switch)
+        fast = vramfx.compile(build_empty(arch), budget="1GB", weights=vramfx.DiskMap(tmp_path), device="cpu",
+                              cache=False)
+        assert_same_output(expected, fast(**inputs))
+    assert spliced == [["blocks"], ["blocks"]]
