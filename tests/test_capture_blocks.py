@@ -240,3 +240,14 @@ def test_a_40_block_wan_spliced_equals_eager_and_the_whole_capture(tmp_path, mon
                               cache=False)
         assert_same_output(expected, fast(**inputs))
     assert spliced == [["blocks"], ["blocks"]]
+
+
+def test_blocks_called_under_autocast_are_captured_whole(monkeypatch, spliced):
+    class Stack(_Stack):
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                for block in self.blocks:
+                    x = block(x)
+            return x.float()
+
+    _check_stack(Stack(), monkeypatch, spliced, expect_splice=False)

@@ -109,6 +109,18 @@ class _Variant:
     exported: torch.export.ExportedProgram | None = None
     outputs: tuple[_Tensor, ...] = ()
     out_spec: pytree.TreeSpec | None = None
+    state: tuple | None = None
+
+
+def _global_state() -> tuple:
+    """The process state that changes what a block traces to besides its inputs: grad and
+    inference mode, autocast on each device type, the default dtype, deterministic algorithms.
+    A model that sets one around its blocks gets them exported under it, or whole."""
+    autocast = tuple(
+        (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
+    )
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, torch.get_default_dtype(),
+            torch.are_deterministic_algorithms_enabled())
 
 
 @dataclass
@@ -284,7 +296,17 @@ def _call_with(forward: Any, index: int, block: torch.nn.Module, original: Any, 
 
 def _export_block(variant: _Variant) -> None:
     block_args, block_kwargs = variant.signature.example()
-    exported = torch.export.export(variant.block, block_args, block_kwargs, strict=False)
+    states = []
+    handle = variant.block.register_forward_pre_hook(lambda module, a: states.append(_global_state()))
+    try:
+        exported = torch.export.export(variant.block, block_args, block_kwargs, strict=False)
+    finally:
+        handle.remove()
+    if len(states) != 1:
+        raise NotReusable("the block's export did not call it once")
+    variant.state = states[0]
+    if any(n.op in ("get_attr", "call_module") for n in exported.graph_module.graph.nodes):
+        raise NotReusable("the block's graph holds submodules or attributes")
     sig = exported.graph_signature
     for spec in sig.input_specs:
         if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.USER_INPUT):
@@ -314,6 +336,8 @@ def _opaque(groups: list[_Group], session: int) -> Iterator[None]:
                     raise NotReusable(f"block {_group.prefix}.{_b} is called twice")
                 called.add(id(_m))
                 v = _group.variant(_Signature.of(a, kw))
+                if _global_state() != _group.variants[v].state:
+                    raise NotReusable(f"block {_group.prefix}.{_b} is called under another grad, autocast or dtype state")
                 tensors = [x for x in pytree.tree_leaves((a, kw)) if isinstance(x, torch.Tensor)]
                 outputs = torch.ops.vramfx.block_call(session, _g, v, _b, tensors)
                 return pytree.tree_unflatten(list(outputs), _group.variants[v].out_spec)
@@ -425,8 +449,9 @@ class _StorageMap:
             raise NotReusable("a block input's metadata differs between the block's export and the model's")
         key = inner.untyped_storage()._cdata
         target = (outer.untyped_storage(), outer.storage_offset() - inner.storage_offset())
-        if self._map.setdefault(key, target) is not target and self._map[key][0]._cdata != target[0]._cdata:
-            raise NotReusable("two block inputs share a storage in the block's export")
+        bound = self._map.setdefault(key, target)
+        if bound is not target and (bound[0]._cdata, bound[1]) != (target[0]._cdata, target[1]):
+            raise NotReusable("two block inputs share a storage in the block's export but not in the model's")
 
     def remap(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
