@@ -9,9 +9,11 @@ sibling's placeholders, replaces each call. The graph is what a whole-model expo
 same aten ops on the same values in the same order, only node names differ.
 
 Whenever the reuse is not shown valid the model is exported whole (logged at debug level):
-blocks that differ in class, attributes or parameters; hooks anywhere; a block called more than
-once or not at all; siblings called with another input signature; a block whose export lifts
-constants, mutates its inputs or returns something other than tensors; any error on the way.
+blocks that differ in class, attributes or parameters; hooks on a block or global ones; a block
+called more than once or not at all; siblings called with too many input signatures, or under
+another grad, autocast or dtype state than their export; a block whose export lifts constants,
+holds submodules, mutates its inputs or returns something other than tensors; any error on the
+way.
 ``VRAMFX_BLOCK_CAPTURE=0`` turns the reuse off.
 """
 
