@@ -177,6 +177,10 @@ def test_a_block_called_twice_is_captured_whole(monkeypatch, spliced):
     _check_stack(_Stack(calls=(0, 1, 1, 2)), monkeypatch, spliced, expect_splice=False)
 
 
+def test_a_block_skipped_on_this_call_is_captured_whole(monkeypatch, spliced):
+    _check_stack(_Stack(calls=(0, 2)), monkeypatch, spliced, expect_splice=False)
+
+
 def test_a_block_with_a_hook_is_captured_whole(monkeypatch, spliced):
     model = _Stack()
     model.blocks[1].register_forward_hook(lambda module, args, out: out * 2)
