@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated weights kept in the compute dtype with --storage-dtype: auto, minimal, "
                            "none, names or glob patterns (default auto)")
     plan.add_argument("--no-cache", action="store_true",
-                      help="capture without the persistent capture cache (also: VRAMFX_CACHE=0)")
+                      help="capture and plan without the persistent cache (also: VRAMFX_CACHE=0)")
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     plan.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout (required for png)")
     plan.set_defaults(run=run_plan)
@@ -175,7 +175,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes, link_bytes_per_s
     from vramfx.util import ALIGNMENT
     from vramfx.plan.liveness import build_liveness
-    from vramfx.plan.schedule import schedule
+    from vramfx.plan_cache import cached_plan
 
     device, device_note = _device(args.device)
     budget_bytes = _budget(args.budget, device)
@@ -226,8 +226,8 @@ def run_plan(args: argparse.Namespace) -> int:
         liveness = build_liveness(captured, device=device, storage_dtypes=stored, stored_formats=formats)
         # As compile plans it: on CPU the margin also holds the graph and the allocator's slack.
         margin_bytes = compile_margin_bytes(captured, liveness, device, DEFAULT_MARGIN_BYTES[device.type])
-        plan = schedule(liveness, budget_bytes, cost_model=cost_model, calls=calls,
-                        alignment=alignment, margin_bytes=margin_bytes)
+        plan = cached_plan(liveness, budget_bytes, cost_model=cost_model, calls=calls, alignment=alignment,
+                           margin_bytes=margin_bytes, cache=False if args.no_cache else None)
     labels = layer_labels(module_paths(captured, liveness))
 
     title = f"{type(workload.model).__name__} on {device}"

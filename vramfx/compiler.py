@@ -24,13 +24,13 @@ from vramfx.errors import BudgetError
 from vramfx.measure import release_freed_memory
 from vramfx.capture import Captured
 from vramfx.capture_cache import cached_capture
+from vramfx.plan_cache import cached_plan
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.compiled_class import compiled_class
 from vramfx.plan.costs import CostModel
-from vramfx.plan.in_place import choose_in_place, with_in_place, without_in_place
+from vramfx.plan.in_place import choose_in_place
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.types import Liveness
-from vramfx.plan.schedule import schedule
 from vramfx.progress import step
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
@@ -151,8 +151,9 @@ def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs
         patterns, ``nn.Module`` classes, or a list mixing them; ``None`` keeps nothing. The
         module-level path (fallback, ``generate``) stores and computes the same way.
     cache:
-        Read and write captures in the persistent capture cache (:mod:`vramfx.capture_cache`),
-        so a new process compiling the same model for the same call skips ``torch.export``.
+        Read and write captures and plans in the persistent cache (:mod:`vramfx.capture_cache`,
+        :mod:`vramfx.plan_cache`), so a new process compiling the same model for the same call
+        skips ``torch.export`` and, with the same budget and settings, the schedule.
         ``None`` (the default) follows the environment: on unless ``VRAMFX_CACHE=0``.
     in_place:
         On CPU, use weights 64-byte aligned in a DiskMap file where they lie in the page cache
@@ -357,13 +358,15 @@ def plan_graph(
         mappable = {name for name, ref in refs.items() if mapped_bytes(ref) is not None}
         in_place = choose_in_place(liveness, mappable, device_type="cpu", bypass_page_cache=False)
     try:
-        plan = schedule(
-            without_in_place(liveness, in_place),
+        plan = cached_plan(
+            liveness,
             options.budget_bytes,
             cost_model=options.cost_model,
             calls=options.calls,
             alignment=ALIGNMENT.get(options.device.type, 64),
             margin_bytes=options.margin_bytes + reserved + slack,
+            in_place=in_place,
+            cache=options.cache,
         )
     except BudgetError as exc:
         if not reserved + slack:
@@ -375,7 +378,6 @@ def plan_graph(
             f"allocator keeps (see docs/reliability.md).",
             minimum_bytes=exc.minimum_bytes,
         ) from None
-    plan = with_in_place(plan, liveness, in_place)
     if log.isEnabledFor(logging.INFO):
         log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
     graph_module = rewrite(captured, plan)
