@@ -9,7 +9,10 @@ weights, with a PEFT LoRA on every attention and MLP projection. It prints:
   them) and the next call, and a scale change (``set_scale``) and the next call; a steady call
   for reference. Outputs are checked against eager PEFT after each;
 - time per call with the rank-64 LoRA against the same model without one, at the same budget,
-  calls interleaved, medians.
+  calls interleaved, medians;
+- on the layer-swap path (every linear wrapped, ``vram_limit`` the same budget): time per call with
+  the LoRA unfused (PEFT's branch beside each streamed linear) against fused (``merge``: added to
+  each weight after its fetch), medians; outputs checked against eager PEFT fused.
 
     python benchmarks/lora.py [--layers 8] [--rank 64] [--calls 7] [--smoke]
 """
@@ -122,6 +125,27 @@ def main() -> None:
             plain_times.append(timed(lambda: call(plain)))
             lora_times.append(timed(lambda: call(fast)))
         plan, plain_plan = fast.plan, plain.plan
+        del fast, plain
+
+        swap_model = empty()
+        add_lora([swap_model], args.rank, "a", seed=1)
+        swap_model.load_state_dict({k: v for k, v in eager.state_dict().items() if "lora_" in k}, strict=False)
+        for layer in (m for m in swap_model.modules() if isinstance(m, LoraLayer)):
+            layer.set_scale("a", 0.5)
+        from vramfx.swap import AutoWrappedLinear, AutoWrappedModule, enable_vram_management
+
+        swapped = enable_vram_management(
+            swap_model, {torch.nn.Linear: AutoWrappedLinear, torch.nn.Embedding: AutoWrappedModule},
+            {"offload_dtype": "disk", "offload_device": "disk", "computation_device": "cpu"},
+            vram_limit=budget / 2**30, disk_map=weights,
+        )
+        call(swapped)  # records the order
+        unfused_times = [timed(lambda: call(swapped)) for _ in range(args.calls)]
+        for model in (eager, swapped):
+            for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+                layer.merge()
+        assert torch.equal(call(swapped), call(eager)), "fused LoRA on the layer-swap path differs from eager"
+        fused_times = [timed(lambda: call(swapped)) for _ in range(args.calls)]
 
     plain_median, lora_median = statistics.median(plain_times), statistics.median(lora_times)
     print(f"model        Llama-like, {args.layers} layers, hidden 1024, seq {args.seq}: {format_bytes(weight_bytes)} on disk; "
@@ -135,6 +159,10 @@ def main() -> None:
           f"{format_bytes(plain_plan.streamed_bytes)}, resident {format_bytes(plain_plan.resident_bytes)}")
     print(f"per call, rank-{args.rank} LoRA        {lora_median * 1e3:9.1f} ms ({lora_median / plain_median:.3f}x); streamed "
           f"{format_bytes(plan.streamed_bytes)}, resident {format_bytes(plan.resident_bytes)}")
+    unfused_median, fused_median = statistics.median(unfused_times), statistics.median(fused_times)
+    print(f"layer swap, LoRA unfused     {unfused_median * 1e3:9.1f} ms (median of {args.calls})")
+    print(f"layer swap, LoRA fused       {fused_median * 1e3:9.1f} ms ({fused_median / unfused_median:.3f}x; the "
+          "deltas added after each fetch)")
 
 
 if __name__ == "__main__":

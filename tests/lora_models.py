@@ -95,18 +95,18 @@ class Counter:
 
         self.captures = 0
         self.plans = 0
-        capture, schedule = capture_cache.capture, compiler.schedule_weights
+        capture, plan = capture_cache.capture, compiler.cached_plan
 
         def counted_capture(*a: Any, **k: Any) -> Any:
             self.captures += 1
             return capture(*a, **k)
 
-        def counted_schedule(*a: Any, **k: Any) -> Any:
+        def counted_plan(*a: Any, **k: Any) -> Any:
             self.plans += 1
-            return schedule(*a, **k)
+            return plan(*a, **k)
 
         monkeypatch.setattr(capture_cache, "capture", counted_capture)
-        monkeypatch.setattr(compiler, "schedule_weights", counted_schedule)
+        monkeypatch.setattr(compiler, "cached_plan", counted_plan)
 
     @property
     def made(self) -> tuple[int, int]:

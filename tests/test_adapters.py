@@ -88,7 +88,7 @@ def test_lora_delta_and_fused_decode_equal_peft_merge(dtype):
     assert torch.equal(lora_delta(a, layer.lora_B["a"].weight.detach(), 2.0), layer.get_delta_weight("a"))
     stored = layer.base_layer.weight.detach().clone()
     decoder = FusedLora(tuple(stored.shape), dtype, stored.numel() * stored.element_size(),
-                        lambda: [(a, layer.lora_B["a"].weight.detach(), 2.0, False)], rank=2)
+                        lambda: [(a, layer.lora_B["a"].weight.detach(), 2.0, False, True)], rank=2)
     layer.merge(adapter_names=["a"])
     out = torch.empty_like(stored)
     decoder.decode_into(stored.reshape(-1), out)

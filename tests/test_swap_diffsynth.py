@@ -121,16 +121,22 @@ def test_the_originals_diskmap_object_and_whole_model_wrap(ds, tmp_path):
         assert torch.equal(ds.model_fn_wan_video(dit=eager, **positive), ds.model_fn_wan_video(dit=wrapper, **positive))
 
 
-def test_the_pipeline_moves_states_and_hot_loads_lora_into_vramfx_wrappers(ds, tmp_path, monkeypatch):
-    build = lambda: tiny_wan(ds)  # noqa: E731
-    _, path = saved(ds, build, tmp_path)
-    (positive, _), *_ = guidance_steps(wan_inputs)
-    g = torch.Generator().manual_seed(3)
+def wan_lora(seed=3):
+    """A rank-4 LoRA on three of the tiny Wan DiT's linears, in DiffSynth-Studio's key format."""
+    g = torch.Generator().manual_seed(seed)
     lora = {}
     for name, (out_features, in_features) in {"blocks.0.self_attn.q": (64, 64), "blocks.1.ffn.0": (128, 64),
                                                "head.head": (64, 64)}.items():
         lora[f"{name}.lora_A.weight"] = torch.randn(4, in_features, generator=g)
         lora[f"{name}.lora_B.weight"] = torch.randn(out_features, 4, generator=g)
+    return lora
+
+
+def test_the_pipeline_moves_states_and_hot_loads_lora_into_vramfx_wrappers(ds, tmp_path, monkeypatch):
+    build = lambda: tiny_wan(ds)  # noqa: E731
+    _, path = saved(ds, build, tmp_path)
+    (positive, _), *_ = guidance_steps(wan_inputs)
+    lora = wan_lora()
     monkeypatch.setattr(torch.cpu, "empty_cache", lambda: None, raising=False)  # the pipeline calls it on its device
 
     outputs = {}
@@ -154,6 +160,43 @@ def test_the_pipeline_moves_states_and_hot_loads_lora_into_vramfx_wrappers(ds, t
     (theirs_lora, theirs_plain), (ours_lora, ours_plain) = outputs["theirs"], outputs["ours"]
     assert all(torch.equal(t, o) for t, o in zip(theirs_lora, ours_lora))
     assert torch.equal(theirs_plain, ours_plain) and not torch.equal(ours_lora[0], ours_plain)
+
+
+@pytest.mark.parametrize("limit_gb", [None, 0.0003])  # every weight kept; about 40% kept, the rest streamed
+def test_the_pipelines_fusing_lora_loader_on_wrapped_modules_equals_eager(ds, tmp_path, monkeypatch, limit_gb):
+    build = lambda: tiny_wan(ds)  # noqa: E731
+    eager, path = saved(ds, build, tmp_path)
+    (positive, _), *_ = guidance_steps(wan_inputs)
+    monkeypatch.setattr(torch.cpu, "empty_cache", lambda: None, raising=False)
+    eager_pipe = ds.WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+    eager_pipe.dit = eager
+    eager_pipe.load_lora(eager, state_dict=wan_lora(), alpha=0.5, verbose=0)  # fused into its weights
+    with torch.no_grad():
+        expected = ds.model_fn_wan_video(dit=eager, **positive)
+
+    with vramfx.skip_model_initialization():
+        dit = build()
+    dit = vramfx.swap.enable_vram_management(dit, classes(ds.maps[WAN_MAP]), VRAM_CONFIG, vram_limit=limit_gb,
+                                             disk_map=vramfx.DiskMap(path))
+    pipe = ds.WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.dit = dit
+    pipe.vram_management_enabled = pipe.check_vram_management_state()
+    pipe.load_models_to_device(["dit"])
+    with torch.no_grad():
+        plain = ds.model_fn_wan_video(dit=dit, **positive)
+    # Its layers are named under the wrappers' ".module": fused by vramfx after each fetch, not missed.
+    pipe.load_lora(pipe.dit, state_dict=wan_lora(), alpha=0.5, hotload=False, verbose=0)
+    with torch.no_grad():
+        outputs = [ds.model_fn_wan_video(dit=dit, **positive) for _ in range(3)]
+    assert not torch.equal(plain, expected)
+    assert all(torch.equal(expected, o) for o in outputs)
+    assert vramfx.swap.swap_stats(dit).cast_bytes > 0
+    assert not any(p.is_inference() or not p.is_meta for n, p in dit.named_parameters() if "blocks.0.self_attn.q" in n)
+
+    conv = {"patch_embedding.lora_A.weight": torch.ones(4, 16, 1, 1),
+            "patch_embedding.lora_B.weight": torch.ones(64, 4, 1, 1)}
+    with pytest.raises(vramfx.VramfxError, match="only 2-D"):
+        pipe.load_lora(pipe.dit, state_dict=conv, hotload=False, verbose=0)
 
 
 def test_the_fp8_linear_computes_as_the_originals(ds):

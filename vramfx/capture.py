@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from vramfx import carried
 from vramfx.adapters.scales import ScaleSlot, lift_scales, scales_as_buffers
+from vramfx.capture_blocks import export_reusing_blocks
 from vramfx.errors import CaptureError, VramfxError
 from vramfx.fold_masks import fold_constant_masks
 from vramfx.storage.checkpoint_keys import tensor_aliases
@@ -143,7 +144,7 @@ def capture(
         originals = _original_tensors(model)
         with _meta_state(model, dtype), _carrying(model, device), _exporting(), torch.no_grad():
             try:
-                exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
+                exported = export_reusing_blocks(model, meta_args, meta_kwargs)
             except Exception as exc:
                 if not export_cannot_express(exc):
                     _add_note(exc, f"vramfx: raised by {type(model).__name__}'s code on this call while capturing "

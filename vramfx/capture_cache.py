@@ -38,9 +38,9 @@ import pickle
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.fx
@@ -126,7 +126,7 @@ def capture_key(
     model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None
 ) -> str | None:
     """A hex digest of everything a capture of this call depends on; None when it cannot be cached."""
-    reason = _uncacheable(model)
+    reason = uncacheable_reason(model)
     if reason:
         log.debug("vramfx: capture of %s not cached: %s", type(model).__name__, reason)
         return None
@@ -137,7 +137,7 @@ def capture_key(
         CACHE_FORMAT,
         sys.version,
         torch.__version__,
-        _vramfx_version(),
+        vramfx_version(),
         str(device),
         str(dtype),
         str(torch.get_default_dtype()),
@@ -147,7 +147,8 @@ def capture_key(
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def _uncacheable(model: torch.nn.Module) -> str | None:
+def uncacheable_reason(model: torch.nn.Module) -> str | None:
+    """Why captures of ``model`` cannot be keyed (hooks, a forward set on an instance, adapters), or None."""
     from torch.nn.modules import module as nn_module
 
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_module_registration_hooks"):
@@ -166,7 +167,7 @@ def _uncacheable(model: torch.nn.Module) -> str | None:
 _VRAMFX_VERSION: list[str] = []
 
 
-def _vramfx_version() -> str:
+def vramfx_version() -> str:
     """vramfx's version and a hash of its source: an edited checkout invalidates its entries."""
     if not _VRAMFX_VERSION:
         try:
@@ -182,7 +183,14 @@ def _vramfx_version() -> str:
     return _VRAMFX_VERSION[0]
 
 
-def _model_digest(model: torch.nn.Module) -> str:
+def block_digest(module: torch.nn.Module) -> str:
+    """What a capture of ``module`` depends on besides its code and call: its submodules' classes
+    and attributes, its parameters' and buffers' names, shapes, strides and dtypes; siblings with
+    the same digest trace to the same graph on the same inputs."""
+    return _model_digest(module, code=False)
+
+
+def _model_digest(model: torch.nn.Module, *, code: bool = True) -> str:
     digest = hashlib.sha256()
     classes: dict[type, None] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -203,7 +211,8 @@ def _model_digest(model: torch.nn.Module) -> str:
         for b in getattr(module, "_non_persistent_buffers_set", ())
     )
     digest.update(repr(persistent).encode())
-    digest.update(repr(_code_digest(classes)).encode())
+    if code:
+        digest.update(repr(_code_digest(classes)).encode())
     return digest.hexdigest()
 
 
@@ -412,17 +421,23 @@ def _store(path: Path, key: str, captured: Captured, model: torch.nn.Module) -> 
     if any(n.op in ("get_attr", "call_module") for n in captured.graph_module.graph.nodes):
         log.debug("vramfx: capture of %s not cached: its graph holds submodules", type(model).__name__)
         return
+    try:
+        write_atomically(path, lambda f: (f.write(_MAGIC), _Pickler(f).dump((key, _encode(captured, model)))))
+    except Exception as exc:  # a cache that cannot be written costs the next process a capture, nothing else
+        log.debug("vramfx: capture of %s not cached: %s: %s", type(model).__name__, type(exc).__name__, exc)
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file renamed into place: readers
+    see the old entry or the whole new one, and concurrent writers leave one whole entry."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC)
-            _Pickler(f).dump((key, _encode(captured, model)))
-        os.replace(tmp, path)  # atomic: readers see the old entry or the whole new one
+            write(f)
+        os.replace(tmp, path)
         tmp = None
-    except Exception as exc:  # a cache that cannot be written costs the next process a capture, nothing else
-        log.debug("vramfx: capture of %s not cached: %s: %s", type(model).__name__, type(exc).__name__, exc)
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on cpu with --weights: read every weight with O_DIRECT, as "
                            "compile(..., bypass_page_cache=True)")
     plan.add_argument("--no-cache", action="store_true",
-                      help="capture without the persistent capture cache (also: VRAMFX_CACHE=0)")
+                      help="capture and plan without the persistent cache (also: VRAMFX_CACHE=0)")
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     plan.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout (required for png)")
     plan.set_defaults(run=run_plan)
@@ -240,7 +240,8 @@ def run_plan(args: argparse.Namespace) -> int:
             page_cache = None if refs else PageCacheState(source="no weights given")
             plan = schedule_weights(liveness, refs, device=device, budget_bytes=budget_bytes, cost_model=cost_model,
                                     calls=calls, margin_bytes=margin_bytes, in_place=not args.no_in_place,
-                                    bypass_page_cache=args.bypass_page_cache, page_cache=page_cache)
+                                    bypass_page_cache=args.bypass_page_cache, page_cache=page_cache,
+                                    cache=False if args.no_cache else None)
             reads_note = _reads_note(plan, refs, device, args)
     labels = layer_labels(module_paths(captured, liveness))
 

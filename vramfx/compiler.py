@@ -24,14 +24,14 @@ from vramfx.errors import BudgetError
 from vramfx.measure import release_freed_memory
 from vramfx.capture import Captured
 from vramfx.capture_cache import cached_capture
+from vramfx.plan_cache import cached_plan
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.compiled_class import compiled_class
 from vramfx.plan.costs import CostModel
-from vramfx.plan.reads import WAYS, PageCacheState, schedule_reads
+from vramfx.plan.reads import WAYS, PageCacheState
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.types import Liveness
 from vramfx.plan.plan import Plan
-from vramfx.plan.schedule import schedule
 from vramfx.progress import step
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
@@ -154,8 +154,9 @@ def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs
         patterns, ``nn.Module`` classes, or a list mixing them; ``None`` keeps nothing. The
         module-level path (fallback, ``generate``) stores and computes the same way.
     cache:
-        Read and write captures in the persistent capture cache (:mod:`vramfx.capture_cache`),
-        so a new process compiling the same model for the same call skips ``torch.export``.
+        Read and write captures and plans in the persistent cache (:mod:`vramfx.capture_cache`,
+        :mod:`vramfx.plan_cache`), so a new process compiling the same model for the same call
+        skips ``torch.export`` and, with the same budget and settings, the schedule.
         ``None`` (the default) follows the environment: on unless ``VRAMFX_CACHE=0``.
     in_place:
         On CPU, use weights 64-byte aligned in a DiskMap file where they lie in the page cache
@@ -377,6 +378,7 @@ def plan_graph(
             in_place=options.in_place,
             bypass_page_cache=options.bypass_page_cache,
             page_cache=options.page_cache,
+            cache=options.cache,
         )
     except BudgetError as exc:
         if not reserved + slack:
@@ -414,30 +416,33 @@ def schedule_weights(
     in_place: bool = True,
     bypass_page_cache: bool = False,
     page_cache: PageCacheState | None = None,
+    cache: bool | None = None,
 ) -> Plan:
-    """The schedule compile runs (and ``vramfx plan`` shows) for weights ``refs``: on CPU with how
-    each weight is read chosen by :func:`vramfx.plan.reads.schedule_reads` (``bypass_page_cache``
-    forces ``O_DIRECT``, ``in_place=False`` copies), given ``page_cache`` or, when None, what
-    :func:`page_cache_state` measures now."""
+    """The plan compile makes (and ``vramfx plan`` shows) for weights ``refs``, through the plan
+    cache (``cache`` as :func:`vramfx.plan_cache.cached_plan`): on CPU with how each weight is read
+    chosen by :func:`vramfx.plan.reads.schedule_reads` (``bypass_page_cache`` forces ``O_DIRECT``,
+    ``in_place=False`` copies), given ``page_cache`` or, when None, what :func:`page_cache_state`
+    measures now."""
     alignment = ALIGNMENT.get(device.type, 64)
     if device.type != "cpu":
-        return schedule(liveness, budget_bytes, cost_model=cost_model, calls=calls, alignment=alignment,
-                        margin_bytes=margin_bytes)
+        return cached_plan(liveness, budget_bytes, cost_model=cost_model, calls=calls, alignment=alignment,
+                           margin_bytes=margin_bytes, cache=cache)
     if bypass_page_cache:
         ways: tuple[str, ...] = ("direct",)
     else:
         ways = WAYS if in_place else tuple(w for w in WAYS if w != "in place")
     mappable = {name for name, ref in refs.items() if mapped_bytes(ref) is not None} if "in place" in ways else set()
-    return schedule_reads(
+    return cached_plan(
         liveness,
         budget_bytes,
         cost_model=cost_model,
         calls=calls,
         alignment=alignment,
         margin_bytes=margin_bytes,
+        ways=ways,
         mappable=mappable,
         page_cache=page_cache_state(refs) if page_cache is None else page_cache,
-        ways=ways,
+        cache=cache,
     )
 
 

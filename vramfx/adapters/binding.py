@@ -61,11 +61,11 @@ class AdapterBinding:
         self.watched: list[_Watched] = []
 
     def fused_into(self, weight: str):
-        """The ``(A, B, scale, fan_in_fan_out)`` of each adapter fused into ``weight`` (as recorded
+        """The ``(A, B, scale, fan_in_fan_out, widen)`` of each adapter fused into ``weight`` (as recorded
         when it was merged), read at decode time from the state of the latest refresh."""
 
-        def merged() -> list[tuple[torch.Tensor, torch.Tensor, float, bool]]:
-            return [(f.a, f.b, f.scale, f.fan_in_fan_out) for f in self.state.fused.get(weight, ())]
+        def merged() -> list[tuple[torch.Tensor, torch.Tensor, float, bool, bool]]:
+            return [f.terms for f in self.state.fused.get(weight, ())]
 
         return merged
 

@@ -21,8 +21,9 @@ _WORK_BYTES_PER_ELEMENT = 8
 #: Memory traffic per weight value of one fusion, for the cost model: the copy, the product, the scale, the add.
 _TRAFFIC_BYTES_PER_ELEMENT = 24
 
-#: ``(A, B, scale, fan_in_fan_out)`` of each adapter merged into one layer, in merge order.
-MergedAdapters = Callable[[], list[tuple[torch.Tensor, torch.Tensor, float, bool]]]
+#: ``(A, B, scale, fan_in_fan_out, widen)`` of each adapter merged into one layer, in merge order
+#: (``widen``: :func:`lora_delta`'s).
+MergedAdapters = Callable[[], list[tuple[torch.Tensor, torch.Tensor, float, bool, bool]]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +33,10 @@ class FusedLora:
     ``inner`` decodes the stored bytes first when the checkpoint stores them encoded (GGUF,
     scaled fp8); else they are cast into the output. ``merged`` gives the adapters' current
     values each time the weight is decoded. ``rank`` is the sum of their ranks, for the
-    workspace the fusion takes.
+    workspace the fusion takes. ``kept_decoded``: a kept copy of the weight is fused once, when
+    it is made resident (:func:`vramfx.runtime.engine.decoded_when_kept`), by a front end that drops
+    that copy whenever the merges change; it applies only without ``inner`` (the fusion is then
+    made in the stored bytes themselves).
     """
 
     shape: tuple[int, ...]
@@ -42,6 +46,10 @@ class FusedLora:
     rank: int
     inner: object | None = None
     row_order: None = None
+    kept_decoded: bool = False
+
+    def __post_init__(self) -> None:
+        assert not (self.kept_decoded and self.inner is not None), "an encoded weight is decoded per cast"
 
     @property
     def format(self) -> str:
@@ -67,13 +75,16 @@ class FusedLora:
             self.inner.decode_into(stored, out)
         else:
             out.copy_(stored.view(self.shape))
-        for a, b, scale, fan_in_fan_out in self.merged():
-            out += lora_delta(a.to(out.device), b.to(out.device), scale, fan_in_fan_out)
+        for a, b, scale, fan_in_fan_out, widen in self.merged():
+            out += lora_delta(a.to(out.device), b.to(out.device), scale, fan_in_fan_out, widen=widen)
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+def lora_delta(
+    a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False, *, widen: bool = True
+) -> torch.Tensor:
     """``scale * (B @ A)`` in PEFT's dtypes: half-precision factors on a CPU are multiplied in
-    float32 and the product rounded back, as ``LoraLayer.get_delta_weight`` does.
+    float32 and the product rounded back, as ``LoraLayer.get_delta_weight`` does (``widen``);
+    else in their own dtype, as DiffSynth-Studio's LoRA loader does.
 
     Examples
     --------
@@ -81,7 +92,7 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: b
     torch.Size([4, 3])
     """
     dtype = b.dtype
-    widen = b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    widen = widen and b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
     if widen:
         a, b = a.float(), b.float()
     product = b @ a

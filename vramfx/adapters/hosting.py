@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from vramfx.adapters.fusions import SWAPPED_FUSION, recording
-from vramfx.errors import VramfxError
+from vramfx.adapters.fusions import recording
 
 _HOST = torch.device("cpu")
 #: Streamed meta parameters by ``id`` (tensors compare by value, so no WeakSet), held weakly.
@@ -124,21 +123,6 @@ def _keeping_host(replace_module: Any) -> Any:
             moved = module._parameters[leaf]
             if moved.device != data.device:  # PEFT moved it to the wrapped layer's device: put it back
                 module._parameters[leaf] = torch.nn.Parameter(data, requires_grad=moved.requires_grad)
-        watch_fusion(new_module)
         return result
 
     return replace
-
-
-def watch_fusion(layer: torch.nn.Module) -> None:
-    """Refuse, at its next call, an adapter fused into a layer the layer-swap path moves in per call."""
-    base = getattr(layer, "base_layer", None)
-    if getattr(base, "vramfx_adapter_home", None) is None:
-        return
-    if not any(hook is _refuse_fused for hook in layer._forward_pre_hooks.values()):
-        layer.register_forward_pre_hook(_refuse_fused)
-
-
-def _refuse_fused(layer: torch.nn.Module, args: tuple) -> None:
-    if getattr(layer, "merged", False):
-        raise VramfxError(f"{', '.join(layer.merged_adapters)} fused: unfuse them (unfuse_lora()); {SWAPPED_FUSION}")

@@ -153,5 +153,6 @@ def refuse_unrecorded_merge(state: AdapterState, streamed: Callable[[str], bool]
                 f"adapter(s) {', '.join(missing)} are fused into {name}, whose weight is streamed from the "
                 "checkpoint, but vramfx did not see the fusion (it happened before the model was built under "
                 "vramfx.skip_model_initialization or compiled, or it is not plain LoRA on nn.Linear): "
-                "unfuse them (unfuse_lora()) and fuse again after compile, or keep them unfused"
+                "unfuse them (unfuse_lora()) and fuse again after compile or enable_vram_management, or keep "
+                "them unfused"
             )

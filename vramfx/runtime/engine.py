@@ -7,7 +7,9 @@ slot in the compute dtype. It serves the ``fetch``/``wait``/``drop``/``resident`
 both front ends: a compiled graph's nodes, and the module front end (layer swap) at each module's
 position in its recorded order. Weights a front end needs off the plan (a module called out of
 the recorded order, the call that records it) are loaded by :meth:`Engine.load_now` into free
-arena bytes, first fit, or into memory of their own when the arena has no room. Subclasses provide
+arena bytes, first fit, or into memory of their own when the arena has no room. A kept weight whose
+decoder asks for it (a fused LoRA on the layer-swap path) is decoded once as it is made resident,
+in its own bytes, and its casts read that. Subclasses provide
 the copying; the bookkeeping, the views and the error handling live here so every device behaves
 the same.
 """
@@ -62,6 +64,20 @@ def _compute_views(buffer: torch.Tensor, offset: int, ref: WeightRef) -> tuple[t
     return written, written.detach().requires_grad_() if ref.requires_grad else written
 
 
+def decoded_when_kept(ref: WeightRef) -> bool:
+    """Whether a kept copy of ``ref`` holds its decoded values (decoded once, when it is made
+    resident, into its own bytes) instead of its stored bytes decoded at every cast: a decoder
+    that asks for it (``kept_decoded``) and whose values have the stored dtype, so they take the
+    same bytes. Whoever changes what the decoder reads drops the kept copy."""
+    decoder = ref.decoder
+    return bool(getattr(decoder, "kept_decoded", False)) and ref.compute_dtype in (None, ref.dtype)
+
+
+def _read_view(decoded: torch.Tensor, ref: WeightRef) -> torch.Tensor:
+    """What the op reads of a weight kept decoded: it requires grad as :func:`view_bytes`' views do."""
+    return decoded.detach().requires_grad_() if ref.requires_grad else decoded
+
+
 @dataclass
 class Loaded:
     """Weights :meth:`Engine.load_now` copied off the plan, until :meth:`Engine.unload`.
@@ -94,9 +110,9 @@ def layout(
         else:
             stored.append(-1)
     for ref in refs:
-        if ref.compute_dtype is not None and ref.compute_dtype != ref.dtype:
+        if ref.casts:
             cast.append(at)
-            at += align_up(math.prod(ref.shape) * ref.compute_dtype.itemsize, alignment)
+            at += align_up(math.prod(ref.shape) * (ref.compute_dtype or ref.dtype).itemsize, alignment)
         else:
             cast.append(-1)
     return stored, cast, at
@@ -170,6 +186,11 @@ class Engine(ABC):
         self._upcast: torch.Tensor | None = None
         self._cast_views: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         self._cast_refs = tuple(refs[c.name] for c in plan.casts)
+        # Kept decoded: read into memory of their own (not used where they lie, on the device or mapped).
+        self._kept_decoded = frozenset(
+            n for n in plan.resident
+            if n not in plan.in_place and decoded_when_kept(refs[n]) and on_device(refs[n], device) is None
+        )
         self._in_place = frozenset(plan.in_place)
         self._mapped_files: dict[int, tuple[Any, list[str]]] = {}  # id(source): (source, keys)
         for name in plan.in_place:
@@ -248,9 +269,14 @@ class Engine(ABC):
                                    "longer can be; reopen the weights and compile again")
             return view_bytes(mapped, 0, ref)
         try:
-            return self._load_resident(ref)
+            stored = self._load_resident(ref)
         except OSError as exc:
             raise WeightsError(f"reading resident weight {name} failed: {exc}") from exc
+        if name in self._kept_decoded:
+            decoded = stored.view(ref.shape)
+            ref.convert_into(stored, decoded)  # in place: the values keep the stored bytes' dtype and layout
+            return decoded
+        return stored
 
     def deactivate(self) -> None:
         """Free the arena and stop workers; residents stay in the shared store."""
@@ -323,8 +349,11 @@ class Engine(ABC):
     def cast(self, index: int, stored: torch.Tensor) -> torch.Tensor:
         """``plan.casts[index]``: ``stored`` converted — or decoded, for a weight with a decoder —
         into its slot of the upcast region."""
+        ref = self._cast_refs[index]
+        if ref.name in self._kept_decoded and ref.name in self.store:
+            return _read_view(self.store[ref.name], ref)  # decoded once, when it was made resident
         written, read = self._cast_views[index]
-        self._cast_refs[index].convert_into(stored, written)
+        ref.convert_into(stored, written)
         return read
 
     # -- what it holds ----------------------------------------------------------------------
@@ -387,10 +416,13 @@ class Engine(ABC):
         except OSError as exc:
             raise WeightsError(f"reading weights {', '.join(names)} failed: {exc}") from exc
         loaded.cast_bytes = sum(
-            math.prod(r.shape) * r.compute_dtype.itemsize for r, c in zip(refs, cast) if c >= 0  # type: ignore[union-attr]
+            math.prod(r.shape) * (r.compute_dtype or r.dtype).itemsize for r, c in zip(refs, cast) if c >= 0
         )
         tensors = []
         for ref, at, cast_at, t in zip(refs, stored, cast, there):
+            if t is not None and ref.name in self._kept_decoded and ref.name in self.store:
+                tensors.append(_read_view(t, ref))  # kept decoded: no cast
+                continue
             there_bytes = buffer if t is None else t.detach().reshape(-1).view(torch.uint8)
             source = view_bytes(there_bytes, offset + at if t is None else 0, ref)
             if cast_at >= 0:

@@ -42,6 +42,11 @@ class WeightRef:
     compute_dtype: torch.dtype | None = None
     decoder: "Decoder | None" = None
 
+    @property
+    def casts(self) -> bool:
+        """Whether the op reads it through a cast step: decoded, or held in another dtype."""
+        return self.decoder is not None or (self.compute_dtype is not None and self.compute_dtype != self.dtype)
+
     def read_into(self, out: torch.Tensor, *, bypass_page_cache: bool = False) -> None:
         """Copy the stored bytes into ``out`` (contiguous uint8 of ``nbytes``)."""
         if bypass_page_cache and is_disk_source(self.source):

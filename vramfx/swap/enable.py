@@ -8,9 +8,7 @@ from typing import Any
 
 import torch
 
-from vramfx.adapters.fusions import refuse_fused
-from vramfx.adapters.hosting import watch_fusion
-from vramfx.adapters.state import is_adapter_layer
+from vramfx.adapters.state import adapter_state, is_adapter_layer, refuse_unrecorded_merge
 from vramfx.swap.config import DISK
 from vramfx.swap.maps import resolve_module_map
 from vramfx.swap.patch import bound_calls
@@ -125,7 +123,7 @@ def enable_vram_management(
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if _ATTRIBUTE in model.__dict__:
         raise ValueError(f"{type(model).__name__} already has vram management enabled")
-    refuse_fused(model)  # a fusion recorded with a streamed weight would be streamed without it
+    _refuse_unrecorded_merges(model)
     module_map = resolve_module_map(module_map)
     vram_config = _with_quantize(model, vram_config, quantize)
     whole = next((w for t, w in module_map.items() if isinstance(model, t)), None)
@@ -150,10 +148,16 @@ def enable_vram_management(
             wrapped[id(child)] = cls(child, name=name, binding=binding)
         setattr(parent, attr, wrapped[id(child)])
     materialise(loose, binding.config.device, binding.config.computation)
-    for module in model.modules():
-        if is_adapter_layer(module):
-            watch_fusion(module)
     return _enabled(model, binding)
+
+
+def _refuse_unrecorded_merges(model: torch.nn.Module) -> None:
+    """A LoRA merged into a meta weight without a record of it would be read from disk unmerged:
+    refused before anything changes. Recorded merges are added after each fetch."""
+    state = adapter_state(model)
+    if state is not None and state.merged:
+        meta = {name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta}
+        refuse_unrecorded_merge(state, meta.__contains__)
 
 
 def _wrap_whole(

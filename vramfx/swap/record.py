@@ -181,7 +181,7 @@ def to_liveness(
     decoded = stored_formats({r.name: r for rs in weights.values() for r in rs}, device)
     for unit in sorted(uses, key=lambda u: uses[u][0]):
         for ref in weights.get(unit, ()):
-            cast = ref.decoder is not None or (ref.compute_dtype is not None and ref.compute_dtype != ref.dtype)
+            cast = ref.casts
             lives.append(
                 WeightLife(
                     name=ref.name,

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from vramfx.adapters.fusions import fusions_of, fusions_version
 from vramfx.errors import BudgetError, VramfxError
 from vramfx.forks import renew_after_fork
 from vramfx.measure import memory_in_use
@@ -50,6 +51,7 @@ from vramfx.runtime.follow import CallCounts, Follower, Hold
 from vramfx.storage.converted import ConvertedSource, serve_converted
 from vramfx.storage.host import HostSource
 from vramfx.storage.ref import WeightRef
+from vramfx.swap.fused import Fusions, fused_ref, merges, structure
 from vramfx.swap.passes import Item, PassFinder, items_of, record_of
 from vramfx.swap.record import CallRecord, Recorder, flops_per_unit, to_liveness
 from vramfx.swap.units import Unit
@@ -199,6 +201,7 @@ class SwapRuntime:
         self._unit_flops: dict[int, float] = {}  # per unit, FLOPs of one call of it, as first recorded
         self._planned: _Planned | None = None
         self._stale = True  # units or their homes changed: bind and plan again before the next call
+        self._fusions: tuple[int, Fusions] = (-1, {})  # (records' version, merges) as last seen
         self._call: _Call | None = None
         self._opened: list[bool] = []  # per begin_call in progress: whether it opened the call
         self._passes = PassFinder()
@@ -446,6 +449,7 @@ class SwapRuntime:
     # -- planning -----------------------------------------------------------------------------
     def _ready(self) -> _Planned:
         """The plan for the next call, bound and planned again if anything changed, active."""
+        self._follow_fusions()
         if self._stale or self._planned is None:
             self._stale = False
             self._replan()
@@ -453,6 +457,25 @@ class SwapRuntime:
         assert planned is not None
         planned.follower.engine.activate()
         return planned
+
+    def _follow_fusions(self) -> None:
+        """LoRA merged into or taken off the units' weights since last seen: a kept copy of a weight
+        whose merges changed is dropped (it holds them fused, or is held otherwise), and when which
+        weights carry merges of which ranks changed, every unit is bound and planned again. Other
+        merges of the same ranks need no plan: decoders read them at every cast."""
+        version, seen = self._fusions
+        if version == fusions_version():
+            return
+        now = merges(self._anchors())
+        for name in set(now) | set(seen):
+            if tuple(map(id, now.get(name, ()))) != tuple(map(id, seen.get(name, ()))):
+                self._store.drop(name)
+        if structure(now) != structure(seen):
+            self._stale = True
+        self._fusions = (fusions_version(), now)
+
+    def _anchors(self) -> list[tuple[str, torch.Tensor]]:
+        return [(slot.name, unit.anchors[i]) for unit in self.units for i, slot in enumerate(unit.slots)]
 
     def _adopt(self, record: CallRecord) -> None:
         """Make ``record``'s order the one the plan follows, and plan for it."""
@@ -544,7 +567,8 @@ def bind(unit: Unit) -> tuple[WeightRef, ...]:
     A parameter whose home is on the computation device in the computation dtype is used there and
     not bound; in another dtype it is bound where it lies, for its casts. The others read from their
     home (host memory) or the weights source, rounded to the stored dtype and then to the held one on
-    every read (:class:`ConvertedSource`), never as a second copy of the model.
+    every read (:class:`ConvertedSource`), never as a second copy of the model. A weight with LoRA
+    merged into it is bound wherever it lies, decoded with the merges added (:mod:`vramfx.swap.fused`).
     """
     refs = []
     converted: dict[int, ConvertedSource] = {}
@@ -555,11 +579,12 @@ def bind(unit: Unit) -> tuple[WeightRef, ...]:
             ref = slot.ref
             assert ref is not None
             source, key = (HostSource({slot.name: home.detach()}), slot.name) if home is not None else (ref.source, ref.key)
-            refs.append(replace(ref, name=slot.name, source=source, key=key, requires_grad=slot.requires_grad,
-                                compute_dtype=compute))
+            ref = replace(ref, name=slot.name, source=source, key=key, requires_grad=slot.requires_grad,
+                          compute_dtype=compute)
+            refs.append(fused_ref(ref, unit.anchors[i], compute))
             continue
         if unit.placed(i):
-            if home is None or home.dtype == compute:
+            if home is None or (home.dtype == compute and not fusions_of(unit.anchors[i])):
                 continue  # used as it is
             held = home.dtype  # on the device already: kept where it lies, cast there per call
         if home is not None:
@@ -573,12 +598,11 @@ def bind(unit: Unit) -> tuple[WeightRef, ...]:
             dtypes = ((stored,) if stored != slot.ref.dtype else ()) + ((held,) if held != stored else ())
         if dtypes:
             source = serve_converted(converted, source, key, dtypes, keep=False)
-        refs.append(
-            WeightRef(
-                slot.name, source, key, slot.shape, held, math.prod(slot.shape) * held.itemsize,
-                requires_grad=slot.requires_grad, compute_dtype=compute if compute != held else None,
-            )
+        ref = WeightRef(
+            slot.name, source, key, slot.shape, held, math.prod(slot.shape) * held.itemsize,
+            requires_grad=slot.requires_grad, compute_dtype=compute if compute != held else None,
         )
+        refs.append(fused_ref(ref, unit.anchors[i], compute))
     return tuple(refs)
 
 

@@ -91,6 +91,10 @@ class Unit:
         self.compute_dtypes = compute_dtypes
         self.home: list[torch.Tensor | None] = []
         self.face: list[torch.Tensor] = []
+        # Per parameter, what LoRA merges into it are recorded against (vramfx.adapters.fusions): the
+        # model's own meta parameter (merges recorded before the unit existed are on it), else a
+        # meta stand-in made for it; a tensor that never changes and holds no memory.
+        self.anchors: list[torch.Tensor] = []
         # The dtype each parameter's values take when read from the weights source.
         self.disk_dtypes = [slot.ref.dtype if slot.ref is not None else slot.dtype for slot in slots]
         for i, slot in enumerate(slots):
@@ -98,6 +102,8 @@ class Unit:
             assert current is not None
             self.home.append(None if current.is_meta else current)
             self.face.append(current)
+            stand_in = current if current.is_meta else torch.empty(slot.shape, dtype=slot.dtype, device="meta")
+            self.anchors.append(stand_in)
             self._show(i)
         self.index = -1  # its position in the runtime's list of units
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vramfx.swap.config import KEYS, Placement, VramConfig, parse_vram_limit
-from vramfx.swap.interop import join_lora_hot_load
+from vramfx.swap.interop import join_lora_fusion, join_lora_hot_load
 from vramfx.swap.linear_ops import FP8_DTYPES, fp8_linear, lora_forward
 from vramfx.swap.loading import honour_load_state_dict
 from vramfx.swap.patch import bound_calls
@@ -142,6 +142,17 @@ class SwapSwitches:
         dtype = next((s.dtype for s in self._vramfx_unit.slots if s.dtype.is_floating_point), None)
         return config.device, config.computation.dtype_for(dtype) if dtype is not None else None
 
+    @property
+    def vramfx_fusion_anchor(self) -> torch.Tensor | None:
+        """What a PEFT LoRA merged into this module's ``weight`` is recorded against: the runtime
+        adds it after each fetch, and the weight where it rests is never written
+        (:mod:`vramfx.adapters.fusions`). None when the module has no weight it moves."""
+        unit = self.__dict__.get("_vramfx_unit")
+        weight = getattr(self, "weight", None)
+        if unit is None or weight is None:
+            return None
+        return next((unit.anchors[i] for i, face in enumerate(unit.face) if face is weight), None)
+
     def _vramfx_bind(
         self, root: torch.nn.Module, name: str, binding: Binding | None, *, recursive: bool = True, **standalone: Any
     ) -> None:
@@ -154,6 +165,7 @@ class SwapSwitches:
         self.__dict__["name"] = name
         self.__dict__["state"] = 0
         binding.wrappers.append(self)
+        join_lora_fusion()
         honour_load_state_dict(self, self._vramfx_unit, binding.runtime)  # type: ignore[arg-type]
         if own:
             bound_calls(self, binding.runtime)  # type: ignore[arg-type]
