@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 import vramfx
+from vramfx.util import format_bytes
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -107,15 +108,16 @@ def ensure_saved(workload: Workload) -> Path:
     return folder
 
 
-def ensure_aligned(workload: Workload) -> Path:
-    """The workload's weights rewritten once by ``vramfx.convert(..., dtype=None)``: the same
-    tensors, each whose size allows it 64-byte aligned in the file, so vramfx uses them in place."""
+def ensure_aligned(workload: Workload, dtype: torch.dtype | None = None) -> Path:
+    """The workload's weights rewritten once by ``vramfx.convert``: the same tensors (in ``dtype``,
+    every floating-point one, when given), each whose size allows it 64-byte aligned in the file,
+    so vramfx uses them in place."""
     folder = ensure_saved(workload)
-    aligned = folder / "aligned"
+    aligned = folder / ("aligned" if dtype is None else f"aligned-{str(dtype).removeprefix('torch.')}")
     if not aligned.exists():
-        tmp = folder / "aligned.partial"
+        tmp = aligned.with_name(aligned.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        vramfx.convert(folder / "model.safetensors", tmp, dtype=None)
+        vramfx.convert(folder / "model.safetensors", tmp, dtype=dtype, keep_in_compute_dtype=None)
         tmp.rename(aligned)
     return aligned
 
@@ -158,31 +160,49 @@ class Contender:
     close: Callable[[], None] = lambda: None
     read_bytes_per_call: int | None = None
     predicted_s: float | None = None  # the plan's predicted seconds per call, for vramfx
+    note: str = ""
+    dtype: torch.dtype = torch.float32  # eager in the same dtype is the row's reference
 
 
-def eager(workload: Workload, folder: Path, inputs: dict[str, Any]) -> Contender:
-    model = loaded(workload, folder)
-    return Contender("eager (all weights in RAM)", lambda: model(**inputs), 0)
+def eager(workload: Workload, folder: Path, inputs: dict[str, Any], dtype: torch.dtype = torch.float32) -> Contender:
+    model = loaded(workload, folder).to(dtype)
+    name = "eager (all weights in RAM)" + ("" if dtype == torch.float32 else ", bf16")
+    return Contender(name, lambda: model(**inputs), 0, dtype=dtype)
+
+
+def in_dtype(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The inputs with every floating-point tensor in ``dtype`` (what a model computing in it takes)."""
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def vramfx_compiled(workload: Workload, folder: Path, inputs: dict[str, Any], fraction: float,
-                    *, bypass_page_cache: bool = False, label: str = "",
-                    cost_model: vramfx.CostModel | None = None) -> Contender:
+                    *, bypass_page_cache: bool = False, in_place: bool = True, label: str = "",
+                    cost_model: vramfx.CostModel | None = None,
+                    compute_dtype: torch.dtype | None = None) -> Contender:
+    """vramfx ``compile`` at ``fraction`` of the weights' bytes, as a user calls it by default
+    (weights used in place where they can be) unless ``in_place=False`` or ``bypass_page_cache``."""
     with vramfx.skip_model_initialization():
         model = workload.build().eval()
     budget = int(weight_bytes(folder) * fraction)
     name = label or f"vramfx compile @ {fraction:.0%}"
+    if compute_dtype is not None:
+        name += f", {str(compute_dtype).removeprefix('torch.').replace('bfloat16', 'bf16')}"
+    if not in_place:
+        name += ", copying (in_place=False)"
     options = dict(weights=vramfx.DiskMap(folder), device="cpu", example_kwargs=inputs,
-                   bypass_page_cache=bypass_page_cache, cost_model=cost_model)
+                   bypass_page_cache=bypass_page_cache, cost_model=cost_model, in_place=in_place,
+                   compute_dtype=compute_dtype)
     try:
         fast = vramfx.compile(model, budget=budget, **options)
     except vramfx.BudgetError as exc:  # tiny --smoke models: the fixed margin exceeds the fraction
         fast = vramfx.compile(model, budget=exc.minimum_bytes, **options)
         name += " (raised to the minimum)"
-    if fast.plan.in_place:
-        name += ", in place"
-    return Contender(name, lambda: fast(**inputs), fast.plan.streamed_bytes, fast.release,
-                     predicted_s=fast.plan.predicted.seconds_per_call)
+    plan = fast.plan
+    note = f"in place {format_bytes(plan.in_place_bytes)}" if plan.in_place else ""
+    if plan.reads == "direct":
+        note = ", ".join(filter(None, [note, "O_DIRECT reads"]))
+    return Contender(name, lambda: fast(**inputs), plan.streamed_bytes, fast.release,
+                     predicted_s=plan.predicted.seconds_per_call, note=note, dtype=compute_dtype or torch.float32)
 
 
 def accelerate_cpu_offload(workload: Workload, folder: Path, inputs: dict[str, Any]) -> Contender:

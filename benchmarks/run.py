@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import contenders as c  # noqa: E402
 
 import vramfx  # noqa: E402
-from vramfx.budget import rss_anon_bytes  # noqa: E402
+from vramfx.budget import rss_anon_bytes, rss_file_bytes  # noqa: E402
 from vramfx.measure import PeakMemory, link_bytes_per_s, release_freed_memory  # noqa: E402
 from vramfx.util import format_bytes  # noqa: E402
 
@@ -61,6 +61,7 @@ class Row:
     floor_s: float | None = None
     note: str = ""
     predicted_s: float | None = None
+    held_file_bytes: int | None = None
 
 
 def read_syscall_bytes() -> int:
@@ -86,10 +87,12 @@ def disk_bandwidth(folder: Path) -> float:
         return link_bytes_per_s(weights, bypass_page_cache=True, max_bytes=weights.nbytes)
 
 
-def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | None, int, str]:
-    """Set a contender up; what it holds is the RssAnon it adds, measured after a warm-up call."""
+def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | None, int, int, str]:
+    """Set a contender up; what it holds is the RssAnon it adds (and, apart, the RssFile: mapped
+    file pages), measured after warm-up calls."""
     release_freed_memory()  # RssAnon deltas are then a contender's own
     before = rss_anon_bytes()
+    before_file = rss_file_bytes()
     try:
         contender = make()
         with torch.no_grad():
@@ -102,9 +105,9 @@ def build(label: str, make: Callable[[], c.Contender]) -> tuple[c.Contender | No
             contender.read_bytes_per_call = read_syscall_bytes() - read_before
     except Exception as exc:  # a peer that cannot run this workload is reported, not fatal
         traceback.print_exc(limit=2, file=sys.stderr)
-        return None, 0, f"{label}: failed: {type(exc).__name__}: {str(exc)[:120]}"
+        return None, 0, 0, f"{label}: failed: {type(exc).__name__}: {str(exc)[:120]}"
     release_freed_memory()
-    return contender, max(0, rss_anon_bytes() - before), ""
+    return contender, max(0, rss_anon_bytes() - before), max(0, rss_file_bytes() - before_file), ""
 
 
 def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
@@ -113,13 +116,16 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     inputs = workload.inputs()
     total = c.weight_bytes(folder)
     link = page_cache_bandwidth(folder)
-    # Predictions priced with this machine's rates, measured now, and the link measured above.
+    # Predictions priced with this machine's rates, measured once at the start of the run, and the
+    # link measured above; never fitted to a row's own times.
     cost = dataclasses.replace(args.cost_model, link_bytes_per_s=link)
     makers: list[tuple[str, Callable[[], c.Contender]]] = [
         ("eager", lambda: c.eager(workload, folder, inputs)),
-        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, folder, inputs, f, cost_model=cost))
+        # What compile does by default: weights used in place from the page cache where they can be.
+        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f, cost_model=cost))
           for f in args.fractions],
-        *[(f"vramfx {f} in place", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f, cost_model=cost))
+        *[(f"vramfx {f} copying", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f, in_place=False,
+                                                                 cost_model=cost))
           for f in args.fractions],
         *c.swap_contenders(workload, folder, inputs, 0.25),
         ("accelerate cpu_offload", lambda: c.accelerate_cpu_offload(workload, folder, inputs)),
@@ -127,20 +133,29 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
         ("diffusers block_level", lambda: c.diffusers_group_offload(workload, folder, inputs, "block_level")),
         ("diffusers leaf_level", lambda: c.diffusers_group_offload(workload, folder, inputs, "leaf_level")),
     ]
-    built: list[tuple[c.Contender, int]] = []
+    if args.bf16:
+        low = c.ensure_aligned(workload, torch.bfloat16)
+        low_inputs = c.in_dtype(inputs, torch.bfloat16)
+        makers += [
+            ("eager bf16", lambda: c.eager(workload, low, low_inputs, torch.bfloat16)),
+            *[(f"vramfx {f} bf16", lambda f=f: c.vramfx_compiled(workload, low, low_inputs, f, cost_model=cost,
+                                                                  compute_dtype=torch.bfloat16))
+              for f in args.bf16_fractions],
+        ]
+    built: list[tuple[c.Contender, int, int]] = []
     failed: list[Row] = []
     for label, make in makers:
-        contender, held, failure = build(label, make)
+        contender, held, held_file, failure = build(label, make)
         if contender is None:
             failed.append(Row(workload.name, label, note=failure))
         else:
-            built.append((contender, held))
+            built.append((contender, held, held_file))
 
-    times: dict[str, list[float]] = {ct.name: [] for ct, _ in built}
+    times: dict[str, list[float]] = {ct.name: [] for ct, _, _ in built}
     growth: dict[str, int] = dict.fromkeys(times, 0)
     with torch.no_grad():
         for _ in range(args.calls):
-            for contender, _ in built:
+            for contender, _, _ in built:
                 gc.collect()
                 with PeakMemory("cpu") as peak:
                     start = time.perf_counter()
@@ -148,48 +163,62 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
                     times[contender.name].append(time.perf_counter() - start)
                 growth[contender.name] = max(growth[contender.name], peak.growth_bytes)
 
-    eager_s = statistics.median(times[built[0][0].name]) if built and built[0][0].name.startswith("eager") else None
+    # Each row against eager in its own dtype.
+    eager_of = {ct.dtype: statistics.median(times[ct.name]) for ct, _, _ in built if ct.name.startswith("eager")}
     rows: list[Row] = []
-    for contender, held in built:
+    eager_fp32 = next((ct for ct, _, _ in built if ct.name.startswith("eager") and ct.dtype == torch.float32), None)
+    for contender, held, held_file in built:
         median = statistics.median(times[contender.name])
+        eager_s = eager_of.get(contender.dtype)
         streamed = contender.streamed_bytes
         floor = max(eager_s, streamed / link) if eager_s is not None and streamed is not None else None
         rows.append(Row(workload.name, contender.name, median, median / eager_s if eager_s else None, held,
                         growth[contender.name], contender.read_bytes_per_call, streamed, floor,
-                        predicted_s=contender.predicted_s))
-        contender.close()
+                        note=contender.note, predicted_s=contender.predicted_s, held_file_bytes=held_file))
+        if contender is not eager_fp32:
+            contender.close()
     rows += failed
     if not args.smoke:
-        rows.append(cold_disk_row(workload, folder, inputs, eager_s, args))
-    del built
+        rows.append(cold_disk_row(workload, aligned, inputs, eager_fp32, args))
+    del built, eager_fp32
     gc.collect()
     print_rows(rows, header=f"{workload.name}: {format_bytes(total)} of weights; page-cache link "
                             f"{link / 1e9:.2f} GB/s", stream=sys.stdout)
     return rows
 
 
-def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], eager_s: float | None,
+def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], eager: c.Contender | None,
                   args: argparse.Namespace) -> Row:
-    """vramfx at 25% reading with O_DIRECT: overlap efficiency against the raw disk bandwidth."""
+    """vramfx at 25% reading with O_DIRECT, its calls interleaved with eager's (a shared machine's
+    load moves both alike): overlap efficiency against the raw disk bandwidth."""
     disk = disk_bandwidth(folder)
     label = "vramfx @ 25%, cold disk (O_DIRECT)"
-    cost = args.cost_model  # its default link: plans priced at the measured disk ran slower (see docs/speed.md)
-    contender, held, failure = build(label, lambda: c.vramfx_compiled(
+    # Priced as compile prices O_DIRECT reads: at the disk's rate, measured just now, no core taken.
+    cost = dataclasses.replace(args.cost_model, disk_bytes_per_s=disk)
+    contender, held, _, failure = build(label, lambda: c.vramfx_compiled(
         workload, folder, inputs, 0.25, bypass_page_cache=True, label=label, cost_model=cost))
     if contender is None:
         return Row(workload.name, label, note=failure)
+    samples, eager_samples = [], []
     with torch.no_grad():
-        samples = []
         for _ in range(max(3, args.calls // 2)):
+            if eager is not None:
+                start = time.perf_counter()
+                eager.call()
+                eager_samples.append(time.perf_counter() - start)
             start = time.perf_counter()
             contender.call()
             samples.append(time.perf_counter() - start)
     median = statistics.median(samples)
+    eager_s = statistics.median(eager_samples) if eager_samples else None
     floor = max(eager_s or 0.0, contender.streamed_bytes / disk)
     contender.close()
+    if eager is not None:
+        eager.close()
     return Row(workload.name, label, median, median / eager_s if eager_s else None, held, None, None,
                contender.streamed_bytes, floor,
-               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}",
+               note=f"disk {disk / 1e9:.2f} GB/s; overlap efficiency {floor / median:.2f}; eager beside it "
+                    f"{_ms(eager_s)}",
                predicted_s=contender.predicted_s)
 
 
@@ -203,37 +232,42 @@ READING = """## Reading the figures
   work that needs the same cores; on a GPU the copy engine is separate hardware and the same plan
   hides it (see `benchmarks/gpu_check.py`). Fewer streamed bytes is what helps on a CPU, which is
   why the planner fills the budget with resident weights first.
-- **In place.** The `, in place` rows compile from a copy of the weights rewritten by
-  `vramfx.convert(..., dtype=None)` (every tensor 64-byte aligned in the file): vramfx then uses
-  the weights where they lie in the page cache, with no copy, and their pages are file-backed
-  (`RssFile`), outside the RssAnon budget the *held* and *peak+* columns measure. The other vramfx
-  rows read the file as `save_file` wrote it, mostly unaligned, and copy.
-- **predicted** is the plan's time per call, priced with a cost model calibrated at the start of
-  the run (`CostModel.calibrate`) and the link measured for the workload, and its ratio to the
-  measured median: on a loaded machine the ratio says how much the load moved since calibration.
+- **What users get.** The `vramfx compile @ X%` rows are `compile` as a user calls it, on a copy
+  of the weights rewritten by `vramfx.convert(..., dtype=None)` (every tensor 64-byte aligned in
+  the file): the planner then uses the weights where they lie in the page cache, with no copy,
+  and their pages are file-backed (the *file* column, `RssFile`), outside the RssAnon budget the
+  *held* and *peak+* columns measure. The `copying (in_place=False)` rows read the same file
+  into memory vramfx owns, as on a filesystem whose mapped reads are slow; the `, bf16` rows
+  store and compute in bf16 (a bf16 copy of the weights, against eager in bf16).
+- **predicted** is the plan's time per call, priced with a cost model calibrated once at the start
+  of the run (`CostModel.calibrate`: per kernel kind and dtype, the fastest of several samples)
+  and the link and disk measured for the workload, and its ratio to the measured median: on a
+  loaded machine the ratio says how much the load moved since calibration.
 - **The peers that look fast keep the model in RAM or map it.** accelerate `cpu_offload` on a
   CPU moves weights from the CPU to the CPU: it holds the whole model. diffusers group offloading
   from disk memory-maps the safetensors files it wrote and onloads by pointing at those pages: no
   copy at all, but the weights then live in the page cache (file-backed, not counted as RssAnon)
   and the budget is whatever the kernel leaves it; its *held* column shows the anonymous memory it
-  keeps besides. vramfx copies into memory it owns, so the budget it reports is the memory it uses,
-  and kernels see 64-byte-aligned weights (bit-identical results).
+  keeps besides. vramfx in place does the same with the checkpoint's own file, and says so: the
+  *file* column shows the page-cache pages it maps, and kernels see 64-byte-aligned weights
+  (bit-identical results); its copying rows use only memory it owns.
 - **read/call** counts bytes read through read() calls; readers that map files (accelerate's
   offload, diffusers' group offloading) read through page faults, which this column does not see.
-- **Cold disk.** With `O_DIRECT` the page cache is bypassed and the disk is the link; the overlap
-  efficiency is max(eager compute, streamed bytes / disk bandwidth) / measured time, the disk
-  bandwidth measured in the same run with the same reads.
+- **Cold disk.** With `O_DIRECT` the page cache is bypassed and the disk is the link; the plan is
+  priced at the disk bandwidth measured in the same run with the same reads, and the overlap
+  efficiency is max(eager compute, streamed bytes / disk bandwidth) / measured time, its calls
+  interleaved with eager's (whose time the note gives).
 """
 
 
 def print_rows(rows: list[Row], header: str, stream: Any) -> None:
     print(f"\n== {header}", file=stream)
-    print(f"{'contender':56s} {'median':>9s} {'x eager':>8s} {'held':>10s} {'peak+':>10s} "
+    print(f"{'contender':56s} {'median':>9s} {'x eager':>8s} {'held':>10s} {'peak+':>10s} {'file':>10s} "
           f"{'read/call':>10s} {'floor':>9s} {'predicted':>15s}  note", file=stream)
     for r in rows:
         print(f"{r.contender:56s} {_ms(r.median_s):>9s} {_x(r.ratio):>8s} {_b(r.held_bytes):>10s} "
-              f"{_b(r.peak_growth_bytes):>10s} {_b(r.read_bytes_per_call):>10s} {_ms(r.floor_s):>9s} "
-              f"{_predicted(r):>15s}  {r.note}", file=stream)
+              f"{_b(r.peak_growth_bytes):>10s} {_b(r.held_file_bytes):>10s} {_b(r.read_bytes_per_call):>10s} "
+              f"{_ms(r.floor_s):>9s} {_predicted(r):>15s}  {r.note}", file=stream)
 
 
 def _predicted(r: Row) -> str:
@@ -269,18 +303,20 @@ def write_docs(rows: list[Row], info: dict[str, Any]) -> None:
              "process on the same inputs, calls interleaved; figures are medians after a warm-up.", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
              "Columns: *held* is the RssAnon a contender keeps between calls (its weights, arena, "
-             "buffers); *peak+* the largest RssAnon growth during one of its calls; *read/call* the "
+             "buffers); *peak+* the largest RssAnon growth during one of its calls; *file* the RssFile "
+             "it adds (page-cache pages of files it maps: weights used in place, reclaimable, outside "
+             "the budget); *read/call* the "
              "bytes read through read() per call (page cache or disk; mmap-based readers such as "
              "accelerate's offload show 0 here); *floor* = max(eager compute, streamed bytes / link "
              "bandwidth), the link being the page-cache read bandwidth measured in the same run (the "
              "disk bandwidth for the cold row).", ""]
     for workload in dict.fromkeys(r.workload for r in rows):
         lines += [f"## {workload}", "",
-                  "| contender | median | × eager | held | peak+ | read/call | floor | predicted (÷ measured) | note |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| contender | median | × eager | held | peak+ | file | read/call | floor | predicted (÷ measured) | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in (r for r in rows if r.workload == workload):
             lines.append(f"| {r.contender} | {_ms(r.median_s)} | {_x(r.ratio)} | {_b(r.held_bytes)} | "
-                         f"{_b(r.peak_growth_bytes)} | {_b(r.read_bytes_per_call)} | {_ms(r.floor_s)} | "
+                         f"{_b(r.peak_growth_bytes)} | {_b(r.held_file_bytes)} | {_b(r.read_bytes_per_call)} | {_ms(r.floor_s)} | "
                          f"{_predicted(r)} | {r.note} |")
         lines.append("")
     if chart(rows, DOCS / "benchmarks.png"):
@@ -321,9 +357,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="workload names to run (llama, flux, unet)")
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="skip the bf16 rows (eager and vramfx at 25%% and 10%%, stored and computed in bf16)")
     args = parser.parse_args()
     args.calls = args.calls or (1 if args.smoke else 5)
     args.fractions = (0.5, 0.25, 0.1)
+    args.bf16_fractions = (0.25, 0.1)
     c.CACHE.mkdir(parents=True, exist_ok=True)
     info = machine()
     args.cost_model = vramfx.CostModel.calibrate("cpu")

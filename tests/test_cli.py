@@ -437,3 +437,30 @@ def test_plan_reads_the_capture_cache_unless_told_not_to(folder, capsys, capture
     capsys.readouterr()
     assert main(argv) == 0  # read back from the cache: the same plan
     assert capsys.readouterr().out == uncached
+
+
+def test_cpu_plan_with_weights_uses_them_in_place_as_compile_does(folder, llama_weights, capsys, tmp_path):
+    import vramfx
+    from tiny_models import build_empty
+
+    aligned = vramfx.convert(llama_weights, tmp_path / "aligned", dtype=None)
+    command = ["plan", f"{folder}/workload.py:llama", "--budget", "24MiB", "--device", "cpu", "--weights", str(aligned)]
+    assert main([*command, "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    arch = ARCHS["llama"]
+    with vramfx.DiskMap(aligned) as weights:
+        plan = vramfx.compile(build_empty(arch), budget="24MiB", weights=weights, device="cpu",
+                              example_kwargs=arch.inputs()).plan
+    assert data["in_place"] and data["in_place"] == list(plan.in_place)
+    assert data["in_place_bytes"] == plan.in_place_bytes and data["reads"] == plan.reads == "copy"
+    assert data["resident"] == list(plan.resident) and data["streamed_bytes"] == plan.streamed_bytes
+    assert data["predicted"]["seconds_per_call"] == pytest.approx(plan.predicted.seconds_per_call)
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"reads\s+{len(plan.in_place)} weights used in place .* the others copied through the page cache", out)
+    assert re.search(r"in place\s+.* in \d+ weights \(mapped file pages, outside the budget\)", out)
+    assert main([*command, "--no-in-place", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["in_place"] == []
+    assert main([*command, "--bypass-page-cache", "--format", "json"]) == 0
+    forced = json.loads(capsys.readouterr().out)
+    assert forced["in_place"] == [] and forced["reads"] == "direct"

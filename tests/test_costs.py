@@ -58,6 +58,7 @@ def test_dict_round_trip():
     assert set(data) == {
         "compute_flops_per_s",
         "memory_bytes_per_s",
+        "disk_bytes_per_s",
         "link_bytes_per_s",
         "copy_interference",
         "link_latency_s",
@@ -130,9 +131,10 @@ def test_a_rate_prices_its_kind_of_kernel_and_others_keep_the_default():
 
 def test_calibrate_measures_each_kernel_kind_per_dtype():
     cm = CostModel.calibrate("cpu", dtypes=(torch.float32, torch.bfloat16), repeats=2)
-    assert {k for k, _ in cm.rates} == {f"{kind}:{dtype}" for kind in ("matmul", "conv", "attention")
+    assert {k for k, _ in cm.rates} == {f"{kind}:{dtype}" for kind in ("matmul", "conv", "attention", "memory")
                                         for dtype in ("float32", "bfloat16")}
     assert cm.compute_flops_per_s == dict(cm.rates)["matmul:float32"]
+    assert cm.memory_bytes_per_s == dict(cm.rates)["memory:float32"]
 
 
 def test_liveness_records_kernel_kinds_and_dtypes_the_schedule_prices():
@@ -142,8 +144,11 @@ def test_liveness_records_kernel_kinds_and_dtypes_the_schedule_prices():
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()).to(torch.bfloat16)
     live = build_liveness(capture(model, (torch.ones(8, 64, dtype=torch.bfloat16),)))
-    assert "matmul:bfloat16" in live.op_classes and "" in live.op_classes
+    assert live.op_classes == ("matmul:bfloat16", "memory:bfloat16")
     base = dict(compute_flops_per_s=1e9, memory_bytes_per_s=1e12, link_bytes_per_s=1e9)
     fast = schedule(live, 2**24, cost_model=CostModel(**base))
     slow = schedule(live, 2**24, cost_model=CostModel(**base, rates={"matmul:bfloat16": 1e6}))
     assert slow.predicted.compute_seconds > 10 * fast.predicted.compute_seconds
+    # GELU is memory-bound: priced at the bf16 memory rate when one is given.
+    slow_memory = schedule(live, 2**24, cost_model=CostModel(**base, rates={"memory:bfloat16": 1e3}))
+    assert slow_memory.predicted.compute_seconds > 10 * fast.predicted.compute_seconds

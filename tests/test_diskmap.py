@@ -536,3 +536,23 @@ def test_a_device_that_is_not_one_is_refused_by_name(tmp_path, device, error):
         DiskMap(tmp_path, device=device)
     with pytest.raises(error, match=r"device"):
         load_state_dict(tmp_path, device=device)
+
+
+def test_cached_fractions_say_what_the_page_cache_holds_and_read_nothing(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"a": torch.randn(4096), "b": torch.randn(64)}, path)
+    with DiskMap(path) as dm:
+        for key in dm:
+            dm[key]
+        monkeypatch.setattr(DiskMap, "read_into", lambda *a, **k: pytest.fail("cached_fractions read data"))
+        fractions = dm.cached_fractions()
+        if not sys.platform.startswith("linux"):
+            assert fractions is None
+            return
+        assert fractions == {"a": 1.0, "b": 1.0}  # just read: in the page cache
+        assert dm.cached_fractions(["b"]) == {"b": 1.0}
+        os.sync()
+        dm.evict_page_cache()
+        assert all(0.0 <= f <= 1.0 for f in dm.cached_fractions().values())

@@ -10,16 +10,9 @@ import torch
 
 import vramfx
 from tiny_models import ARCHS, assert_same_output, build_empty, build_saved
+from vramfx.budget import rss_file_bytes
 from vramfx.measure import PeakMemory, release_freed_memory
 from vramfx.plan.plan import Plan
-
-
-def _rss_file_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _aligned_copy(folder, name="aligned"):
@@ -71,14 +64,14 @@ def test_in_place_weights_equal_eager_outside_the_budget(tmp_path):
     assert plan.in_place and plan.in_place_bytes > weight_bytes // 2
     assert set(plan.in_place) <= set(plan.resident)
     release_freed_memory()
-    file_before = _rss_file_bytes()
+    file_before = rss_file_bytes()
     with PeakMemory("cpu") as peak:
         assert_same_output(expected, fast(**inputs))
         assert_same_output(expected, fast(**inputs))
     # The weights' pages are the file's (RssFile), not the process's own memory (RssAnon).
     assert peak.growth_bytes <= plan.budget_bytes
     assert peak.growth_bytes < plan.in_place_bytes
-    assert _rss_file_bytes() >= file_before
+    assert rss_file_bytes() >= file_before
 
 
 def test_unaligned_weights_are_copied_and_bypass_copies_all(tmp_path):

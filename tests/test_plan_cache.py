@@ -10,6 +10,7 @@ import torch
 
 import vramfx
 import vramfx.plan_cache as plan_cache
+from vramfx.plan import reads
 from tiny_models import ARCHS, assert_same_output, build_empty, build_saved
 from vramfx.cli import main
 from vramfx.plan.costs import CostModel
@@ -30,6 +31,7 @@ def schedules(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(plan_cache, "schedule", counted)
+    monkeypatch.setattr(reads, "schedule", counted)  # CPU plans schedule through the choice of reads
     return count
 
 
@@ -153,3 +155,23 @@ def test_vramfx_plan_uses_the_plan_cache(capture_cache_dir, schedules, tmp_path,
     assert schedules[0] == 1 and len(_entries(capture_cache_dir)) == 1
     assert main([*args, "--no-cache"]) == 0
     assert schedules[0] == 2
+
+
+def test_what_the_page_cache_holds_is_part_of_the_key(saved, capture_cache_dir, schedules):
+    from vramfx.plan.reads import PageCacheState
+
+    folder, inputs, expected, weight_bytes = saved
+    aligned = vramfx.convert(folder, folder.parent / "aligned", dtype=None)  # weights it can use in place
+    saved = (aligned, *saved[1:])
+    budget = weight_bytes + 2**27
+    warm = _compile(saved, budget)
+    assert warm.plan.in_place
+    with vramfx.DiskMap(aligned) as weights:
+        names = list(weights)
+    cold = PageCacheState(cached=dict.fromkeys(names, 0.0), available_bytes=weight_bytes // 8)
+    before = schedules[0]
+    # Bigger than the memory left: faults on every call would cost, so nothing in place; not the warm plan read back.
+    copied = _compile(saved, budget, page_cache=cold)
+    assert schedules[0] > before and copied.plan.in_place == () and copied.plan != warm.plan
+    assert _compile(saved, budget, page_cache=cold).plan == copied.plan  # and itself read back
+    assert_same_output(expected, copied(**inputs))

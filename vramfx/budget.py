@@ -149,6 +149,19 @@ def rss_anon_bytes() -> int:
     return _proc_bytes("/proc/self/status", "RssAnon:") or 0
 
 
+def rss_file_bytes() -> int:
+    """The process's file-backed resident memory (``RssFile``): among it, the page-cache pages of
+    weights used in place, which a CPU budget does not count (the kernel may reclaim them).
+    Returns 0 where ``/proc/self/status`` does not exist.
+
+    Examples
+    --------
+    >>> rss_file_bytes() >= 0
+    True
+    """
+    return _proc_bytes("/proc/self/status", "RssFile:") or 0
+
+
 def _resolve_device(device: torch.device | str | None) -> torch.device:
     """The device a relative budget refers to."""
     if device is None:

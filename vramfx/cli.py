@@ -14,6 +14,7 @@ minimum), 1 for any other error. Errors are one line on stderr; ``--debug`` adds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--keep", metavar="LIST", default="auto",
                       help="comma-separated weights kept in the compute dtype with --storage-dtype: auto, minimal, "
                            "none, names or glob patterns (default auto)")
+    plan.add_argument("--no-in-place", action="store_true",
+                      help="on cpu with --weights: copy every weight, as compile(..., in_place=False)")
+    plan.add_argument("--bypass-page-cache", action="store_true",
+                      help="on cpu with --weights: read every weight with O_DIRECT, as "
+                           "compile(..., bypass_page_cache=True)")
     plan.add_argument("--no-cache", action="store_true",
                       help="capture and plan without the persistent cache (also: VRAMFX_CACHE=0)")
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
@@ -172,10 +178,10 @@ def run_plan(args: argparse.Namespace) -> int:
     """``vramfx plan``: every argument checked first, then load, capture, plan, and write."""
     # Imported here: torch.export and dynamo take seconds, which inspect and bad arguments skip.
     from vramfx.capture_cache import cached_capture
-    from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes, link_bytes_per_s
+    from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes, link_bytes_per_s, schedule_weights
     from vramfx.util import ALIGNMENT
     from vramfx.plan.liveness import build_liveness
-    from vramfx.plan_cache import cached_plan
+    from vramfx.plan.reads import PageCacheState
 
     device, device_note = _device(args.device)
     budget_bytes = _budget(args.budget, device)
@@ -215,19 +221,28 @@ def run_plan(args: argparse.Namespace) -> int:
     formats = None
     weights_note = "sizes and dtypes from the model (no weights read)"
     source_link = link_bytes_per_s(device, None)  # weights in host memory, as compile assumes without a DiskMap
-    if args.weights:
-        key_map = parse_key_map(args.key_map)
-        with progress.stage("checking weights"), open_weights(args.weights, key_map=key_map, variant=args.variant) as source:
-            weights_note, stored, formats = _check_weights(workload.model, captured, source, args.weights, stored,
-                                                           device)
-            source_link = link_bytes_per_s(device, source)
-    cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
-    with progress.stage("planning"):
-        liveness = build_liveness(captured, device=device, storage_dtypes=stored, stored_formats=formats)
-        # As compile plans it: on CPU the margin also holds the graph and the allocator's slack.
-        margin_bytes = compile_margin_bytes(captured, liveness, device, DEFAULT_MARGIN_BYTES[device.type])
-        plan = cached_plan(liveness, budget_bytes, cost_model=cost_model, calls=calls, alignment=alignment,
-                           margin_bytes=margin_bytes, cache=False if args.no_cache else None)
+    refs: dict[str, WeightRef] = {}
+    with contextlib.ExitStack() as open_files:
+        if args.weights:
+            key_map = parse_key_map(args.key_map)
+            with progress.stage("checking weights"):
+                source = open_files.enter_context(open_weights(args.weights, key_map=key_map, variant=args.variant))
+                weights_note, refs, formats = _check_weights(workload.model, captured, source, args.weights, stored,
+                                                             device)
+                stored = {name: ref.dtype for name, ref in refs.items()}
+                source_link = link_bytes_per_s(device, source)
+        cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
+        with progress.stage("planning"):
+            liveness = build_liveness(captured, device=device, storage_dtypes=stored, stored_formats=formats)
+            # As compile plans it: on CPU the margin also holds the graph and the allocator's slack,
+            # and weights are used in place, copied or read with O_DIRECT as the page cache allows.
+            margin_bytes = compile_margin_bytes(captured, liveness, device, DEFAULT_MARGIN_BYTES[device.type])
+            page_cache = None if refs else PageCacheState(source="no weights given")
+            plan = schedule_weights(liveness, refs, device=device, budget_bytes=budget_bytes, cost_model=cost_model,
+                                    calls=calls, margin_bytes=margin_bytes, in_place=not args.no_in_place,
+                                    bypass_page_cache=args.bypass_page_cache, page_cache=page_cache,
+                                    cache=False if args.no_cache else None)
+            reads_note = _reads_note(plan, refs, device, args)
     labels = layer_labels(module_paths(captured, liveness))
 
     title = f"{type(workload.model).__name__} on {device}"
@@ -238,6 +253,7 @@ def run_plan(args: argparse.Namespace) -> int:
         ("calls", f"{calls}{'' if args.calls is not None else ' (default)'}"),
         *cost_notes,
         ("weights", weights_note),
+        *([("reads", reads_note)] if reads_note else []),
         *([("precision", _precision_note(precision, args.keep))] if precision else []),
     ]
     with progress.stage(f"writing {args.format}"):
@@ -388,8 +404,22 @@ def _cost_model(
         ("memory", f"{_format_rate(cost_model.memory_bytes_per_s, 'B/s')} device memory, "
                    f"{format_seconds(cost_model.node_overhead_s)} per node, copy interference "
                    f"{cost_model.copy_interference:g} ({default})"),
+        ("disk", f"{_format_rate(cost_model.disk_bytes_per_s, 'B/s')} for bytes the page cache does not hold "
+                 f"({default}, assumed)"),
     ]
     return cost_model, notes
+
+
+def _reads_note(plan: Plan, refs: dict[str, WeightRef], device: torch.device, args: argparse.Namespace) -> str:
+    """The settings line on how a CPU plan reads weights from their files; empty elsewhere."""
+    if device.type != "cpu" or not refs:
+        return ""
+    forced = (" (--bypass-page-cache)" if args.bypass_page_cache else
+              " (--no-in-place)" if args.no_in_place else "")
+    copies = "with O_DIRECT" if plan.reads == "direct" else "through the page cache"
+    return (f"{len(plan.in_place)} weights used in place ({format_bytes(plan.in_place_bytes)}, mapped file pages "
+            f"outside the budget), the others copied {copies}{forced}; chosen by predicted time given the page "
+            "cache now (docs/speed.md)")
 
 
 def _format_rate(value: float, unit: str) -> str:
@@ -418,10 +448,10 @@ def _check_weights(
     path: str,
     storage: dict[str, torch.dtype] | None,
     device: torch.device,
-) -> tuple[str, dict[str, torch.dtype], dict[str, StoredFormat]]:
+) -> tuple[str, dict[str, WeightRef], dict[str, StoredFormat]]:
     """Check every graph weight is in ``source`` with the model's shape and dtype (or one it can be
-    stored in); a line on what matched, the dtype each weight is held in, and how the decoded
-    ones (GGUF, scaled fp8) are stored."""
+    stored in); a line on what matched, each weight's reference (its stored dtype among what it
+    says), and how the decoded ones (GGUF, scaled fp8) are stored."""
     refs = resolve_weights(captured.weights, source, renamed=checkpoint_key_map(model, source), storage=storage)
     converted = [ref for ref in refs.values() if isinstance(ref.source, ConvertedSource)]
     formats = stored_formats(refs, device)
@@ -437,7 +467,7 @@ def _check_weights(
         f"{f'; {from_model} held by the model' if from_model else ''}"
         f"{f'; {unused} stored tensor{_s(unused)} unused' if unused else ''})"
     )
-    return note, {name: ref.dtype for name, ref in refs.items()}, formats
+    return note, refs, formats
 
 
 def _decoded_note(formats: dict[str, StoredFormat]) -> str:

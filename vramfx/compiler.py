@@ -19,7 +19,7 @@ from vramfx.adapters.hosting import install as install_adapter_hosting
 from vramfx.adapters.hosting import mark_streamed
 from vramfx.adapters.state import adapter_state
 from vramfx.arguments import require_bool, require_call, require_device, require_int
-from vramfx.budget import parse_budget
+from vramfx.budget import device_free_bytes, parse_budget
 from vramfx.errors import BudgetError
 from vramfx.measure import release_freed_memory
 from vramfx.capture import Captured
@@ -28,13 +28,15 @@ from vramfx.plan_cache import cached_plan
 from vramfx.compiled import CompiledGraph, CompiledModule
 from vramfx.compiled_class import compiled_class
 from vramfx.plan.costs import CostModel
-from vramfx.plan.in_place import choose_in_place
+from vramfx.plan.reads import WAYS, PageCacheState
 from vramfx.plan.liveness import build_liveness
 from vramfx.plan.types import Liveness
+from vramfx.plan.plan import Plan
 from vramfx.progress import step
 from vramfx.precision import KeepSpec, Precision, precision_from_arguments, storage_dtypes
 from vramfx.rewrite import rewrite
 from vramfx.storage.checkpoint_keys import checkpoint_key_map
+from vramfx.storage.diskmap import DiskMap
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore
 from vramfx.runtime.sources import mapped_bytes
@@ -86,6 +88,7 @@ class CompileOptions:
     precision: Precision | None = None
     cache: bool | None = None
     in_place: bool = True
+    page_cache: PageCacheState | None = None
 
 
 def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs: Any) -> CompiledModule:
@@ -158,7 +161,13 @@ def compile(model: torch.nn.Module | type[torch.nn.Module], *args: Any, **kwargs
     in_place:
         On CPU, use weights 64-byte aligned in a DiskMap file where they lie in the page cache
         (the default); ``False`` copies every streamed weight into the arena, as with weights
-        on a filesystem whose mapped reads are slow.
+        on a filesystem whose mapped reads are slow. Whether each weight is then used in place,
+        copied through the page cache or read with ``O_DIRECT`` is the plan's choice, by
+        predicted time (:mod:`vramfx.plan.reads`), given what the page cache holds.
+    page_cache:
+        On CPU, what the page cache holds of the weights' files, for that choice
+        (:class:`vramfx.plan.reads.PageCacheState`); by default measured when a graph is planned
+        (``mincore`` on Linux; elsewhere every file counts as cached).
 
     Returns
     -------
@@ -235,6 +244,7 @@ def compile_model(
     keep_in_compute_dtype: KeepSpec = "auto",
     cache: bool | None = None,
     in_place: bool = True,
+    page_cache: PageCacheState | None = None,
 ) -> CompiledModule:
     """:func:`compile` for a model instance (the class form goes to :func:`vramfx.from_pretrained`)."""
     if not isinstance(model, torch.nn.Module):
@@ -246,6 +256,8 @@ def compile_model(
     if cache is not None:
         require_bool("cache", cache)
     require_bool("in_place", in_place)
+    if page_cache is not None and not isinstance(page_cache, PageCacheState):
+        raise TypeError(f"page_cache must be a vramfx.plan.reads.PageCacheState or None, got {type(page_cache).__name__}")
     if cost_model is not None and not isinstance(cost_model, CostModel):
         raise TypeError(f"cost_model must be a vramfx.CostModel or None, got {type(cost_model).__name__}")
     example = require_call(example_args, example_kwargs)
@@ -263,6 +275,7 @@ def compile_model(
         precision=precision,
         cache=cache,
         in_place=in_place,
+        page_cache=page_cache,
     )
 
     renamed = checkpoint_key_map(model, source) if isinstance(source, Mapping) else {}
@@ -353,19 +366,18 @@ def plan_graph(
     )
     reserved = held_bytes + graph_bytes
     slack = allocator_slack_bytes(liveness, options.device)
-    in_place: frozenset[str] = frozenset()
-    if options.device.type == "cpu" and options.in_place and not options.bypass_page_cache:
-        mappable = {name for name, ref in refs.items() if mapped_bytes(ref) is not None}
-        in_place = choose_in_place(liveness, mappable, device_type="cpu", bypass_page_cache=False)
     try:
-        plan = cached_plan(
+        plan = schedule_weights(
             liveness,
-            options.budget_bytes,
+            refs,
+            device=options.device,
+            budget_bytes=options.budget_bytes,
             cost_model=options.cost_model,
             calls=options.calls,
-            alignment=ALIGNMENT.get(options.device.type, 64),
             margin_bytes=options.margin_bytes + reserved + slack,
-            in_place=in_place,
+            in_place=options.in_place,
+            bypass_page_cache=options.bypass_page_cache,
+            page_cache=options.page_cache,
             cache=options.cache,
         )
     except BudgetError as exc:
@@ -381,7 +393,8 @@ def plan_graph(
     if log.isEnabledFor(logging.INFO):
         log.info("vramfx plan for %s:\n%s", type(model).__name__, plan.summary())
     graph_module = rewrite(captured, plan)
-    engine = make_engine(plan, refs, options.device, store, bypass_page_cache=options.bypass_page_cache)
+    engine = make_engine(plan, refs, options.device, store,
+                         bypass_page_cache=options.bypass_page_cache or plan.reads == "direct")
     if options.device.type == "cpu":
         # Capture's temporaries are freed by now, but the C allocator keeps freed pages (RssAnon,
         # what a CPU budget is measured by) until trimmed; trimmed, the arena can reuse them.
@@ -389,6 +402,65 @@ def plan_graph(
     return CompiledGraph(
         captured, plan, graph_module, engine, graph_bytes=graph_bytes, reserved_bytes=reserved, adapters=adapters
     )
+
+
+def schedule_weights(
+    liveness: Liveness,
+    refs: Mapping[str, Any],
+    *,
+    device: torch.device,
+    budget_bytes: int,
+    cost_model: CostModel,
+    calls: int,
+    margin_bytes: int,
+    in_place: bool = True,
+    bypass_page_cache: bool = False,
+    page_cache: PageCacheState | None = None,
+    cache: bool | None = None,
+) -> Plan:
+    """The plan compile makes (and ``vramfx plan`` shows) for weights ``refs``, through the plan
+    cache (``cache`` as :func:`vramfx.plan_cache.cached_plan`): on CPU with how each weight is read
+    chosen by :func:`vramfx.plan.reads.schedule_reads` (``bypass_page_cache`` forces ``O_DIRECT``,
+    ``in_place=False`` copies), given ``page_cache`` or, when None, what :func:`page_cache_state`
+    measures now."""
+    alignment = ALIGNMENT.get(device.type, 64)
+    if device.type != "cpu":
+        return cached_plan(liveness, budget_bytes, cost_model=cost_model, calls=calls, alignment=alignment,
+                           margin_bytes=margin_bytes, cache=cache)
+    if bypass_page_cache:
+        ways: tuple[str, ...] = ("direct",)
+    else:
+        ways = WAYS if in_place else tuple(w for w in WAYS if w != "in place")
+    mappable = {name for name, ref in refs.items() if mapped_bytes(ref) is not None} if "in place" in ways else set()
+    return cached_plan(
+        liveness,
+        budget_bytes,
+        cost_model=cost_model,
+        calls=calls,
+        alignment=alignment,
+        margin_bytes=margin_bytes,
+        ways=ways,
+        mappable=mappable,
+        page_cache=page_cache_state(refs) if page_cache is None else page_cache,
+        cache=cache,
+    )
+
+
+def page_cache_state(refs: Mapping[str, Any]) -> PageCacheState:
+    """What the page cache holds now of the files the weights ``refs`` are read from (DiskMap
+    weights, by ``mincore``), and the memory available to it (``MemAvailable``); weights of other
+    sources, and every weight where this cannot be asked, count as cached."""
+    by_source: dict[int, tuple[DiskMap, dict[str, str]]] = {}
+    for name, ref in refs.items():
+        if isinstance(ref.source, DiskMap):
+            by_source.setdefault(id(ref.source), (ref.source, {}))[1][ref.key] = name
+    cached: dict[str, float] = {}
+    for source, names in by_source.values():
+        fractions = source.cached_fractions(names)
+        if fractions is None:
+            return PageCacheState(source="unknown here (no mincore): assumed cached")
+        cached.update({names[key]: fraction for key, fraction in fractions.items()})
+    return PageCacheState(cached=cached, available_bytes=device_free_bytes("cpu"), source="measured (mincore)")
 
 
 def allocator_slack_bytes(liveness: Liveness, device: torch.device) -> int:

@@ -6,7 +6,9 @@ A plan is a pure function of what the scheduler reads, so that is the key: the w
 spans, the activation profile, per-node FLOPs, bytes and op classes: the captured graph and the
 weights' storage facts as the planner sees them), the budget, the cost model (all its rates and
 fixed costs), ``calls``, the alignment, the margin (which holds the graph's host memory and the
-allocator's slack on CPU), the weights used in place, and vramfx's version and source hash.
+allocator's slack on CPU), the weights used in place (on CPU: what the choice of reads depends on, the
+ways allowed, the weights that can be mapped, the share read from disk at every call and the cached
+fractions), and vramfx's version and source hash.
 Nothing a plan depends on is left out of the key, so an entry is never stale; the liveness is
 computed in each process, and only the schedule is skipped.
 
@@ -29,13 +31,14 @@ from vramfx.capture_cache import cache_dir, cache_enabled, vramfx_version, write
 from vramfx.plan.costs import CostModel
 from vramfx.plan.in_place import with_in_place, without_in_place
 from vramfx.plan.plan import Plan
+from vramfx.plan.reads import PageCacheState, schedule_reads
 from vramfx.plan.schedule import schedule
 from vramfx.plan.types import Liveness
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the entry layout changes.
-PLAN_CACHE_FORMAT = 1
+PLAN_CACHE_FORMAT = 2
 _MAGIC = b"vramfx-plan\n"
 
 
@@ -48,6 +51,9 @@ def cached_plan(
     alignment: int,
     margin_bytes: int,
     in_place: Collection[str] = frozenset(),
+    ways: Collection[str] | None = None,
+    mappable: Collection[str] = frozenset(),
+    page_cache: PageCacheState | None = None,
     cache: bool | None = None,
 ) -> Plan:
     """``schedule`` of ``liveness`` without the weights used ``in_place``, with them added back
@@ -59,6 +65,10 @@ def cached_plan(
         As :func:`vramfx.plan.schedule.schedule`.
     in_place:
         Weights used where they lie in their file, outside the budget.
+    ways, mappable, page_cache:
+        On CPU, instead of ``in_place``: the plan chooses how weights are read, by
+        :func:`vramfx.plan.reads.schedule_reads` with these; the key holds what it reads of
+        ``page_cache`` (the share read from disk at every call, the cached fractions).
     cache:
         ``False`` plans without the cache; ``None`` follows ``VRAMFX_CACHE``.
 
@@ -68,16 +78,25 @@ def cached_plan(
         No schedule fits; nothing is cached.
     """
     in_place = frozenset(in_place)
+    state = page_cache if page_cache is not None else PageCacheState()
 
     def plan_now() -> Plan:
+        if ways is not None:
+            return schedule_reads(liveness, budget_bytes, cost_model=cost_model, calls=calls, alignment=alignment,
+                                  margin_bytes=margin_bytes, mappable=mappable, page_cache=state, ways=ways)
         scheduled = schedule(without_in_place(liveness, in_place), budget_bytes, cost_model=cost_model, calls=calls,
                              alignment=alignment, margin_bytes=margin_bytes)
         return with_in_place(scheduled, liveness, in_place)
 
     if not cache_enabled(cache):
         return plan_now()
+    reads = None
+    if ways is not None:
+        sizes = {w.name: w.nbytes for w in liveness.weights}
+        reads = (tuple(sorted(ways)), tuple(sorted(mappable)), state.miss_fraction(liveness.weight_bytes, sizes),
+                 state.cached)
     key = plan_key(liveness, budget_bytes, cost_model=cost_model, calls=calls, alignment=alignment,
-                   margin_bytes=margin_bytes, in_place=in_place)
+                   margin_bytes=margin_bytes, in_place=in_place, reads=reads)
     path = cache_dir() / "plans" / f"{key}.pkl"
     found = _load(path, key)
     if found is not None:
@@ -100,6 +119,7 @@ def plan_key(
     alignment: int,
     margin_bytes: int,
     in_place: Collection[str],
+    reads: object = None,
 ) -> str:
     """A hex digest of everything a plan depends on (module doc)."""
     parts = (
@@ -113,6 +133,7 @@ def plan_key(
         alignment,
         margin_bytes,
         tuple(sorted(in_place)),
+        reads,
     )
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 

@@ -34,6 +34,9 @@ _DEFAULTS: dict[str, dict[str, float]] = {
         # for the slowest one, so compute loses about the whole copy time (measured ~1.0 on
         # 2 cores: 660 MB streamed added 184 ms to a 397 ms call, copying alone took 178 ms).
         "copy_interference": 1.0,
+        # Reads the page cache does not hold: an assumed SSD-class 1 GB/s, not measured
+        # (vramfx.measure.link_bytes_per_s(..., bypass_page_cache=True) measures one).
+        "disk_bytes_per_s": 1e9,
     },
     # A datacenter GPU in bf16; the link is PCIe from pinned host memory.
     "cuda": {
@@ -44,6 +47,7 @@ _DEFAULTS: dict[str, dict[str, float]] = {
         "node_overhead_s": 10e-6,
         # Copy engines do not take SMs; only memory bandwidth is shared.
         "copy_interference": 0.02,
+        "disk_bytes_per_s": 2e9,
     },
     # Apple silicon: unified memory, so the "link" is a memory copy.
     "mps": {
@@ -79,7 +83,8 @@ class CostModel:
     rates:
         FLOP/s by kind of kernel and dtype (``(("matmul:bfloat16", 2e10), ...)``), as
         :meth:`calibrate` measures them: a CPU may run bf16 matmuls several times slower than
-        fp32 ones, and convolutions and attention at other rates again. A node whose kind is
+        fp32 ones, and convolutions and attention at other rates again. ``"memory:<dtype>"``
+        keys are bytes/s of memory-bound nodes in that dtype. A node whose kind is
         not listed runs at ``compute_flops_per_s``. Empty by default.
 
     Examples
@@ -99,6 +104,7 @@ class CostModel:
     node_overhead_s: float = 5e-6
     copy_interference: float = 0.0
     rates: tuple[tuple[str, float], ...] = ()
+    disk_bytes_per_s: float = 1e9
 
     def __post_init__(self) -> None:
         if isinstance(self.rates, dict):
@@ -107,7 +113,7 @@ class CostModel:
             if not value > 0:
                 raise ValueError(f"CostModel: rate {key!r} must be > 0, got {value!r}")
         object.__setattr__(self, "_rate_of", dict(self.rates))  # not a field: out of eq and asdict
-        for name in ("compute_flops_per_s", "memory_bytes_per_s", "link_bytes_per_s"):
+        for name in ("compute_flops_per_s", "memory_bytes_per_s", "link_bytes_per_s", "disk_bytes_per_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"CostModel: {name} must be > 0, got {value!r}")
@@ -127,15 +133,20 @@ class CostModel:
             Bytes the node reads plus writes.
         op_class:
             The node's kind and dtype (``"matmul:bfloat16"``); its rate from ``rates`` when
-            listed, else ``compute_flops_per_s``.
+            listed, else ``compute_flops_per_s``. ``"memory:<dtype>"`` names a memory-bound
+            node's dtype: its bandwidth from ``rates`` when listed, else ``memory_bytes_per_s``.
 
         Returns
         -------
         float
             ``max(flops / compute, memory_bytes / memory_bandwidth) + node_overhead_s``.
         """
-        compute = self._rate_of.get(op_class, self.compute_flops_per_s) if op_class else self.compute_flops_per_s
-        return max(flops / compute, memory_bytes / self.memory_bytes_per_s) + self.node_overhead_s
+        compute, memory = self.compute_flops_per_s, self.memory_bytes_per_s
+        if op_class.startswith("memory:"):
+            memory = self._rate_of.get(op_class, memory)
+        elif op_class:
+            compute = self._rate_of.get(op_class, compute)
+        return max(flops / compute, memory_bytes / memory) + self.node_overhead_s
 
     def transfer_seconds(self, nbytes: int) -> float:
         """Seconds one transfer of ``nbytes`` takes on the link: ``nbytes / bw + latency``."""
@@ -210,11 +221,12 @@ class CostModel:
         """Measure compute throughput per kind of kernel and dtype, memory bandwidth and node
         overhead on ``device``.
 
-        Each figure is the median of ``repeats`` timings taken after warm-up runs (a process's
-        first kernels pay for thread pools and kernel selection, and one timing of a shared
-        machine is noise): matmuls, convolutions and attention in every dtype of ``dtypes``
-        (``rates``; on a CPU bf16 matmuls may run several times slower than fp32), a copy for
-        memory bandwidth, a loop of tiny additions for dispatch cost. Takes about a second on a
+        Each figure is the fastest of ``3 * repeats`` samples taken after warm-up runs (a
+        process's first kernels pay for thread pools and kernel selection; another process's load
+        only slows a sample, by several times where a kernel's threads wait for a descheduled one),
+        each sample looping the kernel for at least 2 ms: matmuls (as a Linear runs them), convolutions and attention in every dtype of ``dtypes``
+        (``rates``; on a CPU bf16 matmuls may run several times slower than fp32), memory-bound
+        ops (additions, activations, a norm's steps, softmax) per dtype for memory bandwidth, a loop of tiny additions for dispatch cost. Takes about a second on a
         CPU. The link keeps :meth:`for_device`'s default unless ``link_bytes_per_s`` is given
         (:func:`vramfx.measure.link_bytes_per_s` measures one). Plans made with a calibrated model
         depend on the machine and its load; use :meth:`for_device` where plans must be
@@ -229,14 +241,14 @@ class CostModel:
         dtypes:
             The dtypes to measure kernels in; by default float32, bfloat16 and float16.
         repeats:
-            Timings per figure (the median is kept).
+            A third of the samples per figure (the fastest is kept).
 
         Returns
         -------
         CostModel
             ``compute_flops_per_s`` is the matmul rate in float32 on a CPU, bfloat16 on CUDA.
         """
-        import statistics
+        import math
 
         import torch
 
@@ -248,17 +260,28 @@ class CostModel:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
-        def median_of(fn: Any, warmup: int = 2) -> float:
-            for _ in range(warmup):  # the first calls pay for allocation, threads and kernel choice
+        def fastest(fn: Any, min_seconds: float = 0.002) -> float:
+            """Seconds of one ``fn()``: the fastest of up to ``3 * repeats`` short samples, each looping
+            long enough to time. Other processes' load only ever slows a sample (a kernel whose
+            threads wait for a descheduled one runs many times slower), so the fastest is the
+            machine's own; short samples find the gaps in a load that long ones would not."""
+            for _ in range(2):  # the first calls pay for allocation, threads and kernel choice
                 fn()
             sync()
-            samples = []
-            for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            loops = max(1, min(1000, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-7))))
+            samples: list[float] = []
+            began = time.perf_counter()
+            # Slow kernels (bf16 convolutions on a CPU without bf16) stop at a quarter second.
+            while len(samples) < 3 * repeats and (len(samples) < 3 or time.perf_counter() - began < 0.25):
                 start = time.perf_counter()
-                fn()
+                for _ in range(loops):
+                    fn()
                 sync()
-                samples.append(time.perf_counter() - start)
-            return max(statistics.median(samples), 1e-9)
+                samples.append((time.perf_counter() - start) / loops)
+            return max(min(samples), 1e-9)
 
         cpu = dev.type == "cpu"
         # On CPU every operand stays under 4 MB, within the budget margin: calibrating never
@@ -269,23 +292,23 @@ class CostModel:
             name = str(dtype).removeprefix("torch.")
             a = torch.randn(n, n, device=dev).to(dtype)
             b = torch.randn(n, n, device=dev).to(dtype)
-            rates[f"matmul:{name}"] = 2.0 * n**3 / median_of(lambda: torch.mm(a, b))
+            # As a Linear runs: against a weight stored (out, in), i.e. transposed. Without native
+            # bf16 a CPU runs bf16 products of untransposed operands ~8x slower than these.
+            rates[f"matmul:{name}"] = 2.0 * n**3 / fastest(lambda: torch.nn.functional.linear(a, b))
             channels, side = (64, 32) if cpu else (256, 64)
             x = torch.randn(1, channels, side, side, device=dev).to(dtype)
             w = torch.randn(channels, channels, 3, 3, device=dev).to(dtype)
             conv_flops = 2.0 * channels * side * side * channels * 9
-            rates[f"conv:{name}"] = conv_flops / median_of(lambda: torch.nn.functional.conv2d(x, w, padding=1))
+            rates[f"conv:{name}"] = conv_flops / fastest(lambda: torch.nn.functional.conv2d(x, w, padding=1))
             heads, tokens, dim = (4, 256, 64) if cpu else (16, 2048, 128)
             q = torch.randn(1, heads, tokens, dim, device=dev).to(dtype)
             attention_flops = 4.0 * heads * tokens * tokens * dim
-            rates[f"attention:{name}"] = attention_flops / median_of(
+            rates[f"attention:{name}"] = attention_flops / fastest(
                 lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+            rates[f"memory:{name}"] = _elementwise_bytes_per_s(torch, dev, dtype, fastest, cpu)
             del a, b, x, w, q
         compute = rates.get("matmul:float32" if cpu else "matmul:bfloat16") or max(rates.values())
-
-        src = torch.ones(2**20 if cpu else 64 * 2**20, device=dev)
-        dst = torch.empty_like(src)
-        memory = 2.0 * src.numel() * src.element_size() / median_of(lambda: dst.copy_(src))
+        memory = rates.get("memory:float32" if cpu else "memory:bfloat16") or base.memory_bytes_per_s
 
         tiny = torch.ones(8, device=dev)
         loops = 200
@@ -296,7 +319,7 @@ class CostModel:
             for _ in range(loops):
                 add(tiny, tiny)
 
-        overhead = median_of(dispatch) / loops
+        overhead = fastest(dispatch) / loops
         model = cls(
             compute_flops_per_s=compute,
             memory_bytes_per_s=memory,
@@ -305,9 +328,31 @@ class CostModel:
             node_overhead_s=overhead,
             copy_interference=base.copy_interference,
             rates=rates,
+            disk_bytes_per_s=base.disk_bytes_per_s,
         )
         logger.info("calibrated cost model on %s: %s", dev, model.to_dict())
         return model
+
+
+def _elementwise_bytes_per_s(torch: Any, dev: Any, dtype: Any, fastest: Any, cpu: bool) -> float:
+    """Bytes read plus written per second by the memory-bound ops of a model's graph (additions,
+    products, activations, a norm's steps, softmax) in ``dtype``: a CPU without native bf16 converts
+    each element, so bf16 ops move half the bytes of fp32 ones in about the same time."""
+    rows, cols = (256, 1024) if cpu else (4096, 4096)
+    x = torch.randn(rows, cols, device=dev).to(dtype)
+    y = torch.randn(rows, cols, device=dev).to(dtype)
+    size = x.numel() * x.element_size()
+    ops = (
+        (lambda: torch.add(x, y), 3 * size),
+        (lambda: torch.mul(x, y), 3 * size),
+        (lambda: torch.nn.functional.silu(x), 2 * size),
+        (lambda: torch.pow(x, 2), 2 * size),
+        (lambda: torch.rsqrt(x), 2 * size),
+        (lambda: torch.softmax(x, -1), 2 * size),
+        (lambda: x.float().mean(-1, keepdim=True), size + x.numel() * 4),
+    )
+    seconds = sum(fastest(op) for op, _ in ops)
+    return sum(nbytes for _, nbytes in ops) / seconds
 
 
 def _device_type(device: Any) -> str:

@@ -14,10 +14,11 @@ get a weight's bytes to a CPU kernel cost:
 - **O_DIRECT** (``bypass_page_cache=True``): the disk controller moves the bytes, no page cache;
   the choice for a model larger than RAM, whose pages would otherwise be read inside kernels.
 
-So the choice per weight is: in place whenever it can be (a DiskMap file, its data 64-byte
-aligned in the file like torch's own allocations, so kernels take eager's paths and outputs stay
-bit-identical) and the page cache is used; otherwise the schedule's copies, buffered or direct.
-In place beats a copy at every budget: it costs neither the copy's seconds nor its bytes.
+A weight can be used in place when it is read straight from a DiskMap file with its data 64-byte
+aligned in the file, like torch's own allocations, so kernels take eager's paths and outputs stay
+bit-identical. Whether it is, and whether copies go through the page cache or ``O_DIRECT``, is
+priced by :mod:`vramfx.plan.reads`: while the page cache holds the weights, in place beats a copy
+at every budget (it costs neither the copy's seconds nor its bytes).
 
 Pure data in and out; the runtime finds the mappings (:func:`vramfx.runtime.sources.mapped_bytes`).
 """

@@ -307,7 +307,8 @@ def _node_flops(node: torch.fx.Node, outs: list[torch.Tensor]) -> float:
 
 
 def _op_class(node: torch.fx.Node) -> str:
-    """``"<kind>:<dtype>"`` for the kernels whose throughput a cost model prices apart, else ``""``."""
+    """``"<kind>:<dtype>"`` for the kernels whose throughput a cost model prices apart (matmul,
+    conv, attention; ``memory`` for other ops, bound by memory traffic), else ``""``."""
     target = node.target
     if target in _LINEAR or target in _MATMULS or target in _MATMUL_GENERIC:
         kind = "matmul"
@@ -315,9 +316,13 @@ def _op_class(node: torch.fx.Node) -> str:
         kind = "conv"
     elif target in _ATTENTION:
         kind = "attention"
+    elif node.op == "call_function" and target is not operator.getitem:
+        kind = "memory"  # bound by memory traffic, at a rate per dtype (bf16 converts on many CPUs)
     else:
         return ""
     outs = tensors_of(node.meta.get("val"))
+    if kind == "memory":
+        return f"memory:{dtype_name(outs[0].dtype)}" if outs and outs[0].is_floating_point() else ""
     return f"{kind}:{dtype_name(outs[0].dtype)}" if outs else kind
 
 

@@ -116,7 +116,9 @@ class Plan:
 
     ``in_place`` are resident weights used where they lie in a mapping of their file (CPU, page
     cache): they take no budget bytes (``nbytes`` 0 in ``weights``) and are never copied;
-    ``in_place_bytes`` is their size in the file (:mod:`vramfx.plan.in_place`).
+    ``in_place_bytes`` is their size in the file (:mod:`vramfx.plan.in_place`). ``reads`` says
+    how the other weights are read from files: ``"copy"`` through the page cache, ``"direct"``
+    with ``O_DIRECT`` (:mod:`vramfx.plan.reads`).
     """
 
     budget_bytes: int
@@ -140,6 +142,7 @@ class Plan:
     upcast_bytes: int = 0
     in_place: tuple[str, ...] = ()
     in_place_bytes: int = 0
+    reads: str = "copy"
 
     @property
     def name_to_weight(self) -> dict[str, PlannedWeight]:
@@ -218,7 +221,8 @@ class Plan:
             *([f"  in place    {b(self.in_place_bytes)} in {len(self.in_place)} weights (mapped file pages, "
                "outside the budget)"] if self.in_place else []),
             f"streamed      {b(self.streamed_bytes)} per call in {len(self.transfers)} transfers "
-            f"({len(self.steps)} steps over {self.num_positions} positions)",
+            f"({len(self.steps)} steps over {self.num_positions} positions)"
+            + (", read with O_DIRECT" if self.reads == "direct" else ""),
             *self._cast_lines(),
             f"predicted     {sec(p.seconds_per_call)} per call: compute "
             f"{sec(p.compute_seconds)}, stall {sec(p.stall_seconds)}, copy engine busy "

@@ -412,6 +412,31 @@ class DiskMap(Mapping[str, torch.Tensor]):
         for f in self._files:
             os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
+    def cached_fractions(self, keys: "Iterable[str] | None" = None) -> dict[str, float] | None:
+        """For each key (all by default), the fraction of its data's pages the page cache holds
+        now; None where that cannot be known (not Linux). Reads no data.
+
+        Examples
+        --------
+        >>> dm.cached_fractions(["w"])  # doctest: +SKIP
+        {'w': 1.0}
+        """
+        from vramfx.storage.page_cache import cached_fraction, cached_pages
+
+        keys = list(self) if keys is None else list(keys)
+        pages: dict[int, bytes | None] = {}
+        out: dict[str, float] = {}
+        for key in keys:
+            f, info = self._entries[key]
+            if id(f) not in pages:
+                pages[id(f)] = cached_pages(f.fd, f.size)
+            found = pages[id(f)]
+            if found is None:
+                return None
+            assert info.offset is not None
+            out[key] = cached_fraction(found, info.offset, info.nbytes)
+        return out
+
     # -- Using bytes where they lie ----------------------------------------------------------
 
     def mapped(self, key: str, alignment: int = MAPPED_ALIGNMENT) -> torch.Tensor | None:
