@@ -116,8 +116,10 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     inputs = workload.inputs()
     total = c.weight_bytes(folder)
     link = page_cache_bandwidth(folder)
-    # Predictions priced with this machine's rates, measured once at the start of the run, and the
-    # link measured above; never fitted to a row's own times.
+    # Predictions priced with this machine's rates, measured at the start of the workload (a shared
+    # machine's speed drifts by a fifth over the minutes a run takes), and the link measured above;
+    # never fitted to a row's own times.
+    args.cost_model = vramfx.CostModel.calibrate("cpu")
     cost = dataclasses.replace(args.cost_model, link_bytes_per_s=link)
     makers: list[tuple[str, Callable[[], c.Contender]]] = [
         ("eager", lambda: c.eager(workload, folder, inputs)),
@@ -239,8 +241,8 @@ READING = """## Reading the figures
   *held* and *peak+* columns measure. The `copying (in_place=False)` rows read the same file
   into memory vramfx owns, as on a filesystem whose mapped reads are slow; the `, bf16` rows
   store and compute in bf16 (a bf16 copy of the weights, against eager in bf16).
-- **predicted** is the plan's time per call, priced with a cost model calibrated once at the start
-  of the run (`CostModel.calibrate`: per kernel kind and dtype, the fastest of several samples)
+- **predicted** is the plan's time per call, priced with a cost model calibrated at the start
+  of the workload (`CostModel.calibrate`: per kernel kind and dtype, the fastest of several samples)
   and the link and disk measured for the workload, and its ratio to the measured median: on a
   loaded machine the ratio says how much the load moved since calibration.
 - **The peers that look fast keep the model in RAM or map it.** accelerate `cpu_offload` on a
@@ -365,7 +367,6 @@ def main() -> None:
     args.bf16_fractions = (0.25, 0.1)
     c.CACHE.mkdir(parents=True, exist_ok=True)
     info = machine()
-    args.cost_model = vramfx.CostModel.calibrate("cpu")
     print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
     rows: list[Row] = []
     for workload in c.workloads(args.smoke):

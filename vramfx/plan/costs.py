@@ -284,17 +284,24 @@ class CostModel:
             return max(min(samples), 1e-9)
 
         cpu = dev.type == "cpu"
-        # On CPU every operand stays under 4 MB, within the budget margin: calibrating never
-        # pushes a CPU budget over.
-        n = 512 if cpu else 4096
+        # On CPU every operand stays under 4 MB and all of them under 9 MB, about the budget
+        # margin, and they are freed before any plan: calibrating never pushes a CPU budget over.
+        rows, n, out, count = (128, 1024, 512, 4) if cpu else (4096, 4096, 4096, 1)
         rates: dict[str, float] = {}
         for dtype in dtypes:
             name = str(dtype).removeprefix("torch.")
-            a = torch.randn(n, n, device=dev).to(dtype)
-            b = torch.randn(n, n, device=dev).to(dtype)
-            # As a Linear runs: against a weight stored (out, in), i.e. transposed. Without native
+            a = torch.randn(rows, n, device=dev).to(dtype)
+            # As a Linear runs in a model: against weights stored (out, in), i.e. transposed, each
+            # a different one whose bytes are not in the core's cache (on a CPU, ~128 token rows
+            # against distinct weights run ~20% slower than one hot 512² product). Without native
             # bf16 a CPU runs bf16 products of untransposed operands ~8x slower than these.
-            rates[f"matmul:{name}"] = 2.0 * n**3 / fastest(lambda: torch.nn.functional.linear(a, b))
+            weights = [torch.randn(out, n, device=dev).to(dtype) for _ in range(count)]
+
+            def products() -> None:
+                for weight in weights:
+                    torch.nn.functional.linear(a, weight)
+
+            rates[f"matmul:{name}"] = 2.0 * rows * n * out * count / fastest(products)
             channels, side = (64, 32) if cpu else (256, 64)
             x = torch.randn(1, channels, side, side, device=dev).to(dtype)
             w = torch.randn(channels, channels, 3, 3, device=dev).to(dtype)
@@ -306,7 +313,7 @@ class CostModel:
             rates[f"attention:{name}"] = attention_flops / fastest(
                 lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
             rates[f"memory:{name}"] = _elementwise_bytes_per_s(torch, dev, dtype, fastest, cpu)
-            del a, b, x, w, q
+            del a, weights, x, w, q
         compute = rates.get("matmul:float32" if cpu else "matmul:bfloat16") or max(rates.values())
         memory = rates.get("memory:float32" if cpu else "memory:bfloat16") or base.memory_bytes_per_s
 
