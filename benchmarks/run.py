@@ -119,8 +119,8 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     # Predictions priced with this machine's rates, measured at the start of the workload (a shared
     # machine's speed drifts by a fifth over the minutes a run takes), and the link measured above;
     # never fitted to a row's own times.
-    args.cost_model = vramfx.CostModel.calibrate("cpu")
-    cost = dataclasses.replace(args.cost_model, link_bytes_per_s=link)
+    calibrated = vramfx.CostModel.calibrate("cpu")
+    cost = dataclasses.replace(calibrated, link_bytes_per_s=link)
     makers: list[tuple[str, Callable[[], c.Contender]]] = [
         ("eager", lambda: c.eager(workload, folder, inputs)),
         # What compile does by default: weights used in place from the page cache where they can be.
@@ -181,7 +181,7 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
             contender.close()
     rows += failed
     if not args.smoke:
-        rows.append(cold_disk_row(workload, aligned, inputs, eager_fp32, args))
+        rows.append(cold_disk_row(workload, aligned, inputs, eager_fp32, calibrated, args))
     del built, eager_fp32
     gc.collect()
     print_rows(rows, header=f"{workload.name}: {format_bytes(total)} of weights; page-cache link "
@@ -190,13 +190,13 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
 
 
 def cold_disk_row(workload: c.Workload, folder: Path, inputs: dict[str, Any], eager: c.Contender | None,
-                  args: argparse.Namespace) -> Row:
+                  calibrated: vramfx.CostModel, args: argparse.Namespace) -> Row:
     """vramfx at 25% reading with O_DIRECT, its calls interleaved with eager's (a shared machine's
     load moves both alike): overlap efficiency against the raw disk bandwidth."""
     disk = disk_bandwidth(folder)
     label = "vramfx @ 25%, cold disk (O_DIRECT)"
     # Priced as compile prices O_DIRECT reads: at the disk's rate, measured just now, no core taken.
-    cost = dataclasses.replace(args.cost_model, disk_bytes_per_s=disk)
+    cost = dataclasses.replace(calibrated, disk_bytes_per_s=disk)
     contender, held, _, failure = build(label, lambda: c.vramfx_compiled(
         workload, folder, inputs, 0.25, bypass_page_cache=True, label=label, cost_model=cost))
     if contender is None:
