@@ -119,7 +119,7 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     # Predictions priced with this machine's rates, measured at the start of the workload (a shared
     # machine's speed drifts by a fifth over the minutes a run takes), and the link measured above;
     # never fitted to a row's own times.
-    calibrated = vramfx.CostModel.calibrate("cpu")
+    calibrated = vramfx.CostModel.calibrate("cpu", time_nodes=True)
     cost = dataclasses.replace(calibrated, link_bytes_per_s=link)
     makers: list[tuple[str, Callable[[], c.Contender]]] = [
         ("eager", lambda: c.eager(workload, folder, inputs)),

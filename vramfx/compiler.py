@@ -30,6 +30,7 @@ from vramfx.compiled_class import compiled_class
 from vramfx.plan.costs import CostModel
 from vramfx.plan.reads import WAYS, PageCacheState
 from vramfx.plan.liveness import build_liveness
+from vramfx.plan.timing import DEFAULT_MAX_OPERAND_BYTES, with_timed_nodes
 from vramfx.plan.types import Liveness
 from vramfx.plan.plan import Plan
 from vramfx.progress import step
@@ -364,6 +365,7 @@ def plan_graph(
     liveness = build_liveness(
         captured, device=options.device, storage_dtypes=stored, stored_formats=stored_formats(refs, options.device)
     )
+    liveness = timed_if_asked(liveness, captured, options.device, options.cost_model, options.budget_bytes)
     reserved = held_bytes + graph_bytes
     slack = allocator_slack_bytes(liveness, options.device)
     try:
@@ -402,6 +404,16 @@ def plan_graph(
     return CompiledGraph(
         captured, plan, graph_module, engine, graph_bytes=graph_bytes, reserved_bytes=reserved, adapters=adapters
     )
+
+
+def timed_if_asked(liveness: Liveness, captured: Captured, device: torch.device, cost_model: CostModel,
+                   budget_bytes: int) -> Liveness:
+    """``liveness`` with its nodes timed at their own shapes when ``cost_model.time_nodes`` asks for
+    it (:mod:`vramfx.plan.timing`), their operands kept to an eighth of the budget."""
+    if not cost_model.time_nodes:
+        return liveness
+    cap = min(DEFAULT_MAX_OPERAND_BYTES, budget_bytes // 8)
+    return with_timed_nodes(liveness, captured, device, cost_model, max_operand_bytes=cap)
 
 
 def schedule_weights(

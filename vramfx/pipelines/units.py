@@ -26,6 +26,7 @@ from vramfx.compiler import (
     link_bytes_per_s,
     module_path,
     plan_graph,
+    timed_if_asked,
 )
 from vramfx.plan.costs import CostModel
 from vramfx.plan.liveness import build_liveness
@@ -147,6 +148,8 @@ def compile_unit(
             refs = resolve_weights(latest.captured.weights, source, renamed=renamed)
             liveness = build_liveness(latest.captured, device=device, storage_dtypes={n: r.dtype for n, r in refs.items()},
                                       stored_formats=stored_formats(refs, device))
+            liveness = timed_if_asked(liveness, latest.captured, device, unit.options.cost_model,
+                                      unit.options.budget_bytes)
             livenesses.clear()
             livenesses[id(latest.captured)] = liveness
         held = unit.graph_bytes  # this unit's graphs, the latest's among them

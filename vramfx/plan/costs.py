@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+    from vramfx.plan.types import Liveness
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,11 @@ class CostModel:
         fp32 ones, and convolutions and attention at other rates again. ``"memory:<dtype>"``
         keys are bytes/s of memory-bound nodes in that dtype. A node whose kind is
         not listed runs at ``compute_flops_per_s``. Empty by default.
+    time_nodes:
+        Whether compile times each node of a graph at its own shapes before planning
+        (:mod:`vramfx.plan.timing`) and prices with those times: predictions that hold within
+        the machine's own drift, for a second or two per compile. Set by
+        ``calibrate(..., time_nodes=True)``; off by default, so plans stay reproducible.
 
     Examples
     --------
@@ -105,6 +113,7 @@ class CostModel:
     copy_interference: float = 0.0
     rates: tuple[tuple[str, float], ...] = ()
     disk_bytes_per_s: float = 1e9
+    time_nodes: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rates, dict):
@@ -155,16 +164,19 @@ class CostModel:
     def to_dict(self) -> dict[str, Any]:
         """The model as plain floats (``rates`` as a dict of them, when any), for the Plan
         record and JSON."""
-        data: dict[str, Any] = {k: float(v) for k, v in asdict(self).items() if k != "rates"}
+        data: dict[str, Any] = {k: float(v) for k, v in asdict(self).items() if k not in ("rates", "time_nodes")}
         if self.rates:
             data["rates"] = dict(self.rates)
+        if self.time_nodes:
+            data["time_nodes"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CostModel":
         """Inverse of :meth:`to_dict`."""
         rates = data.get("rates") or {}
-        return cls(**{k: float(v) for k, v in data.items() if k != "rates"}, rates=rates)
+        numbers = {k: float(v) for k, v in data.items() if k not in ("rates", "time_nodes")}
+        return cls(**numbers, rates=rates, time_nodes=bool(data.get("time_nodes", False)))
 
     @classmethod
     def for_device(
@@ -217,6 +229,7 @@ class CostModel:
         link_bytes_per_s: float | None = None,
         dtypes: "tuple[torch.dtype, ...] | None" = None,
         repeats: int = 5,
+        time_nodes: bool = False,
     ) -> "CostModel":
         """Measure compute throughput per kind of kernel and dtype, memory bandwidth and node
         overhead on ``device``.
@@ -226,7 +239,7 @@ class CostModel:
         only slows a sample, by several times where a kernel's threads wait for a descheduled one),
         each sample looping the kernel for at least 2 ms: matmuls (as a Linear runs them), convolutions and attention in every dtype of ``dtypes``
         (``rates``; on a CPU bf16 matmuls may run several times slower than fp32), memory-bound
-        ops (additions, activations, a norm's steps, softmax) per dtype for memory bandwidth, a loop of tiny additions for dispatch cost. Takes about a second on a
+        ops (additions, activations, a norm's steps, softmax) per dtype for memory bandwidth, a loop of tiny additions for dispatch cost. Takes a second or two on a
         CPU. The link keeps :meth:`for_device`'s default unless ``link_bytes_per_s`` is given
         (:func:`vramfx.measure.link_bytes_per_s` measures one). Plans made with a calibrated model
         depend on the machine and its load; use :meth:`for_device` where plans must be
@@ -242,6 +255,9 @@ class CostModel:
             The dtypes to measure kernels in; by default float32, bfloat16 and float16.
         repeats:
             A third of the samples per figure (the fastest is kept).
+        time_nodes:
+            Also time each graph node at its own shapes when compiling with this model
+            (see the ``time_nodes`` attribute).
 
         Returns
         -------
@@ -284,17 +300,22 @@ class CostModel:
             return max(min(samples), 1e-9)
 
         cpu = dev.type == "cpu"
-        # On CPU every operand stays under 4 MB and all of them under 9 MB, about the budget
-        # margin, and they are freed before any plan: calibrating never pushes a CPU budget over.
-        rows, n, out, count = (128, 1024, 512, 4) if cpu else (4096, 4096, 4096, 1)
+        rows, n, out = (128, 1024, 512) if cpu else (4096, 4096, 4096)
         rates: dict[str, float] = {}
         for dtype in dtypes:
             name = str(dtype).removeprefix("torch.")
             a = torch.randn(rows, n, device=dev).to(dtype)
             # As a Linear runs in a model: against weights stored (out, in), i.e. transposed, each
-            # a different one whose bytes are not in the core's cache (on a CPU, ~128 token rows
-            # against distinct weights run ~20% slower than one hot 512² product). Without native
-            # bf16 a CPU runs bf16 products of untransposed operands ~8x slower than these.
+            # a different one whose bytes are not in the core's cache. On a CPU, fp32 weights
+            # total twice the last-level cache, up to 64 MiB (freed before any plan): a product
+            # over weights that fit in cache ran ~25% faster than a model's Linears. Without
+            # native bf16 a CPU computes bf16 products far slower than it reads their weights
+            # (and untransposed ones ~8x slower again), so four of them suffice.
+            count = 1
+            if cpu:
+                weight_bytes = out * n * dtype.itemsize
+                out_of_cache = min(2 * last_level_cache_bytes(), 64 << 20) // weight_bytes
+                count = max(4, out_of_cache) if dtype == torch.float32 else 4
             weights = [torch.randn(out, n, device=dev).to(dtype) for _ in range(count)]
 
             def products() -> None:
@@ -336,9 +357,52 @@ class CostModel:
             copy_interference=base.copy_interference,
             rates=rates,
             disk_bytes_per_s=base.disk_bytes_per_s,
+            time_nodes=time_nodes,
         )
         logger.info("calibrated cost model on %s: %s", dev, model.to_dict())
         return model
+
+
+def priced_node_seconds(liveness: "Liveness", cost_model: CostModel) -> list[float]:
+    """Seconds of each node of ``liveness``, as the scheduler and reports price them.
+
+    A node timed at its own shapes (``liveness.timed_seconds``) takes its measured time; one left
+    untimed is priced by ``cost_model``, scaled by how timing found the priced ones of its kind
+    (``op_class``) to run: measured over priced, summed over the timed nodes of that kind.
+    """
+    priced = [
+        cost_model.node_seconds(f, m, liveness.op_class(t))
+        for t, (f, m) in enumerate(zip(liveness.flops, liveness.memory_bytes))
+    ]
+    timed = liveness.timed_seconds
+    if not timed:
+        return priced
+    measured: dict[str, float] = {}
+    estimated: dict[str, float] = {}
+    for t, seconds in enumerate(timed):
+        if seconds is not None:
+            kind = liveness.op_class(t)
+            measured[kind] = measured.get(kind, 0.0) + seconds
+            estimated[kind] = estimated.get(kind, 0.0) + priced[t]
+    scale = {kind: measured[kind] / estimated[kind] for kind in measured if estimated[kind] > 0}
+    return [
+        seconds if seconds is not None else priced[t] * scale.get(liveness.op_class(t), 1.0)
+        for t, seconds in enumerate(timed)
+    ]
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache the kernel reports for cpu0 (``/sys``), else ``default``."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        digits, unit = (text[:-1], text[-1]) if text[-1:] in "KMG" else (text, "")
+        if digits.isdigit():
+            best = max(best, int(digits) << {"K": 10, "M": 20, "G": 30, "": 0}[unit])
+    return best or default
 
 
 def _elementwise_bytes_per_s(torch: Any, dev: Any, dtype: Any, fastest: Any, cpu: bool) -> float:

@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 from vramfx.errors import BudgetError
 from vramfx.plan.check import check_plan
-from vramfx.plan.costs import CostModel
+from vramfx.plan.costs import CostModel, priced_node_seconds
 from vramfx.plan.plan import Cast, Plan, PlannedWeight, Prediction, Transfer
 from vramfx.plan.simulate import simulate_copies
 from vramfx.plan.types import Liveness
@@ -243,10 +243,7 @@ def schedule(
             upcast_bytes=upcast_bytes,
         )
 
-    node_seconds = [
-        cost_model.node_seconds(f, m, liveness.op_class(t))
-        for t, (f, m) in enumerate(zip(liveness.flops, liveness.memory_bytes))
-    ]
+    node_seconds = priced_node_seconds(liveness, cost_model)
     prefix = [0.0, *accumulate(node_seconds)]
     by_cost = _occurrences(
         liveness,

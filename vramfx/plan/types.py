@@ -115,6 +115,10 @@ class Liveness:
         Per position, the kind of kernel and its dtype where throughput depends on them
         (``"matmul:bfloat16"``, ``"conv:float32"``, ``"attention:float32"``), else ``""``: a
         calibrated cost model prices each kind at its own rate. Empty, or length ``T``.
+    timed_seconds:
+        Per position, the seconds the node took when timed alone at its own shapes
+        (:mod:`vramfx.plan.timing`), None where it was not; the scheduler prices with them
+        (:func:`vramfx.plan.costs.priced_node_seconds`). Empty when nothing was timed.
     """
 
     num_positions: int
@@ -125,6 +129,7 @@ class Liveness:
     workspace_bytes: int = 0
     position_names: tuple[str, ...] = field(default=())
     op_classes: tuple[str, ...] = field(default=())
+    timed_seconds: tuple[float | None, ...] = field(default=())
 
     def op_class(self, position: int) -> str:
         """``op_classes[position]``, or ``""`` when they were not recorded."""

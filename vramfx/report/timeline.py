@@ -12,7 +12,7 @@ from __future__ import annotations
 from itertools import accumulate
 from dataclasses import dataclass
 
-from vramfx.plan.costs import CostModel
+from vramfx.plan.costs import CostModel, priced_node_seconds
 from vramfx.plan.plan import Plan
 from vramfx.plan.simulate import simulate_copies
 from vramfx.plan.types import Liveness
@@ -102,10 +102,7 @@ def predict_timeline(plan: Plan, liveness: Liveness) -> Timeline:
     """
     _check_matches(plan, liveness)
     cost_model = CostModel.from_dict(plan.cost_model)
-    node_seconds = [
-        cost_model.node_seconds(f, m, liveness.op_class(t))
-        for t, (f, m) in enumerate(zip(liveness.flops, liveness.memory_bytes))
-    ]
+    node_seconds = priced_node_seconds(liveness, cost_model)
     copy_seconds = [cost_model.transfer_seconds(t.nbytes) for t in plan.transfers]
     transfers = sorted(range(len(plan.transfers)), key=lambda i: (plan.transfers[i].fetch, i))
     times = simulate_copies(

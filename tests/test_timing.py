@@ -1,0 +1,124 @@
+"""Nodes timed at their own shapes: what gets timed, what stays priced, and that planning with
+the times changes predictions only, never outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import vramfx
+from tiny_models import ARCHS, assert_same_output, build_empty, build_saved, minimum_budget
+from vramfx.capture import capture
+from vramfx.plan.costs import CostModel, priced_node_seconds
+from vramfx.plan.liveness import build_liveness, compute_nodes
+from vramfx.plan.timing import node_signature, time_nodes, with_timed_nodes
+from vramfx.plan.types import Liveness
+
+CPU = CostModel.for_device("cpu")
+
+
+class TwoLinears(torch.nn.Module):
+    """Two Linears of one shape and a third of another, and a view between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)).reshape(x.shape)).relu()
+
+
+def _captured() -> tuple:
+    captured = capture(TwoLinears().to("meta"), (torch.randn(4, 16),))
+    return captured, compute_nodes(captured.graph_module.graph)
+
+
+def test_same_op_and_shapes_share_a_signature_and_views_have_none() -> None:
+    _, nodes = _captured()
+    linears = [n for n in nodes if n.target == torch.ops.aten.linear.default]
+    assert len(linears) == 3
+    first, second, third = (node_signature(n) for n in linears)
+    assert first == second is not None
+    assert third != first
+    views = [n for n in nodes if isinstance(n.target, torch._ops.OpOverload) and n.target.is_view]
+    assert views and all(node_signature(n) is None for n in views)
+
+
+def test_every_compute_op_is_timed_and_the_callers_rng_is_untouched() -> None:
+    _, nodes = _captured()
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    timed = time_nodes(nodes, "cpu", seconds=30.0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(timed) == len(nodes)
+    for node, seconds in zip(nodes, timed):
+        if node_signature(node) is None:
+            assert seconds is None
+        else:
+            assert seconds is not None and 0 < seconds < 1.0, (node, seconds)
+    # Nodes of one signature are timed once and share the figure.
+    linears = [t for n, t in zip(nodes, timed) if n.target == torch.ops.aten.linear.default]
+    assert linears[0] == linears[1]
+
+
+def test_no_time_or_no_room_leaves_nodes_priced() -> None:
+    _, nodes = _captured()
+    assert all(t is None for t in time_nodes(nodes, "cpu", seconds=0.0))
+    # Operands larger than the cap are not made at all.
+    assert all(t is None for t in time_nodes(nodes, "cpu", max_operand_bytes=64))
+
+
+def test_untimed_nodes_are_scaled_by_what_timing_found_for_their_kind() -> None:
+    lv = Liveness(
+        num_positions=4, weights=(), activation_bytes=(0,) * 4, flops=(1e9, 1e9, 2e9, 1e9),
+        memory_bytes=(0,) * 4, op_classes=("matmul:float32",) * 3 + ("conv:float32",),
+        timed_seconds=(0.5, None, None, None),
+    )
+    cm = CostModel(compute_flops_per_s=1e9, memory_bytes_per_s=1e9, link_bytes_per_s=1e9, node_overhead_s=0.0)
+    # Timed at 0.5 s where 1 s was priced: the other matmuls run twice as fast as priced; the
+    # conv, whose kind was not timed, keeps its price.
+    assert priced_node_seconds(lv, cm) == [0.5, 0.5, 1.0, 1.0]
+    untimed = dataclasses.replace(lv, timed_seconds=())
+    assert priced_node_seconds(untimed, cm) == [1.0, 1.0, 2.0, 1.0]
+
+
+def test_spans_of_cast_weights_start_on_a_priced_node() -> None:
+    """The node that casts a low-precision weight is priced with the cast: timing it alone would
+    leave the cast out."""
+    arch = ARCHS["llama"]
+    model = build_empty(arch)
+    captured = capture(model, (), arch.inputs())
+    stored = {w.name: torch.bfloat16 for w in captured.weights if w.dtype == torch.float32}
+    liveness = build_liveness(captured, storage_dtypes=stored)
+    timed = with_timed_nodes(liveness, captured, "cpu", CPU, seconds=30.0)
+    begins = {b for w in timed.weights if w.compute_dtype for b, _ in w.spans}
+    assert begins
+    assert all(timed.timed_seconds[b] is None for b in begins)
+    assert any(t is not None for t in timed.timed_seconds)
+
+
+def test_time_nodes_round_trips_through_the_plan_record() -> None:
+    cm = CostModel(compute_flops_per_s=1e9, memory_bytes_per_s=1e9, link_bytes_per_s=1e9, time_nodes=True)
+    assert CostModel.from_dict(cm.to_dict()) == cm
+    assert "time_nodes" not in CPU.to_dict()
+    assert CostModel.from_dict(CPU.to_dict()) == CPU
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "unet"])
+def test_compile_with_timed_nodes_gives_eager_output(tmp_path, arch_name) -> None:
+    arch = ARCHS[arch_name]
+    expected_model = build_saved(arch, tmp_path)
+    inputs = arch.inputs()
+    with torch.no_grad():
+        expected = expected_model(**inputs)
+    weights = vramfx.DiskMap(tmp_path)
+    timed = dataclasses.replace(CPU, time_nodes=True)
+    budget = minimum_budget(build_empty(arch), weights, inputs)
+    fast = vramfx.compile(build_empty(arch), budget=budget, weights=weights, device="cpu", example_kwargs=inputs,
+                          cost_model=timed, cache=False)
+    assert fast.plan.cost_model.get("time_nodes") is True
+    assert fast.plan.predicted.seconds_per_call > 0
+    with torch.no_grad():
+        assert_same_output(expected, fast(**inputs))
