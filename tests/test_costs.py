@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -61,6 +62,7 @@ def test_dict_round_trip():
         "disk_bytes_per_s",
         "link_bytes_per_s",
         "copy_interference",
+        "copy_slowdown",
         "link_latency_s",
         "node_overhead_s",
     }
@@ -87,6 +89,9 @@ def test_calibrate_on_cpu_measures_plausible_numbers():
     # Very loose sanity bounds: any machine that runs the tests lies far inside them.
     assert 1e7 < cm.compute_flops_per_s < 1e15
     assert 1e7 < cm.memory_bytes_per_s < 1e13
+    # A copy beside the kernels, measured: bounded, and never faster than alone.
+    assert 0.0 <= cm.copy_interference <= 4.0
+    assert 1.0 <= cm.copy_slowdown <= 8.0
 
 
 @pytest.mark.cuda
@@ -104,6 +109,24 @@ def test_copy_interference_makes_streamed_copies_cost_compute_time():
     assert CostModel.for_device("cuda").copy_interference < 0.1, "a copy engine does not take SMs"
     with pytest.raises(ValueError, match="copy_interference"):
         CostModel(1e9, 1e9, 1e9, copy_interference=-1.0)
+
+
+def test_copy_slowdown_prices_copies_beside_the_kernels_and_not_direct_reads():
+    from vramfx.plan.reads import _priced
+
+    cm = dataclasses.replace(CostModel.for_device("cpu"), copy_slowdown=2.0)
+    assert cm.transfer_seconds(4 * 10**9) == pytest.approx(2.0 + cm.link_latency_s)
+    with pytest.raises(ValueError, match="copy_slowdown"):
+        dataclasses.replace(cm, copy_slowdown=0.0)
+    # O_DIRECT's copy is the disk controller's: no core slowed, none taken.
+    direct = _priced(cm, "direct", miss=1.0)
+    assert (direct.copy_slowdown, direct.copy_interference) == (1.0, 0.0)
+    # A buffered copy that also waits for the disk folds the slowdown into its rate; only the
+    # copying share of its time takes compute.
+    buffered = _priced(cm, "copy", miss=0.5)
+    per_byte = 2.0 / cm.link_bytes_per_s + 0.5 / cm.disk_bytes_per_s
+    assert buffered.transfer_seconds(10**9) == pytest.approx(10**9 * per_byte + cm.link_latency_s)
+    assert buffered.copy_interference == pytest.approx(cm.copy_interference * (2.0 / cm.link_bytes_per_s) / per_byte)
 
 
 @pytest.mark.parametrize("link", ["fast", float("nan"), float("inf"), 0, -1.0, True])

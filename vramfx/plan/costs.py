@@ -83,6 +83,11 @@ class CostModel:
         Seconds of compute lost per second of transfer running beside it: about 1 on a CPU
         whose cores all compute, near 0 for a GPU's copy engine. It is what makes keeping a
         weight resident beat streaming it under compute that hides the copy.
+    copy_slowdown:
+        How much longer a copy takes beside the kernels than alone (``link_bytes_per_s`` is
+        measured alone): on a CPU the copy's core shares memory bandwidth and cache with them,
+        and its thread is descheduled while theirs run. 1 by default; ``calibrate`` measures it
+        on a CPU.
     rates:
         FLOP/s by kind of kernel and dtype (``(("matmul:bfloat16", 2e10), ...)``), as
         :meth:`calibrate` measures them: a CPU may run bf16 matmuls several times slower than
@@ -113,6 +118,7 @@ class CostModel:
     copy_interference: float = 0.0
     rates: tuple[tuple[str, float], ...] = ()
     disk_bytes_per_s: float = 1e9
+    copy_slowdown: float = 1.0
     time_nodes: bool = False
 
     def __post_init__(self) -> None:
@@ -122,7 +128,8 @@ class CostModel:
             if not value > 0:
                 raise ValueError(f"CostModel: rate {key!r} must be > 0, got {value!r}")
         object.__setattr__(self, "_rate_of", dict(self.rates))  # not a field: out of eq and asdict
-        for name in ("compute_flops_per_s", "memory_bytes_per_s", "link_bytes_per_s", "disk_bytes_per_s"):
+        for name in ("compute_flops_per_s", "memory_bytes_per_s", "link_bytes_per_s", "disk_bytes_per_s",
+                     "copy_slowdown"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"CostModel: {name} must be > 0, got {value!r}")
@@ -158,8 +165,9 @@ class CostModel:
         return max(flops / compute, memory_bytes / memory) + self.node_overhead_s
 
     def transfer_seconds(self, nbytes: int) -> float:
-        """Seconds one transfer of ``nbytes`` takes on the link: ``nbytes / bw + latency``."""
-        return nbytes / self.link_bytes_per_s + self.link_latency_s
+        """Seconds one transfer of ``nbytes`` takes on the link beside the kernels:
+        ``nbytes * copy_slowdown / bw + latency``."""
+        return nbytes * self.copy_slowdown / self.link_bytes_per_s + self.link_latency_s
 
     def to_dict(self) -> dict[str, Any]:
         """The model as plain floats (``rates`` as a dict of them, when any), for the Plan
@@ -300,6 +308,7 @@ class CostModel:
             return max(min(samples), 1e-9)
 
         cpu = dev.type == "cpu"
+        interference, slowdown = base.copy_interference, base.copy_slowdown
         rows, n, out = (128, 1024, 512) if cpu else (4096, 4096, 4096)
         rates: dict[str, float] = {}
         for dtype in dtypes:
@@ -334,6 +343,8 @@ class CostModel:
             rates[f"attention:{name}"] = attention_flops / fastest(
                 lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
             rates[f"memory:{name}"] = _elementwise_bytes_per_s(torch, dev, dtype, fastest, cpu)
+            if cpu and dtype == torch.float32:
+                interference, slowdown = _copy_beside(products, fastest(products))
             del a, weights, x, w, q
         compute = rates.get("matmul:float32" if cpu else "matmul:bfloat16") or max(rates.values())
         memory = rates.get("memory:float32" if cpu else "memory:bfloat16") or base.memory_bytes_per_s
@@ -354,9 +365,10 @@ class CostModel:
             link_bytes_per_s=base.link_bytes_per_s,
             link_latency_s=base.link_latency_s,
             node_overhead_s=overhead,
-            copy_interference=base.copy_interference,
+            copy_interference=interference,
             rates=rates,
             disk_bytes_per_s=base.disk_bytes_per_s,
+            copy_slowdown=slowdown,
             time_nodes=time_nodes,
         )
         logger.info("calibrated cost model on %s: %s", dev, model.to_dict())
@@ -403,6 +415,57 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
         if digits.isdigit():
             best = max(best, int(digits) << {"K": 10, "M": 20, "G": 30, "": 0}[unit])
     return best or default
+
+
+def _copy_beside(products: Any, alone_s: float, trials: int = 5, copy_bytes: int = 8 << 20,
+                 seconds: float = 0.05) -> tuple[float, float]:
+    """``(copy_interference, copy_slowdown)`` on a CPU: a thread copies memory, as the reader's
+    ``pread`` from the page cache does (one core, no torch threads), while ``products`` (matmuls
+    taking ``alone_s`` alone) run beside it for ``seconds``. Interference is the share of the
+    products' time lost while the copy runs; slowdown, a copy's time beside them over its time
+    alone. Medians of ``trials``, capped at 4 and 8 (a load that stalls one side is not the
+    machine's figure)."""
+    import ctypes
+    import statistics
+    import threading
+
+    source, target = bytearray(copy_bytes), bytearray(copy_bytes)
+    src = (ctypes.c_char * copy_bytes).from_buffer(source)
+    dst = (ctypes.c_char * copy_bytes).from_buffer(target)
+
+    def copy() -> None:
+        ctypes.memmove(dst, src, copy_bytes)  # a foreign call: the GIL is released as in pread
+
+    copy()
+    copy_alone = min(_timed(copy) for _ in range(5))
+    lost, slow = [], []
+    for _ in range(trials):
+        stop, copies = threading.Event(), [0]
+
+        def copying() -> None:
+            while not stop.is_set():
+                copy()
+                copies[0] += 1
+
+        thread = threading.Thread(target=copying, daemon=True)
+        began = time.perf_counter()
+        thread.start()
+        products_run = 0
+        while time.perf_counter() - began < seconds:
+            products()
+            products_run += 1
+        stop.set()
+        elapsed = time.perf_counter() - began
+        thread.join()
+        lost.append(max(0.0, 1.0 - products_run * alone_s / elapsed))
+        slow.append(elapsed / max(copies[0], 1) / copy_alone)
+    return min(4.0, statistics.median(lost)), max(1.0, min(8.0, statistics.median(slow)))
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _elementwise_bytes_per_s(torch: Any, dev: Any, dtype: Any, fastest: Any, cpu: bool) -> float:

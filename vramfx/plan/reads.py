@@ -9,8 +9,9 @@ the plan like the budget: a fixed cost model and a fixed state give the same pla
   page faults inside the kernels, serially, at ``disk_bytes_per_s``: once, on the first call,
   when the weights fit in the memory left (they stay cached); on every call when they do not
   (the kernel evicts pages of this call to read later ones).
-- **buffered copy** (``pread`` through the page cache): ``nbytes / link`` of a core's copy
-  beside the kernels (``copy_interference``), plus the disk's time for bytes not cached.
+- **buffered copy** (``pread`` through the page cache): ``nbytes / link`` of a core's copy, slowed
+  beside the kernels (``copy_slowdown``) and slowing them (``copy_interference``), plus the disk's
+  time for bytes not cached.
 - **O_DIRECT**: ``nbytes / disk`` on the disk controller, overlapped with compute, no core taken.
 
 Each candidate is scheduled (:func:`vramfx.plan.schedule.schedule`) with its prices, and the
@@ -156,17 +157,20 @@ def schedule_reads(
 
 def _priced(cost_model: CostModel, reads: str, miss: float) -> CostModel:
     """The cost model a schedule of copies runs on: ``O_DIRECT`` moves bytes at the disk's rate with
-    no core taken; a buffered copy adds the disk's time for the share ``miss`` not cached, during
-    which its core waits instead of copying."""
+    no core taken (nor slowed by the kernels); a buffered copy adds the disk's time for the share
+    ``miss`` not cached, during which its core waits instead of copying."""
     if reads == "direct":
-        return dataclasses.replace(cost_model, link_bytes_per_s=cost_model.disk_bytes_per_s, copy_interference=0.0)
+        return dataclasses.replace(cost_model, link_bytes_per_s=cost_model.disk_bytes_per_s, copy_interference=0.0,
+                                   copy_slowdown=1.0)
     if miss <= 0:
         return cost_model
-    per_byte = 1.0 / cost_model.link_bytes_per_s + miss / cost_model.disk_bytes_per_s
+    copying = cost_model.copy_slowdown / cost_model.link_bytes_per_s
+    per_byte = copying + miss / cost_model.disk_bytes_per_s
     return dataclasses.replace(
         cost_model,
         link_bytes_per_s=1.0 / per_byte,
-        copy_interference=cost_model.copy_interference / (per_byte * cost_model.link_bytes_per_s),
+        copy_interference=cost_model.copy_interference * copying / per_byte,
+        copy_slowdown=1.0,
     )
 
 

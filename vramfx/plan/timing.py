@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
@@ -32,7 +33,9 @@ from vramfx.plan.types import Liveness
 DEFAULT_MAX_OPERAND_BYTES = 64 << 20
 #: Default seconds spent timing one graph; signatures left when it runs out stay priced.
 DEFAULT_TIMING_SECONDS = 5.0
-_SAMPLES = 5
+#: Samples per signature: at least the first, taken in as many passes as fit in the time allowed,
+#: and passes go on until the window spans a few seconds of the machine's drift.
+_MIN_SAMPLES, _MAX_SAMPLES, _MIN_WINDOW_S = 5, 25, 2.0
 logger = logging.getLogger(__name__)
 _SAMPLE_SECONDS = 0.002
 _MAX_WEIGHT_COPIES = 32
@@ -101,9 +104,13 @@ def time_nodes(
     Returns
     -------
     tuple
-        The fastest of five samples per signature (another process's load only slows a sample),
-        each sample looping the node for at least 2 ms. Operands are random (floats uniform in
-        [0.5, 1.5), integers 0, booleans True) under a forked RNG: the caller's is untouched.
+        Per signature, the median of its samples, each looping the node for at least 2 ms and
+        each taken in its own pass over all signatures, five passes or more until they span two
+        seconds (at most 25, within ``seconds``): a shared machine's speed moves by a third over
+        seconds, so samples spread over a window give its typical speed where samples taken back
+        to back would all fall in one burst of load (or one lull). Operands are
+        random (floats uniform in [0.5, 1.5), integers 0, booleans True) under a forked RNG: the
+        caller's is untouched.
     """
     device = torch.device(device)
     signatures = [node_signature(n, weights) for n in nodes]
@@ -113,7 +120,8 @@ def time_nodes(
             groups.setdefault(sig, []).append(i)
     cost = order if order is not None else [0.0] * len(nodes)
     ranked = sorted(groups.values(), key=lambda members: -sum(cost[i] for i in members))
-    found: list[float | None] = [None] * len(nodes)
+    samples: list[list[float]] = [[] for _ in ranked]
+    loops: list[int] = [0] * len(ranked)
     began = time.perf_counter()
     deadline = began + seconds
     # Weights cycle through copies in half the cap, at most twice the last-level cache; other
@@ -121,16 +129,25 @@ def time_nodes(
     pool = _WeightPool(device, min(2 * last_level_cache_bytes(), max_operand_bytes // 2) // 64 * 64)
     forked = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked), torch.no_grad():
-        for members in ranked:
-            if time.perf_counter() >= deadline:
+        for round_ in range(_MAX_SAMPLES):
+            if round_ >= _MIN_SAMPLES and time.perf_counter() - began >= _MIN_WINDOW_S:
                 break
-            node = nodes[members[0]]
-            try:
-                taken = _time_one(node, device, weights, pool, max_operand_bytes // 2)
-            except Exception:  # an op that will not run alone on random operands stays priced
-                taken = None
-            for i in members:
-                found[i] = taken
+            for k, members in enumerate(ranked):
+                if time.perf_counter() >= deadline:
+                    break
+                if round_ and not samples[k]:
+                    continue  # failed, or not reached, in the first pass
+                try:
+                    taken = _sample(nodes[members[0]], device, weights, pool, max_operand_bytes // 2, loops[k])
+                except Exception:  # an op that will not run alone on random operands stays priced
+                    taken = None
+                if taken is not None:
+                    samples[k].append(taken[0])
+                    loops[k] = taken[1]
+    found: list[float | None] = [None] * len(nodes)
+    for members, taken in zip(ranked, samples):
+        for i in members:
+            found[i] = statistics.median(taken) if taken else None
     logger.info("timed %d of %d nodes (%d signatures) on %s in %.2f s", sum(t is not None for t in found),
                 len(nodes), len(groups), device, time.perf_counter() - began)
     return tuple(found)
@@ -170,9 +187,10 @@ class _Untimeable(Exception):
     """An operand that cannot be made from its fake tensor."""
 
 
-def _time_one(node: torch.fx.Node, device: torch.device, weights: Collection[int], pool: "_WeightPool",
-              cap: int) -> float | None:
-    """The fastest sample of ``node`` on fresh operands, or None when they exceed ``cap``."""
+def _sample(node: torch.fx.Node, device: torch.device, weights: Collection[int], pool: "_WeightPool",
+            cap: int, loops: int) -> tuple[float, int] | None:
+    """One sample of ``node`` on fresh operands: seconds per call over ``loops`` calls (0: enough
+    for 2 ms), and the loops used; None when the operands exceed ``cap``."""
     operands = {id(v): v.meta["val"] for v in _walk((node.args, node.kwargs)) if isinstance(v, torch.fx.Node)}
     weight_ids = [i for i, fake in operands.items() if storage_key(fake) in weights and fake.is_floating_point()]
     if sum(_nbytes(fake) for i, fake in operands.items() if i not in weight_ids) > cap:
@@ -185,18 +203,16 @@ def _time_one(node: torch.fx.Node, device: torch.device, weights: Collection[int
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     calls[0]()  # the first call pays for allocation and kernel choice
     sync()
-    start = time.perf_counter()
-    calls[-1]()
-    sync()
-    loops = max(len(calls), min(1000, math.ceil(_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
-    best = math.inf
-    for _ in range(_SAMPLES):
+    if not loops:
         start = time.perf_counter()
-        for i in range(loops):
-            calls[i % len(calls)]()
+        calls[-1]()
         sync()
-        best = min(best, (time.perf_counter() - start) / loops)
-    return best
+        loops = max(len(calls), min(1000, math.ceil(_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
+    start = time.perf_counter()
+    for i in range(loops):
+        calls[i % len(calls)]()
+    sync()
+    return (time.perf_counter() - start) / loops, loops
 
 
 class _WeightPool:
