@@ -230,7 +230,8 @@ READING = """## Reading the figures
   weight from the page cache into the arena (`pread`, about 4-6 GB/s on one core here). The
   compute kernels use every core and wait for their slowest thread, so a core taken by the copy
   slows them by about the copy's own duration: a call costs roughly eager + streamed bytes / copy
-  bandwidth (the CPU cost model's `copy_interference` is 1.0 for this reason). Overlap cannot hide
+  bandwidth (the CPU cost model's `copy_interference`, calibrated with a copy running beside
+  matmuls, and `copy_slowdown`, the copy's own slowing there, price it). Overlap cannot hide
   work that needs the same cores; on a GPU the copy engine is separate hardware and the same plan
   hides it (see `benchmarks/gpu_check.py`). Fewer streamed bytes is what helps on a CPU, which is
   why the planner fills the budget with resident weights first.
@@ -242,9 +243,11 @@ READING = """## Reading the figures
   into memory vramfx owns, as on a filesystem whose mapped reads are slow; the `, bf16` rows
   store and compute in bf16 (a bf16 copy of the weights, against eager in bf16).
 - **predicted** is the plan's time per call, priced with a cost model calibrated at the start
-  of the workload (`CostModel.calibrate`: per kernel kind and dtype, the fastest of several samples)
-  and the link and disk measured for the workload, and its ratio to the measured median: on a
-  loaded machine the ratio says how much the load moved since calibration.
+  of the workload (`CostModel.calibrate(..., time_nodes=True)`: per kernel kind and dtype, a copy
+  beside the kernels, and each node of the graph timed at its own shapes when it is compiled) and
+  the link and disk measured for the workload, and its ratio to the measured median: the machine's
+  speed moves by a third over seconds, and the ratio also says how much it moved between the
+  seconds the nodes were timed and the calls.
 - **The peers that look fast keep the model in RAM or map it.** accelerate `cpu_offload` on a
   CPU moves weights from the CPU to the CPU: it holds the whole model. diffusers group offloading
   from disk memory-maps the safetensors files it wrote and onloads by pointing at those pages: no

@@ -50,7 +50,7 @@ def test_every_compute_op_is_timed_and_the_callers_rng_is_untouched() -> None:
     _, nodes = _captured()
     torch.manual_seed(3)
     state = torch.get_rng_state()
-    timed = time_nodes(nodes, "cpu", seconds=30.0)
+    timed = time_nodes(nodes, "cpu", seconds=30.0, reuse=False)
     assert torch.equal(torch.get_rng_state(), state)
     assert len(timed) == len(nodes)
     for node, seconds in zip(nodes, timed):
@@ -61,13 +61,15 @@ def test_every_compute_op_is_timed_and_the_callers_rng_is_untouched() -> None:
     # Nodes of one signature are timed once and share the figure.
     linears = [t for n, t in zip(nodes, timed) if n.target == torch.ops.aten.linear.default]
     assert linears[0] == linears[1]
+    # A later graph of this process reuses the figures: every plan is priced alike.
+    assert time_nodes(nodes, "cpu", seconds=0.0) == timed
 
 
 def test_no_time_or_no_room_leaves_nodes_priced() -> None:
     _, nodes = _captured()
-    assert all(t is None for t in time_nodes(nodes, "cpu", seconds=0.0))
+    assert all(t is None for t in time_nodes(nodes, "cpu", seconds=0.0, reuse=False))
     # Operands larger than the cap are not made at all.
-    assert all(t is None for t in time_nodes(nodes, "cpu", max_operand_bytes=64))
+    assert all(t is None for t in time_nodes(nodes, "cpu", max_operand_bytes=64, reuse=False))
 
 
 def test_untimed_nodes_are_scaled_by_what_timing_found_for_their_kind() -> None:

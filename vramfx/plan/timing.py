@@ -36,6 +36,8 @@ DEFAULT_TIMING_SECONDS = 5.0
 #: Samples per signature: at least the first, taken in as many passes as fit in the time allowed,
 #: and passes go on until the window spans a few seconds of the machine's drift.
 _MIN_SAMPLES, _MAX_SAMPLES, _MIN_WINDOW_S = 5, 25, 2.0
+#: Seconds per (device, weight pool bytes, signature) this process has timed.
+_TIMED: dict[tuple[str, int, str], float] = {}
 logger = logging.getLogger(__name__)
 _SAMPLE_SECONDS = 0.002
 _MAX_WEIGHT_COPIES = 32
@@ -80,6 +82,7 @@ def time_nodes(
     seconds: float = DEFAULT_TIMING_SECONDS,
     max_operand_bytes: int = DEFAULT_MAX_OPERAND_BYTES,
     weights: Collection[int] = (),
+    reuse: bool = True,
 ) -> tuple[float | None, ...]:
     """Seconds each of ``nodes`` takes on ``device``, or None where it was not timed.
 
@@ -100,6 +103,11 @@ def time_nodes(
     weights:
         Storage keys of the weights' fake tensors: such operands are cycled through copies
         totalling twice the last-level cache, so each call reads its weight from memory.
+    reuse:
+        Take a signature this process timed before (on this device, with as large a pool) from
+        then: every graph a process compiles, and every plan of one graph (a pipeline's
+        components re-planned, a second budget), is priced with the same figures, and a later
+        compile spends its time only on shapes not seen yet.
 
     Returns
     -------
@@ -118,15 +126,23 @@ def time_nodes(
     for i, sig in enumerate(signatures):
         if sig is not None:
             groups.setdefault(sig, []).append(i)
+    # Weights cycle through copies in half the cap, at most twice the last-level cache; other
+    # operands take the other half.
+    pool = _WeightPool(device, min(2 * last_level_cache_bytes(), max_operand_bytes // 2) // 64 * 64)
+    found: list[float | None] = [None] * len(nodes)
+    if reuse:
+        for sig in list(groups):
+            known = _TIMED.get((str(device), pool.nbytes, sig))
+            if known is not None:
+                for i in groups.pop(sig):
+                    found[i] = known
     cost = order if order is not None else [0.0] * len(nodes)
-    ranked = sorted(groups.values(), key=lambda members: -sum(cost[i] for i in members))
+    keys = sorted(groups, key=lambda sig: -sum(cost[i] for i in groups[sig]))
+    ranked = [groups[sig] for sig in keys]
     samples: list[list[float]] = [[] for _ in ranked]
     loops: list[int] = [0] * len(ranked)
     began = time.perf_counter()
     deadline = began + seconds
-    # Weights cycle through copies in half the cap, at most twice the last-level cache; other
-    # operands take the other half.
-    pool = _WeightPool(device, min(2 * last_level_cache_bytes(), max_operand_bytes // 2) // 64 * 64)
     forked = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked), torch.no_grad():
         for round_ in range(_MAX_SAMPLES):
@@ -144,11 +160,12 @@ def time_nodes(
                 if taken is not None:
                     samples[k].append(taken[0])
                     loops[k] = taken[1]
-    found: list[float | None] = [None] * len(nodes)
-    for members, taken in zip(ranked, samples):
+    for sig, members, taken in zip(keys, ranked, samples):
+        if taken:
+            _TIMED[(str(device), pool.nbytes, sig)] = statistics.median(taken)
         for i in members:
             found[i] = statistics.median(taken) if taken else None
-    logger.info("timed %d of %d nodes (%d signatures) on %s in %.2f s", sum(t is not None for t in found),
+    logger.info("timed %d of %d nodes (%d new signatures) on %s in %.2f s", sum(t is not None for t in found),
                 len(nodes), len(groups), device, time.perf_counter() - began)
     return tuple(found)
 
