@@ -10,6 +10,7 @@ Importing this module does not import torch; only :meth:`CostModel.calibrate` ru
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -403,6 +404,7 @@ def priced_node_seconds(liveness: "Liveness", cost_model: CostModel) -> list[flo
     ]
 
 
+@functools.cache
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
     """The largest CPU cache the kernel reports for cpu0 (``/sys``), else ``default``."""
     best = 0

@@ -18,14 +18,14 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.fx
 
-from vramfx.plan.costs import CostModel, last_level_cache_bytes
+from vramfx.plan.costs import CostModel, last_level_cache_bytes, priced_node_seconds
 from vramfx.plan.liveness import compute_nodes, storage_key, tensors_of
 from vramfx.plan.types import Liveness
 
@@ -189,8 +189,7 @@ def with_timed_nodes(
     placeholders = {p for w in captured.weights for p in w.placeholders}
     weight_keys = {storage_key(t) for n in graph.nodes if n.op == "placeholder" and n.name in placeholders
                    for t in tensors_of(n.meta.get("val"))}
-    priced = [cost_model.node_seconds(f, m, liveness.op_class(t))
-              for t, (f, m) in enumerate(zip(liveness.flops, liveness.memory_bytes))]
+    priced = priced_node_seconds(replace(liveness, timed_seconds=()), cost_model)
     timed = list(time_nodes(nodes, device, order=priced, seconds=seconds, max_operand_bytes=max_operand_bytes,
                             weights=weight_keys))
     for w in liveness.weights:
@@ -208,7 +207,7 @@ def _sample(node: torch.fx.Node, device: torch.device, weights: Collection[int],
             cap: int, loops: int) -> tuple[float, int] | None:
     """One sample of ``node`` on fresh operands: seconds per call over ``loops`` calls (0: enough
     for 2 ms), and the loops used; None when the operands exceed ``cap``."""
-    operands = {id(v): v.meta["val"] for v in _walk((node.args, node.kwargs)) if isinstance(v, torch.fx.Node)}
+    operands = {id(v): v.meta["val"] for v in node.all_input_nodes}
     weight_ids = [i for i, fake in operands.items() if storage_key(fake) in weights and fake.is_floating_point()]
     if sum(_nbytes(fake) for i, fake in operands.items() if i not in weight_ids) > cap:
         return None
@@ -270,29 +269,9 @@ def _align(nbytes: int, to: int = 64) -> int:
 
 def _bound(node: torch.fx.Node, values: dict[int, torch.Tensor]) -> Callable[[], Any]:
     """``node.target`` called on ``values`` in place of its operand nodes."""
-
-    def fill(value: Any) -> Any:
-        if isinstance(value, torch.fx.Node):
-            return values[id(value)]
-        if isinstance(value, (list, tuple)):
-            return type(value)(fill(v) for v in value)
-        if isinstance(value, dict):
-            return {k: fill(v) for k, v in value.items()}
-        return value
-
-    target, args, kwargs = node.target, fill(node.args), fill(node.kwargs)
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[id(n)])
+    target = node.target
     return lambda: target(*args, **kwargs)
-
-
-def _walk(value: Any) -> Iterable[Any]:
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _walk(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _walk(v)
-    else:
-        yield value
 
 
 def _nbytes(t: torch.Tensor) -> int:
