@@ -115,19 +115,26 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
     aligned = c.ensure_aligned(workload)
     inputs = workload.inputs()
     total = c.weight_bytes(folder)
-    link = page_cache_bandwidth(folder)
-    # Predictions priced with this machine's rates, measured at the start of the workload (a shared
-    # machine's speed drifts by a fifth over the minutes a run takes), and the link measured above;
-    # never fitted to a row's own times.
-    calibrated = vramfx.CostModel.calibrate("cpu", time_nodes=True)
-    cost = dataclasses.replace(calibrated, link_bytes_per_s=link)
+    # Predictions priced with this machine's rates and page-cache link, measured when the first
+    # vramfx row is built: compiled rows are built after the peers, right before the calls are
+    # measured, since a shared machine's speed drifts by a fifth over the minutes a run takes.
+    # Never fitted to a row's own times.
+    measured: dict[str, Any] = {}
+
+    def cost() -> vramfx.CostModel:
+        if not measured:
+            measured["link"] = page_cache_bandwidth(folder)
+            measured["calibrated"] = vramfx.CostModel.calibrate("cpu", time_nodes=True)
+            measured["cost"] = dataclasses.replace(measured["calibrated"], link_bytes_per_s=measured["link"])
+        return measured["cost"]
+
     makers: list[tuple[str, Callable[[], c.Contender]]] = [
         ("eager", lambda: c.eager(workload, folder, inputs)),
         # What compile does by default: weights used in place from the page cache where they can be.
-        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f, cost_model=cost))
+        *[(f"vramfx {f}", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f, cost_model=cost()))
           for f in args.fractions],
         *[(f"vramfx {f} copying", lambda f=f: c.vramfx_compiled(workload, aligned, inputs, f, in_place=False,
-                                                                 cost_model=cost))
+                                                                 cost_model=cost()))
           for f in args.fractions],
         *c.swap_contenders(workload, folder, inputs, 0.25),
         ("accelerate cpu_offload", lambda: c.accelerate_cpu_offload(workload, folder, inputs)),
@@ -140,14 +147,20 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
         low_inputs = c.in_dtype(inputs, torch.bfloat16)
         makers += [
             ("eager bf16", lambda: c.eager(workload, low, low_inputs, torch.bfloat16)),
-            *[(f"vramfx {f} bf16", lambda f=f: c.vramfx_compiled(workload, low, low_inputs, f, cost_model=cost,
+            *[(f"vramfx {f} bf16", lambda f=f: c.vramfx_compiled(workload, low, low_inputs, f, cost_model=cost(),
                                                                   compute_dtype=torch.bfloat16))
               for f in args.bf16_fractions],
         ]
     built: list[tuple[c.Contender, int, int]] = []
     failed: list[Row] = []
-    for label, make in makers:
-        contender, held, held_file, failure = build(label, make)
+    # Peers first, compiled rows last (see above); rows are shown in the order listed.
+    compiled = [label.startswith("vramfx ") and not label.startswith("vramfx swap") for label, _ in makers]
+    results: dict[int, tuple[c.Contender | None, int, int, str]] = {}
+    for i in sorted(range(len(makers)), key=lambda i: compiled[i]):
+        results[i] = build(*makers[i])
+    cost()  # measured even where every compiled row failed: the header and floors show the link
+    for i, (label, _) in enumerate(makers):
+        contender, held, held_file, failure = results[i]
         if contender is None:
             failed.append(Row(workload.name, label, note=failure))
         else:
@@ -173,7 +186,7 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
         median = statistics.median(times[contender.name])
         eager_s = eager_of.get(contender.dtype)
         streamed = contender.streamed_bytes
-        floor = max(eager_s, streamed / link) if eager_s is not None and streamed is not None else None
+        floor = max(eager_s, streamed / measured["link"]) if eager_s is not None and streamed is not None else None
         rows.append(Row(workload.name, contender.name, median, median / eager_s if eager_s else None, held,
                         growth[contender.name], contender.read_bytes_per_call, streamed, floor,
                         note=contender.note, predicted_s=contender.predicted_s, held_file_bytes=held_file))
@@ -181,11 +194,11 @@ def run_workload(workload: c.Workload, args: argparse.Namespace) -> list[Row]:
             contender.close()
     rows += failed
     if not args.smoke:
-        rows.append(cold_disk_row(workload, aligned, inputs, eager_fp32, calibrated, args))
+        rows.append(cold_disk_row(workload, aligned, inputs, eager_fp32, measured["calibrated"], args))
     del built, eager_fp32
     gc.collect()
     print_rows(rows, header=f"{workload.name}: {format_bytes(total)} of weights; page-cache link "
-                            f"{link / 1e9:.2f} GB/s", stream=sys.stdout)
+                            f"{measured['link'] / 1e9:.2f} GB/s", stream=sys.stdout)
     return rows
 
 
@@ -242,12 +255,14 @@ READING = """## Reading the figures
   *held* and *peak+* columns measure. The `copying (in_place=False)` rows read the same file
   into memory vramfx owns, as on a filesystem whose mapped reads are slow; the `, bf16` rows
   store and compute in bf16 (a bf16 copy of the weights, against eager in bf16).
-- **predicted** is the plan's time per call, priced with a cost model calibrated at the start
-  of the workload (`CostModel.calibrate(..., time_nodes=True)`: per kernel kind and dtype, a copy
-  beside the kernels, and each node of the graph timed at its own shapes when it is compiled) and
-  the link and disk measured for the workload, and its ratio to the measured median: the machine's
-  speed moves by a third over seconds, and the ratio also says how much it moved between the
-  seconds the nodes were timed and the calls.
+- **predicted** is the plan's time per call, priced with a cost model calibrated once per
+  workload, after the peers are built and before the compiled rows are
+  (`CostModel.calibrate(..., time_nodes=True)`: per kernel kind and dtype, a copy beside the
+  kernels, and each node of the graph timed at its own shapes when it is compiled, its weights
+  read from the checkpoint's pages), the page-cache link and the disk measured for the workload
+  (medians of three reads), and its ratio to the measured median: the machine's speed moves by a
+  third over seconds, and the ratio also says how much it moved between the seconds the nodes
+  were timed and the calls.
 - **The peers that look fast keep the model in RAM or map it.** accelerate `cpu_offload` on a
   CPU moves weights from the CPU to the CPU: it holds the whole model. diffusers group offloading
   from disk memory-maps the safetensors files it wrote and onloads by pointing at those pages: no

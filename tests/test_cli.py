@@ -272,6 +272,8 @@ def test_inspect_reads_the_headers_of_a_sharded_checkpoint(llama_weights, capsys
         (["plan", "{folder}/workload.py:wan", "--budget", "8GB", "--format", "png"], r"--format png needs -o FILE.png"),
         (["plan", "{folder}/workload.py:wan", "--budget", "8GB", "-o", "{folder}/nope/out.json"], r"folder .*nope does not exist"),
         (["plan", "{folder}/workload.py:wan", "--budget", "90%", "--device", "cuda"], r"CUDA is not available here; give bytes"),
+        (["plan", "{folder}/workload.py:wan", "--budget", "8GB", "--device", "cuda", "--calibrate"],
+         r"--calibrate measures the device, and CUDA is not available here"),
         (["plan", "surely_not_a_module_xyz:build", "--budget", "8GB"], r"no module named 'surely_not_a_module_xyz'"),
         (["plan", "{folder}/errors.py:broken", "--budget", "8GB"], r"errors.py:broken raised RuntimeError: config missing"),
         (["plan", "{folder}/errors.py", "--budget", "8GB"], r"must be path/to/file.py:function"),
@@ -464,3 +466,25 @@ def test_cpu_plan_with_weights_uses_them_in_place_as_compile_does(folder, llama_
     assert main([*command, "--bypass-page-cache", "--format", "json"]) == 0
     forced = json.loads(capsys.readouterr().out)
     assert forced["in_place"] == [] and forced["reads"] == "direct"
+
+
+def test_calibrate_plans_with_this_machines_rates_and_timed_nodes(folder, llama_weights, capsys, tmp_path):
+    """--calibrate gives the plan compile makes with ``CostModel.calibrate(device, time_nodes=True)``:
+    measured rates, each node timed, the link read from the weights' page cache."""
+    import vramfx
+
+    aligned = vramfx.convert(llama_weights, tmp_path / "aligned", dtype=None)
+    command = ["plan", f"{folder}/workload.py:llama", "--budget", "24MiB", "--device", "cpu", "--weights", str(aligned),
+               "--no-cache"]
+    assert main([*command, "--format", "json"]) == 0
+    fixed = json.loads(capsys.readouterr().out)["cost_model"]
+    assert main([*command, "--calibrate", "--format", "json"]) == 0
+    calibrated = json.loads(capsys.readouterr().out)["cost_model"]
+    assert calibrated["time_nodes"] is True and calibrated["rates"] and "time_nodes" not in fixed
+    assert calibrated["link_bytes_per_s"] != fixed["link_bytes_per_s"]  # measured, not the default
+    assert main([*command, "--calibrate", "--link-bandwidth", "3GB/s"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"link\s+3 GB/s \(--link-bandwidth\), a copy beside the kernels .* \(calibrated here\)", out)
+    assert re.search(r"compute\s+.* \(calibrated here\); each node timed at its own shapes on cpu", out)
+    assert main([*command, "--calibrate"]) == 0
+    assert "measured from --weights' page cache" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from tiny_models import ARCHS, assert_same_output, build_empty, build_saved, min
 from vramfx.capture import capture
 from vramfx.plan.costs import CostModel, priced_node_seconds
 from vramfx.plan.liveness import build_liveness, compute_nodes
-from vramfx.plan.timing import node_signature, time_nodes, with_timed_nodes
+from vramfx.plan.timing import _SPREAD, _WeightPool, node_signature, time_nodes, with_timed_nodes
 from vramfx.plan.types import Liveness
 
 CPU = CostModel.for_device("cpu")
@@ -70,6 +70,72 @@ def test_no_time_or_no_room_leaves_nodes_priced() -> None:
     assert all(t is None for t in time_nodes(nodes, "cpu", seconds=0.0, reuse=False))
     # Operands larger than the cap are not made at all.
     assert all(t is None for t in time_nodes(nodes, "cpu", max_operand_bytes=64, reuse=False))
+
+
+def test_weights_are_read_where_the_weights_lie_far_apart_and_never_twice_in_a_row() -> None:
+    """Weight operands are cut from the weights' own memory where it holds their dtype (nothing
+    allocated), each copy far from the last, and a later sample reads on."""
+    memory = [torch.ones(1 << 18), torch.ones(1 << 20)]  # 1 MiB and 4 MiB of float32 weights
+    pool = _WeightPool(torch.device("cpu"), 1 << 20, memory)
+    fake = torch.empty(64, 64, device="meta")  # 16 KiB
+    first = pool.copies([fake])
+    assert pool.buffer is None and pool.key == f"weights {5 << 20}"
+    ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in memory]
+    pointers = [copy[0].data_ptr() for copy in first]
+    assert all(any(lo <= p and p + fake.numel() * 4 <= hi for lo, hi in ranges) for p in pointers)
+    assert all(copy[0].shape == fake.shape and copy[0].dtype == torch.float32 for copy in first)
+    # Consecutive copies lie a 1/_SPREAD of the memory apart; the next sample reads other bytes.
+    assert min(abs(a - b) for a, b in zip(pointers, pointers[1:])) >= (5 << 20) // _SPREAD - (16 << 10)
+    spread = [copy[0].data_ptr() for k in range(0, _SPREAD, len(first)) for copy in pool.copies([fake], k)]
+    assert len(set(spread[:_SPREAD])) == _SPREAD
+    # A dtype the weights' memory does not hold is cut from a pool allocated for it.
+    low = pool.copies([torch.empty(64, 64, dtype=torch.bfloat16, device="meta")])
+    assert pool.buffer is not None and low[0][0].data_ptr() == pool.buffer.data_ptr()
+    # A weight larger than both is not timed.
+    assert pool.copies([torch.empty(2048, 1024, device="meta")]) is None
+
+
+def test_ops_that_write_an_operand_are_not_timed() -> None:
+    """An in-place op would write into the weights' memory it is timed on (a user's tensors)."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(4, 4, device="meta")
+    functional = graph.call_function(torch.ops.aten.add.Tensor, (x, x))
+    in_place = graph.call_function(torch.ops.aten.add_.Tensor, (x, x))
+    assert node_signature(functional) is not None
+    assert node_signature(in_place) is None
+
+
+def test_compile_times_nodes_on_the_weights_where_they_lie(tmp_path) -> None:
+    """compile hands timing the weights' memory: a checkpoint's mapped pages when the page cache
+    holds them, a state dict's own tensors."""
+    from vramfx.compiler import weight_memory
+    from vramfx.weights import as_source, resolve_weights
+
+    arch = ARCHS["llama"]
+    build_saved(arch, tmp_path)
+    aligned = vramfx.convert(tmp_path, tmp_path / "aligned", dtype=None)
+    captured = capture(build_empty(arch), (), arch.inputs())
+    cpu = torch.device("cpu")
+    with vramfx.DiskMap(aligned) as weights:
+        for key in weights:
+            weights[key]  # read once: the page cache holds the file
+        refs = resolve_weights(captured.weights, weights)
+        memory = weight_memory(refs, cpu)
+        mapped = {weights.mapped(ref.key).data_ptr() for ref in refs.values() if ref.source is weights}
+        assert mapped and mapped <= {t.data_ptr() for t in memory}
+        assert {t.dtype for t in memory} == {torch.float32}
+        assert weight_memory(refs, torch.device("meta")) == []
+        state = {key: weights[key].clone() for key in weights}
+    refs = resolve_weights(captured.weights, as_source(state))
+    host = {t.data_ptr() for t in weight_memory(refs, cpu)}
+    assert {state[ref.key].data_ptr() for ref in refs.values() if ref.key in state} <= host
+    # A plan that copies every weight keeps no file mapped for timing's sake.
+    timed = dataclasses.replace(CPU, time_nodes=True)
+    with vramfx.DiskMap(aligned) as weights:
+        vramfx.compile(build_empty(arch), budget="1GB", weights=weights, device="cpu", example_kwargs=arch.inputs(),
+                       cost_model=timed, in_place=False, cache=False)
+        assert all(f.mapping is None for f in weights._files)
 
 
 def test_untimed_nodes_are_scaled_by_what_timing_found_for_their_kind() -> None:

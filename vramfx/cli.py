@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--link-bandwidth", metavar="RATE", help='weight transfer bandwidth, e.g. "25GB/s" '
                       "(default: the device's)")
     plan.add_argument("--compute-throughput", metavar="RATE", help='e.g. "100TFLOPS" (default: the device\'s)')
+    plan.add_argument("--calibrate", action="store_true",
+                      help="measure this machine instead of assuming the device's figures, as compile does with "
+                           "CostModel.calibrate(device, time_nodes=True): kernel rates and each node timed at its "
+                           "own shapes on DEVICE (which must then be here), and on cpu with --weights the link from "
+                           "the page cache; takes seconds; --link-bandwidth and --compute-throughput still win")
     plan.add_argument("--storage-dtype", metavar="DTYPE",
                       help="store weights in float8_e4m3fn, float8_e5m2, bfloat16 or float16 and plan their casts "
                            "(see docs/low-precision.md)")
@@ -178,12 +183,16 @@ def run_plan(args: argparse.Namespace) -> int:
     """``vramfx plan``: every argument checked first, then load, capture, plan, and write."""
     # Imported here: torch.export and dynamo take seconds, which inspect and bad arguments skip.
     from vramfx.capture_cache import cached_capture
-    from vramfx.compiler import DEFAULT_MARGIN_BYTES, compile_margin_bytes, link_bytes_per_s, schedule_weights
+    from vramfx.compiler import (DEFAULT_MARGIN_BYTES, compile_margin_bytes, link_bytes_per_s, schedule_weights,
+                                 timed_if_asked)
     from vramfx.util import ALIGNMENT
     from vramfx.plan.liveness import build_liveness
     from vramfx.plan.reads import PageCacheState
 
     device, device_note = _device(args.device)
+    if args.calibrate and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--calibrate measures the device, and CUDA is not available here: plan without "
+                         "--calibrate, or with --device cpu")
     budget_bytes = _budget(args.budget, device)
     calls = DEFAULT_CALLS if args.calls is None else args.calls
     if calls < 1:
@@ -207,6 +216,9 @@ def run_plan(args: argparse.Namespace) -> int:
     with progress.stage(f"loading {args.target}"):
         workload = load_workload(args.target)
     if isinstance(workload, PipelineWorkload):
+        if args.calibrate:
+            raise ValueError("--calibrate plans one model; a pipeline's components are planned with the device's "
+                             "figures: drop --calibrate, or plan one component's model")
         with progress.stage("planning every component of the pipeline on meta"):
             from vramfx.pipelines.report import plan_pipeline_table
 
@@ -231,9 +243,17 @@ def run_plan(args: argparse.Namespace) -> int:
                                                              device)
                 stored = {name: ref.dtype for name, ref in refs.items()}
                 source_link = link_bytes_per_s(device, source)
-        cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
+        if args.calibrate:
+            with progress.stage(f"calibrating {device}"):
+                cost_model, cost_notes = _calibrated(device, link, compute, source_link, refs)
+        else:
+            cost_model, cost_notes = _cost_model(device, link, compute, source_link, from_disk=bool(args.weights))
         with progress.stage("planning"):
             liveness = build_liveness(captured, device=device, storage_dtypes=stored, stored_formats=formats)
+            # As compile plans with a model that asks for it: each node timed on DEVICE, weights read
+            # from where they lie.
+            liveness = timed_if_asked(liveness, captured, device, cost_model, budget_bytes, refs,
+                                      in_place=not args.no_in_place and not args.bypass_page_cache)
             # As compile plans it: on CPU the margin also holds the graph and the allocator's slack,
             # and weights are used in place, copied or read with O_DIRECT as the page cache allows.
             margin_bytes = compile_margin_bytes(captured, liveness, device, DEFAULT_MARGIN_BYTES[device.type])
@@ -382,8 +402,9 @@ def _cost_model(
     """The cost model ``vramfx.compile`` would plan with on ``device``, made reproducible, with the
     user's rates; and a line per rate saying where it came from.
 
-    Compute keeps the device's fixed default (``compile`` measures this machine instead). The link
-    is ``compile``'s for the weights' source (``source_link``; None keeps the device's default).
+    Compute keeps the device's fixed default, as ``compile`` does unless it is given a calibrated
+    model (``--calibrate``: :func:`_calibrated`). The link is ``compile``'s for the weights' source
+    (``source_link``; None keeps the device's default).
     """
     cost_model = CostModel.for_device(device, link_bytes_per_s=source_link)
     changes = {}
@@ -406,6 +427,45 @@ def _cost_model(
                    f"{cost_model.copy_interference:g} ({default})"),
         ("disk", f"{_format_rate(cost_model.disk_bytes_per_s, 'B/s')} for bytes the page cache does not hold "
                  f"({default}, assumed)"),
+    ]
+    return cost_model, notes
+
+
+def _calibrated(
+    device: torch.device,
+    link: float | None,
+    compute: float | None,
+    source_link: float | None,
+    refs: dict[str, WeightRef],
+) -> tuple[CostModel, list[tuple[str, str]]]:
+    """``CostModel.calibrate(device, time_nodes=True)``, the model a user passes ``compile`` to plan
+    with this machine's rates, with the link measured from the weights' files on CPU (a
+    :class:`vramfx.DiskMap` as ``--weights``: its page cache as it is now) and the user's rates
+    over both; and a line per figure saying where it came from."""
+    from vramfx.measure import link_bytes_per_s
+    from vramfx.storage.diskmap import DiskMap
+
+    disks = {id(ref.source): ref.source for ref in refs.values() if isinstance(ref.source, DiskMap)}
+    measured_link = None
+    if link is None and device.type == "cpu" and len(disks) == 1:
+        measured_link = link_bytes_per_s(next(iter(disks.values())))
+    cost_model = CostModel.calibrate(device, time_nodes=True, link_bytes_per_s=link or measured_link or source_link)
+    if compute is not None:
+        cost_model = dataclasses.replace(cost_model, compute_flops_per_s=compute)
+    link_origin = ("--link-bandwidth" if link is not None else "measured from --weights' page cache"
+                   if measured_link is not None else f"default for {device.type}; set with --link-bandwidth")
+    measured = "calibrated here"
+    notes = [
+        ("link", f"{_format_rate(cost_model.link_bytes_per_s, 'B/s')} ({link_origin}), a copy beside the kernels "
+                 f"{cost_model.copy_slowdown:.2f}× as long ({measured})"),
+        ("compute", f"{_format_rate(cost_model.compute_flops_per_s, 'FLOPS')} ("
+                    + ("--compute-throughput" if compute is not None else measured)
+                    + f"); each node timed at its own shapes on {device}"),
+        ("memory", f"{_format_rate(cost_model.memory_bytes_per_s, 'B/s')} device memory, "
+                   f"{format_seconds(cost_model.node_overhead_s)} per node, copy interference "
+                   f"{cost_model.copy_interference:.2f} ({measured})"),
+        ("disk", f"{_format_rate(cost_model.disk_bytes_per_s, 'B/s')} for bytes the page cache does not hold "
+                 f"(default for {device.type}, assumed)"),
     ]
     return cost_model, notes
 

@@ -40,7 +40,7 @@ from vramfx.storage.checkpoint_keys import checkpoint_key_map
 from vramfx.storage.diskmap import DiskMap
 from vramfx.runtime import make_engine
 from vramfx.runtime.engine import ResidentStore
-from vramfx.runtime.sources import mapped_bytes
+from vramfx.runtime.sources import host_bytes, mapped_bytes
 from vramfx.util import ALIGNMENT, format_bytes
 from vramfx.weights import as_source, is_disk_source, resolve_weights, stored_formats, stored_state
 
@@ -365,7 +365,8 @@ def plan_graph(
     liveness = build_liveness(
         captured, device=options.device, storage_dtypes=stored, stored_formats=stored_formats(refs, options.device)
     )
-    liveness = timed_if_asked(liveness, captured, options.device, options.cost_model, options.budget_bytes)
+    liveness = timed_if_asked(liveness, captured, options.device, options.cost_model, options.budget_bytes, refs,
+                              in_place=options.in_place and not options.bypass_page_cache)
     reserved = held_bytes + graph_bytes
     slack = allocator_slack_bytes(liveness, options.device)
     try:
@@ -407,13 +408,39 @@ def plan_graph(
 
 
 def timed_if_asked(liveness: Liveness, captured: Captured, device: torch.device, cost_model: CostModel,
-                   budget_bytes: int) -> Liveness:
+                   budget_bytes: int, refs: Mapping[str, Any] | None = None, *, in_place: bool = True) -> Liveness:
     """``liveness`` with its nodes timed at their own shapes when ``cost_model.time_nodes`` asks for
-    it (:mod:`vramfx.plan.timing`), their operands kept to an eighth of the budget."""
+    it (:mod:`vramfx.plan.timing`), their operands kept to an eighth of the budget and their
+    weights read from the memory the weights ``refs`` already occupy (:func:`weight_memory`).
+    A plan that uses no weight in place (``in_place=False``) keeps no file mapped for it."""
     if not cost_model.time_nodes:
         return liveness
     cap = min(DEFAULT_MAX_OPERAND_BYTES, budget_bytes // 8)
-    return with_timed_nodes(liveness, captured, device, cost_model, max_operand_bytes=cap)
+    try:
+        memory = weight_memory(refs or {}, device)
+        return with_timed_nodes(liveness, captured, device, cost_model, max_operand_bytes=cap, weight_memory=memory)
+    finally:
+        if not in_place:
+            for source in {id(r.source): r.source for r in (refs or {}).values() if isinstance(r.source, DiskMap)}.values():
+                source.unmap()
+
+
+def weight_memory(refs: Mapping[str, Any], device: torch.device) -> list[torch.Tensor]:
+    """The memory the weights ``refs`` already occupy on a CPU, one tensor of its stored dtype per
+    weight, for nodes to be timed on as the model will run them: host tensors, and the mapped
+    pages of checkpoint files that the page cache holds whole (other pages would time a read
+    from disk, and fill the cache). Empty on other devices."""
+    if device.type != "cpu" or not refs:
+        return []
+    cached = dict(page_cache_state(refs).cached)
+    memory = []
+    for name, ref in refs.items():
+        data = host_bytes(ref)
+        if data is None and cached.get(name, 1.0) >= 1.0:
+            data = mapped_bytes(ref)
+        if data is not None and data.numel() % ref.dtype.itemsize == 0:
+            memory.append(data.view(ref.dtype))
+    return memory
 
 
 def schedule_weights(

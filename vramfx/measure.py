@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import statistics
 import threading
 import time
 from types import TracebackType
@@ -94,17 +95,21 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, rss_anon_bytes())
 
 
-def link_bytes_per_s(weights: object, *, bypass_page_cache: bool = False, max_bytes: int = 256 * 2**20) -> float:
+def link_bytes_per_s(weights: object, *, bypass_page_cache: bool = False, max_bytes: int = 256 * 2**20,
+                     trials: int = 3) -> float:
     """Bytes per second the CPU reader moves weights of ``weights`` (a :class:`vramfx.DiskMap`)
     at, timed over its largest tensors up to ``max_bytes``: from the page cache as it is now, or
     from the disk with ``bypass_page_cache`` (``O_DIRECT``). For
     ``CostModel.calibrate(device, link_bytes_per_s=...)``: the link a plan's transfers are
-    priced at.
+    priced at. The median of ``trials`` passes: one pass at a moment the machine is busy read
+    less than half the rate of the others.
 
     Examples
     --------
     >>> cm = vramfx.CostModel.calibrate("cpu", link_bytes_per_s=link_bytes_per_s(dm))  # doctest: +SKIP
     """
+    if trials < 1:
+        raise ValueError(f"link_bytes_per_s: trials must be >= 1, got {trials}")
     keys = sorted(weights, key=lambda k: -weights.info(k).nbytes)
     chosen, total = [], 0
     for key in keys:
@@ -115,7 +120,10 @@ def link_bytes_per_s(weights: object, *, bypass_page_cache: bool = False, max_by
     if not total:
         raise ValueError("link_bytes_per_s: the weights hold no bytes to time")
     buffer = torch.empty(max(weights.info(k).nbytes for k in chosen), dtype=torch.uint8)
-    start = time.perf_counter()
-    for key in chosen:
-        weights.read_into(key, buffer[: weights.info(key).nbytes], bypass_page_cache=bypass_page_cache)
-    return total / max(time.perf_counter() - start, 1e-9)
+    rates = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        for key in chosen:
+            weights.read_into(key, buffer[: weights.info(key).nbytes], bypass_page_cache=bypass_page_cache)
+        rates.append(total / max(time.perf_counter() - start, 1e-9))
+    return statistics.median(rates)

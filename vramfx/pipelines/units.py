@@ -149,7 +149,8 @@ def compile_unit(
             liveness = build_liveness(latest.captured, device=device, storage_dtypes={n: r.dtype for n, r in refs.items()},
                                       stored_formats=stored_formats(refs, device))
             liveness = timed_if_asked(liveness, latest.captured, device, unit.options.cost_model,
-                                      unit.options.budget_bytes)
+                                      unit.options.budget_bytes, refs,
+                                      in_place=unit.options.in_place and not unit.options.bypass_page_cache)
             livenesses.clear()
             livenesses[id(latest.captured)] = liveness
         held = unit.graph_bytes  # this unit's graphs, the latest's among them

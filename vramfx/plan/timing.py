@@ -6,7 +6,9 @@ weight's bytes, a 64-wide attention head by dispatch, a convolution by its layou
 these differ by ±30% from any one calibrated figure. Plans rest on the time compute leaves for
 streaming, so where predictions must hold (``CostModel.calibrate(..., time_nodes=True)``), the
 planner times each distinct node instead: same op, same shapes, strides and dtypes, on random
-operands, weights read out of the core's cache as a model reads them (each Linear its own weight).
+operands, weights read from memory as a model reads them: where the weights already lie in memory
+(a checkpoint's mapped pages in the page cache, or host tensors), from there, each call another
+weight's bytes, so no node finds its weight in the core's cache and nothing is allocated for them.
 
 Nodes with the same signature are timed once; the costliest signatures go first, so a time limit
 leaves only cheap nodes priced by the cost model (scaled by what timing found for their kind).
@@ -14,6 +16,8 @@ leaves only cheap nodes priced by the cost model (scaled by what timing found fo
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 import statistics
@@ -36,11 +40,14 @@ DEFAULT_TIMING_SECONDS = 5.0
 #: Samples per signature: at least the first, taken in as many passes as fit in the time allowed,
 #: and passes go on until the window spans a few seconds of the machine's drift.
 _MIN_SAMPLES, _MAX_SAMPLES, _MIN_WINDOW_S = 5, 25, 2.0
-#: Seconds per (device, weight pool bytes, signature) this process has timed.
-_TIMED: dict[tuple[str, int, str], float] = {}
+#: Seconds per (device, where weights were read from, signature) this process has timed.
+_TIMED: dict[tuple[str, str, str], float] = {}
 logger = logging.getLogger(__name__)
 _SAMPLE_SECONDS = 0.002
+#: Weight copies one sample cycles through; each sample starts where the last one stopped.
 _MAX_WEIGHT_COPIES = 32
+#: Copies a pool's slots are spread over: consecutive copies lie this far apart in its memory.
+_SPREAD = 256
 
 
 def node_signature(node: torch.fx.Node, weights: Collection[int] = ()) -> str | None:
@@ -51,6 +58,8 @@ def node_signature(node: torch.fx.Node, weights: Collection[int] = ()) -> str | 
         return None
     if node.target.is_view:
         return None  # views cost nothing worth timing
+    if any(a.alias_info is not None and a.alias_info.is_write for a in node.target._schema.arguments):
+        return None  # it would write into the weights' memory it is timed on
 
     def describe(value: Any) -> Any:
         if isinstance(value, torch.fx.Node):
@@ -82,6 +91,7 @@ def time_nodes(
     seconds: float = DEFAULT_TIMING_SECONDS,
     max_operand_bytes: int = DEFAULT_MAX_OPERAND_BYTES,
     weights: Collection[int] = (),
+    weight_memory: Sequence[torch.Tensor] = (),
     reuse: bool = True,
 ) -> tuple[float | None, ...]:
     """Seconds each of ``nodes`` takes on ``device``, or None where it was not timed.
@@ -101,11 +111,19 @@ def time_nodes(
         The most memory one node's operands may take (weights' copies included); a node whose
         operands are larger is left untimed, so timing stays within a small part of the budget.
     weights:
-        Storage keys of the weights' fake tensors: such operands are cycled through copies
-        totalling twice the last-level cache, so each call reads its weight from memory.
+        Storage keys of the weights' fake tensors: such operands are cut from memory that holds
+        far more than the last-level cache, each call reading other bytes, so each call reads its
+        weight from memory as a model's layer reads its own.
+    weight_memory:
+        Flat uint8 tensors on ``device`` over memory the weights already occupy (their file's
+        mapped pages, host tensors): weight operands are cut from the tensors of their dtype, so
+        they are read where, and as, the model's weights are (pages of a mapping included), and
+        timing allocates nothing for them. Nothing writes to them: ops that write an operand are
+        not timed. A dtype without such memory is cut from a pool allocated for the purpose, of
+        half ``max_operand_bytes``, at most twice the last-level cache.
     reuse:
-        Take a signature this process timed before (on this device, with as large a pool) from
-        then: every graph a process compiles, and every plan of one graph (a pipeline's
+        Take a signature this process timed before (on this device, from the same weight memory
+        or as large a pool) from then: every graph a process compiles, and every plan of one graph (a pipeline's
         components re-planned, a second budget), is priced with the same figures, and a later
         compile spends its time only on shapes not seen yet.
 
@@ -126,13 +144,13 @@ def time_nodes(
     for i, sig in enumerate(signatures):
         if sig is not None:
             groups.setdefault(sig, []).append(i)
-    # Weights cycle through copies in half the cap, at most twice the last-level cache; other
-    # operands take the other half.
-    pool = _WeightPool(device, min(2 * last_level_cache_bytes(), max_operand_bytes // 2) // 64 * 64)
+    # Weights without memory of their own are cut from half the cap, at most twice the last-level
+    # cache; other operands take the other half.
+    pool = _WeightPool(device, min(2 * last_level_cache_bytes(), max_operand_bytes // 2) // 64 * 64, weight_memory)
     found: list[float | None] = [None] * len(nodes)
     if reuse:
         for sig in list(groups):
-            known = _TIMED.get((str(device), pool.nbytes, sig))
+            known = _TIMED.get((str(device), pool.key, sig))
             if known is not None:
                 for i in groups.pop(sig):
                     found[i] = known
@@ -141,6 +159,7 @@ def time_nodes(
     ranked = [groups[sig] for sig in keys]
     samples: list[list[float]] = [[] for _ in ranked]
     loops: list[int] = [0] * len(ranked)
+    copied: list[int] = [0] * len(ranked)  # weight copies used so far: the next sample reads on
     began = time.perf_counter()
     deadline = began + seconds
     forked = [device.index or 0] if device.type == "cuda" else []
@@ -154,15 +173,17 @@ def time_nodes(
                 if round_ and not samples[k]:
                     continue  # failed, or not reached, in the first pass
                 try:
-                    taken = _sample(nodes[members[0]], device, weights, pool, max_operand_bytes // 2, loops[k])
+                    taken = _sample(nodes[members[0]], device, weights, pool, max_operand_bytes // 2, loops[k],
+                                    copied[k])
                 except Exception:  # an op that will not run alone on random operands stays priced
                     taken = None
                 if taken is not None:
                     samples[k].append(taken[0])
                     loops[k] = taken[1]
+                    copied[k] += taken[1]
     for sig, members, taken in zip(keys, ranked, samples):
         if taken:
-            _TIMED[(str(device), pool.nbytes, sig)] = statistics.median(taken)
+            _TIMED[(str(device), pool.key, sig)] = statistics.median(taken)
         for i in members:
             found[i] = statistics.median(taken) if taken else None
     logger.info("timed %d of %d nodes (%d new signatures) on %s in %.2f s", sum(t is not None for t in found),
@@ -178,8 +199,10 @@ def with_timed_nodes(
     *,
     seconds: float = DEFAULT_TIMING_SECONDS,
     max_operand_bytes: int = DEFAULT_MAX_OPERAND_BYTES,
+    weight_memory: Sequence[torch.Tensor] = (),
 ) -> Liveness:
-    """``liveness`` with ``timed_seconds`` from :func:`time_nodes` on ``captured``'s graph.
+    """``liveness`` with ``timed_seconds`` from :func:`time_nodes` on ``captured``'s graph
+    (weights cut from ``weight_memory`` where it has their dtype).
 
     A node that starts a span of a cast or decoded weight stays priced: its time includes the
     cast, which timing the node alone would leave out.
@@ -191,7 +214,7 @@ def with_timed_nodes(
                    for t in tensors_of(n.meta.get("val"))}
     priced = priced_node_seconds(replace(liveness, timed_seconds=()), cost_model)
     timed = list(time_nodes(nodes, device, order=priced, seconds=seconds, max_operand_bytes=max_operand_bytes,
-                            weights=weight_keys))
+                            weights=weight_keys, weight_memory=weight_memory))
     for w in liveness.weights:
         if w.compute_dtype is not None:
             for begin, _ in w.spans:
@@ -204,14 +227,15 @@ class _Untimeable(Exception):
 
 
 def _sample(node: torch.fx.Node, device: torch.device, weights: Collection[int], pool: "_WeightPool",
-            cap: int, loops: int) -> tuple[float, int] | None:
+            cap: int, loops: int, copied: int) -> tuple[float, int] | None:
     """One sample of ``node`` on fresh operands: seconds per call over ``loops`` calls (0: enough
-    for 2 ms), and the loops used; None when the operands exceed ``cap``."""
+    for 2 ms), and the loops used; None when the operands exceed ``cap``. Its weights are copies
+    ``copied`` onwards of the pool's (those of earlier samples were read already)."""
     operands = {id(v): v.meta["val"] for v in node.all_input_nodes}
     weight_ids = [i for i, fake in operands.items() if storage_key(fake) in weights and fake.is_floating_point()]
     if sum(_nbytes(fake) for i, fake in operands.items() if i not in weight_ids) > cap:
         return None
-    copies = pool.copies([operands[i] for i in weight_ids])
+    copies = pool.copies([operands[i] for i in weight_ids], copied)
     if copies is None:
         return None
     shared = {i: _random_like(fake, device) for i, fake in operands.items() if i not in weight_ids}
@@ -223,44 +247,85 @@ def _sample(node: torch.fx.Node, device: torch.device, weights: Collection[int],
         start = time.perf_counter()
         calls[-1]()
         sync()
-        loops = max(len(calls), min(1000, math.ceil(_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
+        loops = max(1, min(1000, math.ceil(_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
     start = time.perf_counter()
     for i in range(loops):
-        calls[i % len(calls)]()
+        calls[(i + 1) % len(calls)]()
     sync()
     return (time.perf_counter() - start) / loops, loops
 
 
 class _WeightPool:
-    """One buffer that weight operands are cut from, as many copies as fit: cycling through them,
-    a timed node reads its weight from memory, not from the cache the previous call left it in,
-    as each layer of a model reads its own. Filled once (with 1.0 in float32: ordinary values in
-    every float dtype it is read as), so no node pays for filling its copies."""
+    """Where timed nodes' weight operands are cut from: so that each call reads its weight from
+    memory, not from the cache an earlier call left it in, as each layer of a model reads its
+    own, copies lie far apart in memory much larger than the cache, and every sample reads on
+    from where the last one stopped.
 
-    def __init__(self, device: torch.device, nbytes: int) -> None:
+    The memory is the weights' own where it holds their dtype (``weight_memory``: read where a
+    model reads them, in the same pages, nothing allocated), else one buffer of ``nbytes``
+    allocated once (filled with 1.0 in float32: ordinary values in every float dtype it is read
+    as, so no node pays for filling its copies).
+    """
+
+    def __init__(self, device: torch.device, nbytes: int, weight_memory: Sequence[torch.Tensor] = ()) -> None:
         self.device, self.nbytes = device, nbytes
         self.buffer: torch.Tensor | None = None
+        self.memory: dict[torch.dtype, list[torch.Tensor]] = {}
+        for flat in weight_memory:
+            self.memory.setdefault(flat.dtype, []).append(flat.reshape(-1).view(torch.uint8))
+        resident = sum(t.numel() * t.element_size() for t in weight_memory)
+        #: What figures timed from this pool are kept under: the weights' memory, or the pool's size.
+        self.key = f"weights {resident}" if resident else f"pool {nbytes}"
 
-    def copies(self, fakes: Sequence[torch.Tensor]) -> list[list[torch.Tensor]] | None:
-        """Up to ``_MAX_WEIGHT_COPIES`` sets of tensors shaped as ``fakes``, or None when one set
-        does not fit in the pool."""
-        sizes = [_align(_nbytes(f)) for f in fakes]
-        total = sum(sizes)
+    def copies(self, fakes: Sequence[torch.Tensor], copied: int = 0) -> list[list[torch.Tensor]] | None:
+        """Up to ``_MAX_WEIGHT_COPIES`` sets of tensors shaped as ``fakes``, copies ``copied``
+        onwards of each one's slots, or None when one of them fits nowhere."""
         if not fakes:
             return [[]]
-        if total > self.nbytes:
+        slots = [self._slots(fake) for fake in fakes]
+        if any(s is None for s in slots):
             return None
-        if self.buffer is None:
-            self.buffer = torch.ones(self.nbytes // 4, dtype=torch.float32, device=self.device).view(torch.uint8)
+        count = min(_MAX_WEIGHT_COPIES, min(len(s) for s in slots))  # type: ignore[arg-type]
         out = []
-        for k in range(min(_MAX_WEIGHT_COPIES, self.nbytes // total)):
-            offset, views = k * total, []
-            for fake, size in zip(fakes, sizes):
-                flat = self.buffer[offset:offset + size].view(fake.dtype)
+        for k in range(copied, copied + count):
+            views = []
+            for fake, found in zip(fakes, slots):
+                flat = found.slot(k).view(fake.dtype)  # type: ignore[union-attr]
                 views.append(flat.as_strided(tuple(fake.shape), tuple(fake.stride())))
-                offset += size
             out.append(views)
         return out
+
+    def _slots(self, fake: torch.Tensor) -> "_Slots | None":
+        size = _align(_nbytes(fake))
+        regions = [t for t in self.memory.get(fake.dtype, ()) if t.numel() >= size]
+        if not regions:
+            if size > self.nbytes:
+                return None
+            if self.buffer is None:
+                self.buffer = torch.ones(self.nbytes // 4, dtype=torch.float32, device=self.device).view(torch.uint8)
+            regions = [self.buffer]
+        return _Slots(regions, size)
+
+
+class _Slots:
+    """The ``size``-byte slots of a list of flat regions, numbered so that consecutive numbers
+    lie about 1/``_SPREAD`` of the memory apart, and any ``_SPREAD`` consecutive ones differ."""
+
+    def __init__(self, regions: Sequence[torch.Tensor], size: int) -> None:
+        self.regions, self.size = regions, size
+        self.starts = list(itertools.accumulate((r.numel() // size for r in regions), initial=0))
+        self.total = self.starts[-1]
+        self.stride = max(1, self.total // _SPREAD)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def slot(self, k: int) -> torch.Tensor:
+        step, turn = k % _SPREAD, (k // _SPREAD) % self.stride
+        index = (step * self.stride + turn) % self.total
+        region = bisect.bisect_right(self.starts, index) - 1
+        offset = (index - self.starts[region]) * self.size
+        return self.regions[region][offset:offset + self.size]
 
 
 def _align(nbytes: int, to: int = 64) -> int:

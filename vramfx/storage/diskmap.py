@@ -478,6 +478,14 @@ class DiskMap(Mapping[str, torch.Tensor]):
                 f.mapping = torch.frombuffer(m, dtype=torch.uint8)
         return f.mapping[info.offset : info.offset + info.nbytes]
 
+    def unmap(self) -> None:
+        """Let go of the file mappings :meth:`mapped` made: views handed out keep theirs alive, and
+        the files are unmapped once those are gone; a later :meth:`mapped` maps them again. For
+        callers that mapped the files for a while only (timing nodes on the weights' pages)."""
+        for f in self._files:
+            with f.lock:
+                f.mapping = None
+
     def check_unchanged(self, keys: "Iterable[str] | None" = None) -> None:
         """Raise :class:`WeightsError` if a file holding ``keys`` (all by default) changed or was
         replaced since it was opened: what every read checks, for users of :meth:`mapped` views,
