@@ -486,5 +486,3 @@ def test_calibrate_plans_with_this_machines_rates_and_timed_nodes(folder, llama_
     out = capsys.readouterr().out
     assert re.search(r"link\s+3 GB/s \(--link-bandwidth\), a copy beside the kernels .* \(calibrated here\)", out)
     assert re.search(r"compute\s+.* \(calibrated here\); each node timed at its own shapes on cpu", out)
-    assert main([*command, "--calibrate"]) == 0
-    assert "measured from --weights' page cache" in capsys.readouterr().out

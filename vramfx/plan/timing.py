@@ -36,10 +36,11 @@ from vramfx.plan.types import Liveness
 #: Default cap on the operands (weight copies included) one node is timed with.
 DEFAULT_MAX_OPERAND_BYTES = 64 << 20
 #: Default seconds spent timing one graph; signatures left when it runs out stay priced.
-DEFAULT_TIMING_SECONDS = 5.0
-#: Samples per signature: at least the first, taken in as many passes as fit in the time allowed,
-#: and passes go on until the window spans a few seconds of the machine's drift.
-_MIN_SAMPLES, _MAX_SAMPLES, _MIN_WINDOW_S = 5, 25, 2.0
+DEFAULT_TIMING_SECONDS = 8.0
+#: Samples per signature, one per pass over all signatures: passes start spread evenly over a
+#: window of several of the machine's spells of load (seconds each), waiting where a pass is
+#: quick, and go on until it is covered (at least _MIN_SAMPLES, at most _PASSES).
+_MIN_SAMPLES, _PASSES, _WINDOW_S = 5, 12, 6.0
 #: Seconds per (device, where weights were read from, signature) this process has timed.
 _TIMED: dict[tuple[str, str, str], float] = {}
 logger = logging.getLogger(__name__)
@@ -115,28 +116,30 @@ def time_nodes(
         far more than the last-level cache, each call reading other bytes, so each call reads its
         weight from memory as a model's layer reads its own.
     weight_memory:
-        Flat uint8 tensors on ``device`` over memory the weights already occupy (their file's
-        mapped pages, host tensors): weight operands are cut from the tensors of their dtype, so
+        Flat tensors on ``device``, each in its weights' dtype, over memory the weights already
+        occupy (their file's mapped pages, host tensors): weight operands are cut from the tensors
+        of their dtype, so
         they are read where, and as, the model's weights are (pages of a mapping included), and
         timing allocates nothing for them. Nothing writes to them: ops that write an operand are
         not timed. A dtype without such memory is cut from a pool allocated for the purpose, of
         half ``max_operand_bytes``, at most twice the last-level cache.
     reuse:
         Take a signature this process timed before (on this device, from the same weight memory
-        or as large a pool) from then: every graph a process compiles, and every plan of one graph (a pipeline's
-        components re-planned, a second budget), is priced with the same figures, and a later
-        compile spends its time only on shapes not seen yet.
+        or as large a pool) from then: every graph a process compiles, and every plan of one
+        graph (a pipeline's components re-planned, a second budget), is priced with the same
+        figures, and a later compile spends its time only on shapes not seen yet.
 
     Returns
     -------
     tuple
         Per signature, the median of its samples, each looping the node for at least 2 ms and
-        each taken in its own pass over all signatures, five passes or more until they span two
-        seconds (at most 25, within ``seconds``): a shared machine's speed moves by a third over
-        seconds, so samples spread over a window give its typical speed where samples taken back
-        to back would all fall in one burst of load (or one lull). Operands are
-        random (floats uniform in [0.5, 1.5), integers 0, booleans True) under a forked RNG: the
-        caller's is untouched.
+        each taken in its own pass over all signatures; passes start spread evenly over six
+        seconds (twelve at most, five at least, within ``seconds``; a quick graph's passes wait
+        for their turn): a shared machine's speed moves by a third in spells of a few seconds,
+        so samples spread over several spells give its typical speed where samples taken back to
+        back would all fall in one burst of load (or one lull). Operands are random (floats
+        uniform in [0.5, 1.5), integers 0, booleans True) under a forked RNG: the caller's is
+        untouched.
     """
     device = torch.device(device)
     signatures = [node_signature(n, weights) for n in nodes]
@@ -164,9 +167,12 @@ def time_nodes(
     deadline = began + seconds
     forked = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked), torch.no_grad():
-        for round_ in range(_MAX_SAMPLES):
-            if round_ >= _MIN_SAMPLES and time.perf_counter() - began >= _MIN_WINDOW_S:
+        for round_ in range(_PASSES):
+            now, start_at = time.perf_counter(), began + round_ * _WINDOW_S / _PASSES
+            if round_ >= _MIN_SAMPLES and now - began >= _WINDOW_S or start_at >= deadline:
                 break
+            if now < start_at:
+                time.sleep(start_at - now)
             for k, members in enumerate(ranked):
                 if time.perf_counter() >= deadline:
                     break
