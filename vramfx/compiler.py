@@ -421,7 +421,8 @@ def timed_if_asked(liveness: Liveness, captured: Captured, device: torch.device,
         return with_timed_nodes(liveness, captured, device, cost_model, max_operand_bytes=cap, weight_memory=memory)
     finally:
         if not in_place:
-            for source in {id(r.source): r.source for r in (refs or {}).values() if isinstance(r.source, DiskMap)}.values():
+            disk_maps = {id(r.source): r.source for r in (refs or {}).values() if isinstance(r.source, DiskMap)}
+            for source in disk_maps.values():
                 source.unmap()
 
 
