@@ -13,10 +13,17 @@ from tiny_models import ARCHS, assert_same_output, build_empty, build_saved, min
 from vramfx.capture import capture
 from vramfx.plan.costs import CostModel, priced_node_seconds
 from vramfx.plan.liveness import build_liveness, compute_nodes
+from vramfx.plan import timing
 from vramfx.plan.timing import _SPREAD, _WeightPool, node_signature, time_nodes, with_timed_nodes
 from vramfx.plan.types import Liveness
 
 CPU = CostModel.for_device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def short_window(monkeypatch) -> None:
+    """Passes spread over 0.6 s, not six: these tests check what is timed, not how typical it is."""
+    monkeypatch.setattr(timing, "_WINDOW_S", 0.6)
 
 
 class TwoLinears(torch.nn.Module):

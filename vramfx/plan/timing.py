@@ -171,6 +171,8 @@ def time_nodes(
             now, start_at = time.perf_counter(), began + round_ * _WINDOW_S / _PASSES
             if round_ >= _MIN_SAMPLES and now - began >= _WINDOW_S or start_at >= deadline:
                 break
+            if round_ and not any(samples):
+                break  # the first pass timed nothing: no later one will
             if now < start_at:
                 time.sleep(start_at - now)
             for k, members in enumerate(ranked):
