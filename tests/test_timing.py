@@ -102,6 +102,19 @@ def test_weights_are_read_where_the_weights_lie_far_apart_and_never_twice_in_a_r
     assert pool.copies([torch.empty(2048, 1024, device="meta")]) is None
 
 
+def test_a_view_op_that_copies_is_timed() -> None:
+    """``to`` is a view by its schema, but a cast copies: it costs time, and is timed."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(4, 4, device="meta", dtype=torch.bfloat16)
+    cast = graph.call_function(torch.ops.aten.to.dtype, (x, torch.float32))
+    cast.meta["val"] = torch.empty(4, 4, device="meta")
+    same = graph.call_function(torch.ops.aten.to.dtype, (x, torch.bfloat16))
+    same.meta["val"] = x.meta["val"]
+    assert node_signature(cast) is not None
+    assert node_signature(same) is None
+
+
 def test_ops_that_write_an_operand_are_not_timed() -> None:
     """An in-place op would write into the weights' memory it is timed on (a user's tensors)."""
     graph = torch.fx.Graph()

@@ -57,8 +57,8 @@ def node_signature(node: torch.fx.Node, weights: Collection[int] = ()) -> str | 
     when the node cannot be timed alone (not an aten op, or an operand that is not a tensor)."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
-    if node.target.is_view:
-        return None  # views cost nothing worth timing
+    if node.target.is_view and _aliases_an_operand(node):
+        return None  # views cost nothing worth timing; a `to` or `contiguous` that copies does
     if any(a.alias_info is not None and a.alias_info.is_write for a in node.target._schema.arguments):
         return None  # it would write into the weights' memory it is timed on
 
@@ -228,6 +228,13 @@ def with_timed_nodes(
             for begin, _ in w.spans:
                 timed[begin] = None
     return replace(liveness, timed_seconds=tuple(timed))
+
+
+def _aliases_an_operand(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s result shares storage with an operand (a view), as its fake tensors say."""
+    inputs = {storage_key(t) for n in node.all_input_nodes for t in tensors_of(n.meta.get("val"))}
+    outputs = [storage_key(t) for t in tensors_of(node.meta.get("val"))]
+    return not outputs or any(key in inputs for key in outputs)
 
 
 class _Untimeable(Exception):
