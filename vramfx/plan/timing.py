@@ -285,6 +285,7 @@ class _WeightPool:
     def __init__(self, device: torch.device, nbytes: int, weight_memory: Sequence[torch.Tensor] = ()) -> None:
         self.device, self.nbytes = device, nbytes
         self.buffer: torch.Tensor | None = None
+        self.found: dict[tuple[torch.dtype, int], _Slots | None] = {}
         self.memory: dict[torch.dtype, list[torch.Tensor]] = {}
         for flat in weight_memory:
             self.memory.setdefault(flat.dtype, []).append(flat.reshape(-1).view(torch.uint8))
@@ -311,15 +312,15 @@ class _WeightPool:
         return out
 
     def _slots(self, fake: torch.Tensor) -> "_Slots | None":
-        size = _align(_nbytes(fake))
-        regions = [t for t in self.memory.get(fake.dtype, ()) if t.numel() >= size]
-        if not regions:
-            if size > self.nbytes:
-                return None
-            if self.buffer is None:
-                self.buffer = torch.ones(self.nbytes // 4, dtype=torch.float32, device=self.device).view(torch.uint8)
-            regions = [self.buffer]
-        return _Slots(regions, size)
+        size = _align(max(_nbytes(fake), 1))
+        if (fake.dtype, size) not in self.found:
+            regions = [t for t in self.memory.get(fake.dtype, ()) if t.numel() >= size]
+            if not regions and size <= self.nbytes:
+                if self.buffer is None:
+                    self.buffer = torch.ones(self.nbytes // 4, dtype=torch.float32, device=self.device).view(torch.uint8)
+                regions = [self.buffer]
+            self.found[fake.dtype, size] = _Slots(regions, size) if regions else None
+        return self.found[fake.dtype, size]
 
 
 class _Slots:
