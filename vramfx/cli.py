@@ -415,20 +415,12 @@ def _cost_model(
     cost_model = dataclasses.replace(cost_model, **changes)
     default = f"default for {device.type}"
     source = "weights on disk" if from_disk else "weights in host memory"
-    notes = [
-        ("link", f"{_format_rate(cost_model.link_bytes_per_s, 'B/s')} ("
-                 + ("--link-bandwidth" if link is not None else f"{default}, {source}; set with --link-bandwidth")
-                 + ")"),
-        ("compute", f"{_format_rate(cost_model.compute_flops_per_s, 'FLOPS')} ("
-                    + ("--compute-throughput" if compute is not None else f"{default}; set with --compute-throughput")
-                    + ")"),
-        ("memory", f"{_format_rate(cost_model.memory_bytes_per_s, 'B/s')} device memory, "
-                   f"{format_seconds(cost_model.node_overhead_s)} per node, copy interference "
-                   f"{cost_model.copy_interference:g} ({default})"),
-        ("disk", f"{_format_rate(cost_model.disk_bytes_per_s, 'B/s')} for bytes the page cache does not hold "
-                 f"({default}, assumed)"),
-    ]
-    return cost_model, notes
+    return cost_model, _rate_notes(
+        cost_model, device,
+        link="(--link-bandwidth)" if link is not None else f"({default}, {source}; set with --link-bandwidth)",
+        compute="(--compute-throughput)" if compute is not None else f"({default}; set with --compute-throughput)",
+        memory=f"({default})",
+    )
 
 
 def _calibrated(
@@ -455,19 +447,28 @@ def _calibrated(
     link_origin = ("--link-bandwidth" if link is not None else "measured from --weights' page cache"
                    if measured_link is not None else f"default for {device.type}; set with --link-bandwidth")
     measured = "calibrated here"
-    notes = [
-        ("link", f"{_format_rate(cost_model.link_bytes_per_s, 'B/s')} ({link_origin}), a copy beside the kernels "
-                 f"{cost_model.copy_slowdown:.2f}× as long ({measured})"),
-        ("compute", f"{_format_rate(cost_model.compute_flops_per_s, 'FLOPS')} ("
-                    + ("--compute-throughput" if compute is not None else measured)
-                    + f"); each node timed at its own shapes on {device}"),
+    return cost_model, _rate_notes(
+        cost_model, device,
+        link=f"({link_origin}), a copy beside the kernels {cost_model.copy_slowdown:.3g}× as long ({measured})",
+        compute=f"({'--compute-throughput' if compute is not None else measured}); each node timed at its own "
+                f"shapes on {device}",
+        memory=f"({measured})",
+    )
+
+
+def _rate_notes(cost_model: CostModel, device: torch.device, *, link: str, compute: str,
+                memory: str) -> list[tuple[str, str]]:
+    """The settings lines for ``cost_model``'s figures, each followed by the text saying where it
+    came from (``link``, ``compute``, ``memory``)."""
+    return [
+        ("link", f"{_format_rate(cost_model.link_bytes_per_s, 'B/s')} {link}"),
+        ("compute", f"{_format_rate(cost_model.compute_flops_per_s, 'FLOPS')} {compute}"),
         ("memory", f"{_format_rate(cost_model.memory_bytes_per_s, 'B/s')} device memory, "
                    f"{format_seconds(cost_model.node_overhead_s)} per node, copy interference "
-                   f"{cost_model.copy_interference:.2f} ({measured})"),
+                   f"{cost_model.copy_interference:.3g} {memory}"),
         ("disk", f"{_format_rate(cost_model.disk_bytes_per_s, 'B/s')} for bytes the page cache does not hold "
                  f"(default for {device.type}, assumed)"),
     ]
-    return cost_model, notes
 
 
 def _reads_note(plan: Plan, refs: dict[str, WeightRef], device: torch.device, args: argparse.Namespace) -> str:

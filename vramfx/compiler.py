@@ -416,12 +416,13 @@ def timed_if_asked(liveness: Liveness, captured: Captured, device: torch.device,
     if not cost_model.time_nodes:
         return liveness
     cap = min(DEFAULT_MAX_OPERAND_BYTES, budget_bytes // 8)
+    refs = refs or {}
     try:
-        memory = weight_memory(refs or {}, device)
+        memory = weight_memory(refs, device)
         return with_timed_nodes(liveness, captured, device, cost_model, max_operand_bytes=cap, weight_memory=memory)
     finally:
         if not in_place:
-            disk_maps = {id(r.source): r.source for r in (refs or {}).values() if isinstance(r.source, DiskMap)}
+            disk_maps = {id(r.source): r.source for r in refs.values() if isinstance(r.source, DiskMap)}
             for source in disk_maps.values():
                 source.unmap()
 

@@ -10,8 +10,11 @@ Importing this module does not import torch; only :meth:`CostModel.calibrate` ru
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -427,10 +430,6 @@ def _copy_beside(products: Any, alone_s: float, trials: int = 5, copy_bytes: int
     products' time lost while the copy runs; slowdown, a copy's time beside them over its time
     alone. Medians of ``trials``, capped at 4 and 8 (a load that stalls one side is not the
     machine's figure)."""
-    import ctypes
-    import statistics
-    import threading
-
     source, target = bytearray(copy_bytes), bytearray(copy_bytes)
     src = (ctypes.c_char * copy_bytes).from_buffer(source)
     dst = (ctypes.c_char * copy_bytes).from_buffer(target)

@@ -62,6 +62,15 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def is_view(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s results all share storage with its operands, as its fake tensors say: a
+    view costs no memory traffic; a ``to`` or ``contiguous`` that copies (a view op by its
+    schema) does."""
+    outs = tensors_of(node.meta.get("val"))
+    in_keys = {storage_key(t) for i in node.all_input_nodes for t in tensors_of(i.meta.get("val"))}
+    return bool(outs) and all(storage_key(t) in in_keys for t in outs)
+
+
 def _storage_nbytes(t: torch.Tensor) -> int:
     try:
         return int(t.untyped_storage().nbytes())
@@ -268,9 +277,7 @@ def _costs(nodes: Sequence[torch.fx.Node]) -> tuple[tuple[float, ...], tuple[int
     for node in nodes:
         outs = tensors_of(node.meta.get("val"))
         ins = [t for i in node.all_input_nodes for t in tensors_of(i.meta.get("val"))]
-        in_keys = {storage_key(t) for t in ins}
-        is_view = bool(outs) and all(storage_key(t) in in_keys for t in outs)
-        if is_view or node.target is operator.getitem:
+        if is_view(node) or node.target is operator.getitem:
             memory.append(0)
         else:
             memory.append(sum(_dense_nbytes(t) for t in ins + outs))

@@ -30,7 +30,7 @@ import torch
 import torch.fx
 
 from vramfx.plan.costs import CostModel, last_level_cache_bytes, priced_node_seconds
-from vramfx.plan.liveness import compute_nodes, storage_key, tensors_of
+from vramfx.plan.liveness import compute_nodes, is_view, storage_key, tensors_of
 from vramfx.plan.types import Liveness
 
 #: Default cap on the operands (weight copies included) one node is timed with.
@@ -57,7 +57,7 @@ def node_signature(node: torch.fx.Node, weights: Collection[int] = ()) -> str | 
     when the node cannot be timed alone (not an aten op, or an operand that is not a tensor)."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
-    if node.target.is_view and _aliases_an_operand(node):
+    if node.target.is_view and is_view(node):
         return None  # views cost nothing worth timing; a `to` or `contiguous` that copies does
     if any(a.alias_info is not None and a.alias_info.is_write for a in node.target._schema.arguments):
         return None  # it would write into the weights' memory it is timed on
@@ -190,10 +190,11 @@ def time_nodes(
                     loops[k] = taken[1]
                     copied[k] += taken[1]
     for sig, members, taken in zip(keys, ranked, samples):
-        if taken:
-            _TIMED[(str(device), pool.key, sig)] = statistics.median(taken)
+        median = statistics.median(taken) if taken else None
+        if median is not None:
+            _TIMED[(str(device), pool.key, sig)] = median
         for i in members:
-            found[i] = statistics.median(taken) if taken else None
+            found[i] = median
     logger.info("timed %d of %d nodes (%d new signatures) on %s in %.2f s", sum(t is not None for t in found),
                 len(nodes), len(groups), device, time.perf_counter() - began)
     return tuple(found)
@@ -228,13 +229,6 @@ def with_timed_nodes(
             for begin, _ in w.spans:
                 timed[begin] = None
     return replace(liveness, timed_seconds=tuple(timed))
-
-
-def _aliases_an_operand(node: torch.fx.Node) -> bool:
-    """Whether ``node``'s result shares storage with an operand (a view), as its fake tensors say."""
-    inputs = {storage_key(t) for n in node.all_input_nodes for t in tensors_of(n.meta.get("val"))}
-    outputs = [storage_key(t) for t in tensors_of(node.meta.get("val"))]
-    return not outputs or any(key in inputs for key in outputs)
 
 
 class _Untimeable(Exception):
